@@ -1,0 +1,8 @@
+//! Loft: the web shell, the field registry and the job queue around the `loft-worker` engine.
+
+pub mod db;
+pub mod drafts;
+pub mod presets;
+pub mod registry;
+pub mod server;
+pub mod web;

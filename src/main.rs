@@ -1,0 +1,53 @@
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use loft::registry::Registry;
+use loft::server::{serve, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "loft", version, about = "Loft: a LoRA training studio for Stable Diffusion-family models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the web app (listens on 127.0.0.1 unless told otherwise).
+    Serve {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 7860)]
+        port: u16,
+        /// Where Loft keeps its database, datasets and outputs.
+        #[arg(long, default_value = "loft-data")]
+        data_dir: PathBuf,
+        /// Address to bind. Anything but loopback needs --token.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: IpAddr,
+        /// Access token required on every request (needed when binding beyond loopback).
+        #[arg(long, env = "LOFT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Print every option in the field registry as a Markdown reference.
+    Fields,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { port, data_dir, bind, token } => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token }))),
+        Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

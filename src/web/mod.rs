@@ -1,0 +1,119 @@
+//! The web shell: router, shared state, access control and embedded static files. Routes are thin:
+//! they parse the request, call a service (registry, presets, drafts) and render JSON or HTML.
+
+mod api;
+mod ui;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use include_dir::{include_dir, Dir};
+
+use crate::db::Db;
+use crate::registry::Registry;
+
+static STATIC_FILES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/static");
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub db: Db,
+    /// When set (the server binds beyond loopback), every request must present this token.
+    pub access_token: Option<Arc<String>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(ui::page))
+        .route("/ui/tab/{id}", get(ui::tab).post(ui::update_tab))
+        .route("/ui/draft/reset", post(ui::reset_draft))
+        .route("/ui/presets", post(ui::save_preset))
+        .route("/ui/presets/{name}/{action}", post(ui::preset_action))
+        .route("/api/fields", get(api::fields))
+        .route("/api/validate", post(api::validate))
+        .route("/api/presets", get(api::list_presets).post(api::create_preset))
+        .route("/api/presets/{name}", get(api::get_preset).put(api::put_preset).delete(api::delete_preset))
+        .route("/static/{*path}", get(static_file))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn static_file(Path(path): Path<String>) -> Response {
+    match STATIC_FILES.get_file(&path) {
+        Some(file) => {
+            let mime = mime_guess::from_path(&path).first_or_octet_stream();
+            (
+                [
+                    (header::CONTENT_TYPE, HeaderValue::from_str(mime.as_ref()).expect("a MIME type is a valid header")),
+                    (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600")),
+                ],
+                file.contents(),
+            )
+                .into_response()
+        }
+        None => (StatusCode::NOT_FOUND, format!("no static file '{path}'")).into_response(),
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from response times.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// With an access token configured, a request passes with `Authorization: Bearer TOKEN`, the
+/// `loft_token` cookie, or `?token=TOKEN` (which also sets the cookie, for opening the page).
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = state.access_token.clone() else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let from_query = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("token=")))
+        .map(str::to_string);
+    let ok = bearer.is_some_and(|t| same_secret(t, &token))
+        || cookie(headers, "loft_token").is_some_and(|t| same_secret(t, &token))
+        || from_query.as_deref().is_some_and(|t| same_secret(t, &token));
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, "this Loft server needs its access token: send `Authorization: Bearer TOKEN` or open /?token=TOKEN").into_response();
+    }
+    let mut response = next.run(request).await;
+    if from_query.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("loft_token={token}; Path=/; HttpOnly; SameSite=Strict")) {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    response
+}
+
+/// An HTML response from an askama template, or a 500 naming the template error.
+pub(crate) fn render<T: askama::Template>(template: &T) -> Response {
+    match template.render() {
+        Ok(html) => axum::response::Html(html).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("template error: {e}")).into_response(),
+    }
+}
+

@@ -1,0 +1,338 @@
+//! The HTML pages: the shell with its tabs, one fragment per section (fetched and re-rendered with
+//! htmx), and the presets panel. Every rule is evaluated here on the server; the browser only posts
+//! the form and swaps in what comes back.
+
+use std::collections::HashMap;
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Form;
+use serde_json::Value;
+
+use super::{cookie, render, AppState};
+use crate::drafts;
+use crate::presets::{PresetError, PresetSummary, Presets};
+use crate::registry::{fmt_num, Config, FieldError, FieldState, Kind, Registry};
+
+const DRAFT_COOKIE: &str = "loft_draft";
+pub const PRESETS_TAB: &str = "presets";
+
+pub struct TabLink {
+    pub id: String,
+    pub title: String,
+    pub active: bool,
+    pub errors: usize,
+}
+
+pub struct ChoiceView {
+    pub value: String,
+    pub label: String,
+    pub selected: bool,
+}
+
+/// A field ready for the template: every string pre-formatted.
+pub struct FieldView {
+    pub key: String,
+    pub label: String,
+    pub kind: &'static str,
+    pub value: String,
+    pub checked: bool,
+    pub enabled: bool,
+    pub help: String,
+    pub min: String,
+    pub max: String,
+    pub step: String,
+    pub bounds: String,
+    pub choices: Vec<ChoiceView>,
+    pub placeholder: String,
+    pub required: bool,
+    pub error: String,
+}
+
+pub struct GroupView {
+    pub title: String,
+    pub fields: Vec<FieldView>,
+}
+
+#[derive(Template)]
+#[template(path = "page.html")]
+pub struct PageTemplate {
+    pub tabs: Vec<TabLink>,
+    pub panel: String,
+    /// The page's own tab bar is in place, not an out-of-band swap.
+    pub oob: bool,
+}
+
+#[derive(Template)]
+#[template(path = "section.html")]
+pub struct SectionTemplate {
+    pub id: String,
+    pub title: String,
+    pub intro: String,
+    pub groups: Vec<GroupView>,
+    pub tabs: Vec<TabLink>,
+    pub oob: bool,
+}
+
+pub struct ErrorLine {
+    pub tab: String,
+    pub tab_title: String,
+    pub label: String,
+    pub message: String,
+}
+
+#[derive(Template)]
+#[template(path = "presets.html")]
+pub struct PresetsTemplate {
+    pub presets: Vec<PresetSummary>,
+    pub message: String,
+    pub problem: String,
+    pub errors: Vec<ErrorLine>,
+    pub name: String,
+    pub tabs: Vec<TabLink>,
+    pub oob: bool,
+}
+
+fn display_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map(fmt_num).unwrap_or_else(|| n.to_string()),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn field_view(state: FieldState) -> FieldView {
+    let bounds = match (state.min, state.max) {
+        (Some(lo), Some(hi)) => format!("{} – {}", fmt_num(lo), fmt_num(hi)),
+        (Some(lo), None) => format!("≥ {}", fmt_num(lo)),
+        (None, Some(hi)) => format!("≤ {}", fmt_num(hi)),
+        (None, None) => String::new(),
+    };
+    let value = display_value(&state.value);
+    FieldView {
+        choices: state
+            .choices
+            .iter()
+            .map(|c| ChoiceView { value: c.value.clone(), label: c.label.clone(), selected: c.value == value })
+            .collect(),
+        checked: state.value == Value::Bool(true),
+        key: state.key,
+        label: state.label,
+        kind: state.kind.name(),
+        value,
+        enabled: state.enabled,
+        help: state.help,
+        min: state.min.map(fmt_num).unwrap_or_default(),
+        max: state.max.map(fmt_num).unwrap_or_default(),
+        step: state.step.map(fmt_num).unwrap_or_else(|| if state.kind == Kind::Float { "any".into() } else { String::new() }),
+        bounds,
+        placeholder: state.placeholder.unwrap_or_default(),
+        required: state.required,
+        error: state.error.unwrap_or_default(),
+    }
+}
+
+/// The tab bar, with the count of problems in each section.
+fn tab_links(registry: &Registry, config: &Config, active: &str) -> Vec<TabLink> {
+    let errors = registry.validate(config);
+    let mut tabs: Vec<TabLink> = registry
+        .sections
+        .iter()
+        .map(|s| TabLink {
+            id: s.meta.id.clone(),
+            title: s.meta.title.clone(),
+            active: s.meta.id == active,
+            errors: errors
+                .iter()
+                .filter(|e| registry.field(&e.field).is_some_and(|f| f.section == s.meta.id))
+                .count(),
+        })
+        .collect();
+    tabs.push(TabLink { id: PRESETS_TAB.into(), title: "Presets".into(), active: active == PRESETS_TAB, errors: 0 });
+    tabs
+}
+
+fn section_template(registry: &Registry, id: &str, config: &Config, oob: bool) -> Option<SectionTemplate> {
+    let section = registry.section(id)?;
+    let mut groups: Vec<GroupView> = Vec::new();
+    for state in registry.evaluate_section(section, config) {
+        if !state.visible {
+            continue;
+        }
+        let title = state.group.clone().unwrap_or_default();
+        match groups.last_mut() {
+            Some(g) if g.title == title => g.fields.push(field_view(state)),
+            _ => groups.push(GroupView { title, fields: vec![field_view(state)] }),
+        }
+    }
+    Some(SectionTemplate {
+        id: section.meta.id.clone(),
+        title: section.meta.title.clone(),
+        intro: section.meta.intro.clone(),
+        groups,
+        tabs: tab_links(registry, config, id),
+        oob,
+    })
+}
+
+fn presets_template(state: &AppState, config: &Config, message: String, problem: String, errors: &[FieldError], name: String, oob: bool) -> PresetsTemplate {
+    let registry = &state.registry;
+    let presets = Presets { db: &state.db, registry }.list().unwrap_or_default();
+    let errors = errors
+        .iter()
+        .map(|e| {
+            let field = registry.field(&e.field);
+            let tab = field.map(|f| f.section.clone()).unwrap_or_default();
+            ErrorLine {
+                tab_title: registry.section(&tab).map(|s| s.meta.title.clone()).unwrap_or_default(),
+                tab,
+                label: field.map(|f| f.label.clone()).unwrap_or_else(|| e.field.clone()),
+                message: e.message.clone(),
+            }
+        })
+        .collect();
+    PresetsTemplate { presets, message, problem, errors, name, tabs: tab_links(registry, config, PRESETS_TAB), oob }
+}
+
+/// The browser's draft id, from its cookie, and whether the cookie must be set.
+fn draft_id(headers: &HeaderMap) -> (String, bool) {
+    match cookie(headers, DRAFT_COOKIE).filter(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Some(id) => (id.to_string(), false),
+        None => (drafts::new_id(), true),
+    }
+}
+
+fn with_cookie(mut response: Response, id: &str, set: bool) -> Response {
+    if set {
+        let value = format!("{DRAFT_COOKIE}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000");
+        response.headers_mut().append(header::SET_COOKIE, HeaderValue::from_str(&value).expect("hex cookie"));
+    }
+    response
+}
+
+fn render_tab(state: &AppState, id: &str, config: &Config, oob: bool) -> Response {
+    if id == PRESETS_TAB {
+        return render(&presets_template(state, config, String::new(), String::new(), &[], String::new(), oob));
+    }
+    match section_template(&state.registry, id, config, oob) {
+        Some(t) => render(&t),
+        None => (StatusCode::NOT_FOUND, format!("no tab '{id}'")).into_response(),
+    }
+}
+
+/// `GET /`: the page shell with the requested tab (`?tab=`) rendered in place, so the first paint
+/// is complete and styled.
+pub async fn page(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+    let (id, set) = draft_id(&headers);
+    let config = drafts::load(&state.db, &id);
+    let first = state.registry.sections.first().map(|s| s.meta.id.clone()).unwrap_or_default();
+    let mut tab = q.get("tab").cloned().unwrap_or(first);
+    if tab != PRESETS_TAB && state.registry.section(&tab).is_none() {
+        tab = state.registry.sections[0].meta.id.clone();
+    }
+    let panel = render_tab(&state, &tab, &config, false);
+    let panel = match axum::body::to_bytes(panel.into_body(), usize::MAX).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => format!("<p class=error>could not render the tab: {e}</p>"),
+    };
+    let page = PageTemplate { tabs: tab_links(&state.registry, &config, &tab), panel, oob: false };
+    with_cookie(render(&page), &id, set)
+}
+
+/// `GET /ui/tab/{id}`: one tab's fragment, from the draft.
+pub async fn tab(State(state): State<AppState>, headers: HeaderMap, Path(tab): Path<String>) -> Response {
+    let (id, set) = draft_id(&headers);
+    let config = drafts::load(&state.db, &id);
+    with_cookie(render_tab(&state, &tab, &config, true), &id, set)
+}
+
+/// `POST /ui/tab/{id}`: the section's form changed. Merge it into the draft (values that do not
+/// parse are kept, to be shown with their error), apply the links, store, re-render.
+pub async fn update_tab(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(tab): Path<String>,
+    Form(pairs): Form<Vec<(String, String)>>,
+) -> Response {
+    let registry = &state.registry;
+    if registry.section(&tab).is_none() {
+        return (StatusCode::NOT_FOUND, format!("no tab '{tab}'")).into_response();
+    }
+    let (id, set) = draft_id(&headers);
+    let mut config = drafts::load(&state.db, &id);
+    // Only this section's fields are taken from the post: a form cannot change another tab.
+    let pairs: Vec<(String, String)> =
+        pairs.into_iter().filter(|(k, _)| registry.field(k).is_some_and(|f| f.section == tab)).collect();
+    registry.merge_form(&mut config, &pairs);
+    if let Err(e) = drafts::store(&state.db, &id, &config) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("could not store the draft: {e}")).into_response();
+    }
+    with_cookie(render_tab(&state, &tab, &config, true), &id, set)
+}
+
+/// `POST /ui/draft/reset`: back to the defaults.
+pub async fn reset_draft(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (id, set) = draft_id(&headers);
+    let config = Config::new();
+    if let Err(e) = drafts::store(&state.db, &id, &config) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("could not reset the draft: {e}")).into_response();
+    }
+    let first = state.registry.sections[0].meta.id.clone();
+    with_cookie(render_tab(&state, &first, &config, true), &id, set)
+}
+
+/// `POST /ui/presets` (form field `name`): save the draft as a preset, after validation.
+pub async fn save_preset(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<HashMap<String, String>>) -> Response {
+    let (id, set) = draft_id(&headers);
+    let config = drafts::load(&state.db, &id);
+    let name = form.get("name").cloned().unwrap_or_default();
+    let presets = Presets { db: &state.db, registry: &state.registry };
+    let page = match presets.create(&name, &config, "") {
+        Ok(saved) => presets_template(&state, &config, format!("Saved preset '{saved}'."), String::new(), &[], String::new(), true),
+        Err(PresetError::Invalid(errors)) => presets_template(
+            &state,
+            &config,
+            String::new(),
+            format!("Not saved: {} value(s) need fixing first.", errors.len()),
+            &errors,
+            name,
+            true,
+        ),
+        Err(e) => presets_template(&state, &config, String::new(), format!("Not saved: {e}."), &[], name, true),
+    };
+    with_cookie(render(&page), &id, set)
+}
+
+/// `POST /ui/presets/{name}/{load|duplicate|rename|delete}`.
+pub async fn preset_action(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let (id, set) = draft_id(&headers);
+    let mut config = drafts::load(&state.db, &id);
+    let presets = Presets { db: &state.db, registry: &state.registry };
+    let outcome = match action.as_str() {
+        "load" => presets.get(&name).map(|p| {
+            config = state.registry.sparsify(&p.config);
+            let _ = drafts::store(&state.db, &id, &config);
+            format!("Loaded preset '{name}' into the form.")
+        }),
+        "duplicate" => presets.duplicate(&name).map(|n| format!("Duplicated '{name}' as '{n}'.")),
+        "rename" => {
+            let to = form.get("new_name").cloned().unwrap_or_default();
+            presets.rename(&name, &to).map(|n| format!("Renamed '{name}' to '{n}'."))
+        }
+        "delete" => presets.delete(&name).map(|_| format!("Deleted preset '{name}'.")),
+        other => return (StatusCode::NOT_FOUND, format!("no preset action '{other}'")).into_response(),
+    };
+    let page = match outcome {
+        Ok(message) => presets_template(&state, &config, message, String::new(), &[], String::new(), true),
+        Err(e) => presets_template(&state, &config, String::new(), format!("{e}."), &[], String::new(), true),
+    };
+    with_cookie(render(&page), &id, set)
+}

@@ -1,0 +1,163 @@
+//! Headless Chromium against the real `loft serve` binary: switch the algorithm from LoRA to LoKr
+//! and see Factor appear; switch the model family to SDXL and see clip skip greyed.
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
+//! Set LOFT_SCREENSHOTS=DIR to also save screenshots (desktop and phone sizes) there.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if reqwest::get(url).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+struct Driver {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Driver {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let res = self.http.request(method, format!("{}{}", self.base, path)).json(&body).send().await.unwrap();
+        let status = res.status();
+        let v: Value = res.json().await.unwrap();
+        assert!(status.is_success(), "webdriver {path}: {v}");
+        v["value"].clone()
+    }
+    async fn find(&self, css: &str) -> Option<String> {
+        let res = self
+            .http
+            .post(format!("{}/element", self.base))
+            .json(&json!({"using": "css selector", "value": css}))
+            .send()
+            .await
+            .unwrap();
+        if !res.status().is_success() {
+            return None;
+        }
+        let v: Value = res.json().await.unwrap();
+        v["value"][ELEMENT].as_str().map(str::to_string)
+    }
+    async fn wait_for(&self, what: &str, script: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ok = self.call(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": []})).await;
+            if ok == json!(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await.unwrap_or_else(|| panic!("no element {css}"));
+        self.call(reqwest::Method::POST, &format!("/element/{id}/click"), json!({})).await;
+    }
+    async fn screenshot(&self, name: &str) {
+        let Ok(dir) = std::env::var("LOFT_SCREENSHOTS") else { return };
+        let png = self.call(reqwest::Method::GET, "/screenshot", Value::Null).await;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/{name}.png"), bytes).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn lokr_shows_factor_and_sdxl_greys_clip_skip() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = Killed(
+        Command::new(env!("CARGO_BIN_EXE_loft"))
+            .args(["serve", "--port", &port.to_string(), "--data-dir"])
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start loft serve"),
+    );
+    let driver_port = free_port();
+    let _chromedriver = Killed(
+        Command::new("chromedriver")
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is installed (Debian package chromium-driver; .ci/run installs it)"),
+    );
+    let app = format!("http://127.0.0.1:{port}");
+    wait_http(&format!("{app}/healthz")).await;
+    wait_http(&format!("http://127.0.0.1:{driver_port}/status")).await;
+
+    let http = reqwest::Client::new();
+    let profile = tempfile::tempdir().unwrap();
+    let session: Value = http
+        .post(format!("http://127.0.0.1:{driver_port}/session"))
+        .json(&json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.path().display())]
+        }}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {session}")).to_string();
+    let d = Driver { http, base: format!("http://127.0.0.1:{driver_port}/session/{id}") };
+    d.call(reqwest::Method::POST, "/window/rect", json!({"width": 1280, "height": 800})).await;
+    d.call(reqwest::Method::POST, "/url", json!({"url": format!("{app}/")})).await;
+    d.wait_for("the model tab", "return !!document.querySelector('#f-model_family')").await;
+    d.screenshot("model-tab").await;
+
+    // Network tab, LoRA: no Factor.
+    d.click("#tab-network").await;
+    d.wait_for("the network tab", "return !!document.querySelector('#f-network_algo')").await;
+    assert!(d.find("#row-factor").await.is_none(), "Factor is hidden for LoRA");
+    // Switch to LoKr: the section re-renders with Factor.
+    d.click("#f-network_algo option[value=lokr]").await;
+    d.wait_for("Factor to appear", "return !!document.querySelector('#row-factor')").await;
+    // Its help shows on keyboard focus.
+    d.call(reqwest::Method::POST, "/execute/sync", json!({"script": "document.querySelector('#row-factor .help').focus()", "args": []})).await;
+    d.wait_for("the tooltip", "return getComputedStyle(document.querySelector('#help-factor')).display !== 'none'").await;
+    d.screenshot("network-lokr").await;
+
+    // Model tab, SDXL: clip skip greyed, its value kept.
+    d.click("#tab-model").await;
+    d.wait_for("the model tab", "return !!document.querySelector('#f-clip_skip')").await;
+    d.click("#f-model_family option[value=sdxl]").await;
+    d.wait_for("clip skip greyed", "return document.querySelector('#f-clip_skip').disabled === true").await;
+    // And LoKr is still chosen after the tab switches.
+    d.click("#tab-network").await;
+    d.wait_for("LoKr kept", "return document.querySelector('#f-network_algo') && document.querySelector('#f-network_algo').value === 'lokr'").await;
+
+    // Narrow (phone) screen: the page still lays out in one column without horizontal scrolling.
+    d.call(reqwest::Method::POST, "/window/rect", json!({"width": 390, "height": 844})).await;
+    d.wait_for("no sideways scroll", "return document.documentElement.scrollWidth <= window.innerWidth + 1").await;
+    d.screenshot("network-phone").await;
+    d.call(reqwest::Method::DELETE, "", Value::Null).await;
+}

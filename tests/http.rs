@@ -1,0 +1,284 @@
+//! The web app over HTTP, in-process: every tab, the form round trip, the JSON API, presets,
+//! access tokens, and the database's start-up behaviour.
+
+use axum::body::{to_bytes, Body};
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use loft::server::open_state;
+use loft::web::router;
+
+struct App {
+    router: Router,
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+}
+
+fn app_with_token(token: Option<&str>) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = open_state(&data, token.map(str::to_string)).unwrap();
+    App { router: router(state), dir: data, _dir: dir }
+}
+
+fn app() -> App {
+    app_with_token(None)
+}
+
+const COOKIE: &str = "loft_draft=0123456789abcdef0123456789abcdef";
+
+async fn send(app: &App, req: Request<Body>) -> (StatusCode, String) {
+    let res = app.router.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let body = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get(app: &App, uri: &str) -> (StatusCode, String) {
+    send(app, Request::get(uri).header(header::COOKIE, COOKIE).body(Body::empty()).unwrap()).await
+}
+
+async fn post_form(app: &App, uri: &str, form: &str) -> (StatusCode, String) {
+    let req = Request::post(uri)
+        .header(header::COOKIE, COOKIE)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_string()))
+        .unwrap();
+    send(app, req).await
+}
+
+async fn json_req(app: &App, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (status, text) = send(app, req).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The HTML of one field row, for asserting on its state.
+fn row<'a>(html: &'a str, key: &str) -> Option<&'a str> {
+    let start = html.find(&format!("id=\"row-{key}\""))?;
+    let rest = &html[start..];
+    let end = rest[1..].find("id=\"row-").map(|i| i + 1).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+#[tokio::test]
+async fn page_and_every_tab_render() {
+    let app = app();
+    let (status, page) = get(&app, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("/static/vendor/htmx-2.0.11.min.js") && page.contains("/static/loft.css"));
+    for tab in ["model", "dataset", "network", "optimizer", "training", "sampling", "saving", "presets"] {
+        assert!(page.contains(&format!("hx-get=\"/ui/tab/{tab}\"")), "tab button {tab}");
+        let (status, html) = get(&app, &format!("/ui/tab/{tab}")).await;
+        assert_eq!(status, StatusCode::OK, "{tab}");
+        assert!(html.contains(&format!("id=\"section-{tab}\"")), "{tab} fragment");
+        assert!(html.contains("hx-swap-oob"), "{tab} refreshes the tab bar");
+    }
+    let (status, _) = get(&app, "/ui/tab/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, css) = get(&app, "/static/loft.css").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(css.contains(".tabs"));
+    let (status, _) = get(&app, "/static/../Cargo.toml").await;
+    assert_ne!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn changing_the_algorithm_rerenders_the_network_section() {
+    let app = app();
+    let (_, html) = get(&app, "/ui/tab/network").await;
+    assert!(row(&html, "factor").is_none(), "no Factor for LoRA");
+    let (status, html) = post_form(&app, "/ui/tab/network", "network_algo=lokr&network_dim=8").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(row(&html, "factor").is_some(), "Factor appears for LoKr");
+    assert!(row(&html, "factor").unwrap().contains("class=\"tip\""), "with its tooltip");
+    // The draft survives switching tabs: go elsewhere and come back.
+    get(&app, "/ui/tab/dataset").await;
+    let (_, html) = get(&app, "/ui/tab/network").await;
+    assert!(html.contains("<option value=\"lokr\" selected>"), "LoKr still selected");
+    // Model family SDXL greys clip skip (value kept) and moves the resolution default.
+    let (_, html) = post_form(&app, "/ui/tab/model", "model_family=sdxl&clip_skip=2").await;
+    let clip = row(&html, "clip_skip").unwrap();
+    assert!(clip.contains("disabled") && clip.contains("value=\"2\""), "{clip}");
+    let (_, html) = get(&app, "/ui/tab/dataset").await;
+    assert!(row(&html, "resolution").unwrap().contains("value=\"1024\""));
+}
+
+#[tokio::test]
+async fn bad_form_values_show_next_to_their_field_and_block_saving() {
+    let app = app();
+    let (_, html) = post_form(&app, "/ui/tab/dataset", "resolution=100&train_data_dir=%2Fdata%2Fimgs").await;
+    let res = row(&html, "resolution").unwrap();
+    assert!(res.contains("class=\"error\"") && res.contains("at least 256"), "{res}");
+    assert!(res.contains("value=\"100\""), "the bad value is shown back");
+    assert!(html.contains("class=\"badge\""), "the tab shows a problem count");
+    let (_, html) = post_form(&app, "/ui/tab/dataset", "resolution=abc").await;
+    assert!(row(&html, "resolution").unwrap().contains("whole number"));
+    let (_, html) = post_form(&app, "/ui/presets", "name=mine").await;
+    assert!(html.contains("Not saved") && html.contains("Resolution"), "save refused, naming the field");
+    let (_, list) = json_req(&app, "GET", "/api/presets", Value::Null).await;
+    assert_eq!(list["presets"], json!([]), "nothing saved");
+}
+
+#[tokio::test]
+async fn presets_from_the_form_save_load_duplicate_rename_delete() {
+    let app = app();
+    post_form(&app, "/ui/tab/model", "model_family=sdxl&pretrained_model_name_or_path=%2Fm%2Fsdxl.safetensors").await;
+    post_form(&app, "/ui/tab/dataset", "train_data_dir=%2Fdata%2Fimgs").await;
+    post_form(&app, "/ui/tab/network", "network_algo=lokr&factor=8").await;
+    let (_, html) = post_form(&app, "/ui/presets", "name=SDXL+LoKr").await;
+    assert!(html.contains("Saved preset 'SDXL LoKr'"), "{html}");
+    let (status, preset) = json_req(&app, "GET", "/api/presets/SDXL%20LoKr", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(preset["config"]["factor"], json!(8));
+    assert_eq!(preset["config"]["resolution"], json!(1024));
+    // Reset, then load it back into the form.
+    post_form(&app, "/ui/draft/reset", "").await;
+    let (_, html) = get(&app, "/ui/tab/network").await;
+    assert!(row(&html, "factor").is_none());
+    post_form(&app, "/ui/presets/SDXL%20LoKr/load", "").await;
+    let (_, html) = get(&app, "/ui/tab/network").await;
+    assert!(row(&html, "factor").unwrap().contains("value=\"8\""));
+    let (_, html) = post_form(&app, "/ui/presets/SDXL%20LoKr/duplicate", "").await;
+    assert!(html.contains("SDXL LoKr (copy)"));
+    let (_, html) = post_form(&app, "/ui/presets/SDXL%20LoKr%20(copy)/rename", "new_name=Second").await;
+    assert!(html.contains("Renamed"), "{html}");
+    let (_, html) = post_form(&app, "/ui/presets/Second/rename", "new_name=SDXL+LoKr").await;
+    assert!(html.contains("already exists"));
+    post_form(&app, "/ui/presets/Second/delete", "").await;
+    let (_, list) = json_req(&app, "GET", "/api/presets", Value::Null).await;
+    let names: Vec<&str> = list["presets"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["SDXL LoKr"]);
+}
+
+#[tokio::test]
+async fn preset_api_validates_and_round_trips() {
+    let app = app();
+    let good = json!({"name": "base", "config": {"model_family": "sd15", "train_data_dir": "/d", "pretrained_model_name_or_path": "/m.safetensors", "network_dim": 32}});
+    let (status, body) = json_req(&app, "POST", "/api/presets", good.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, _) = json_req(&app, "POST", "/api/presets", good).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let bad = json!({"name": "bad", "config": {"network_dim": 0, "resolution": 99999, "optimizer_type": "Adam9", "bogus": 1}});
+    let (status, body) = json_req(&app, "POST", "/api/presets", bad).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    for f in ["network_dim", "resolution", "optimizer_type", "bogus"] {
+        assert!(fields.contains(&f), "{f} in {fields:?}");
+    }
+    let (status, body) = json_req(&app, "POST", "/api/presets", json!({"name": "", "config": {}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["errors"][0]["field"], "name");
+    let (status, body) = json_req(&app, "POST", "/api/presets", json!({"config": {}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("name"), "{body}");
+    // PUT replaces, validates; GET reflects; DELETE removes.
+    let (status, _) = json_req(&app, "PUT", "/api/presets/base", json!({"config": {"train_data_dir": "/d", "pretrained_model_name_or_path": "/m", "network_dim": 64}})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, p) = json_req(&app, "GET", "/api/presets/base", Value::Null).await;
+    assert_eq!(p["config"]["network_dim"], json!(64));
+    assert!(p["config"].as_object().unwrap().len() > 100, "stored resolved");
+    let (status, _) = json_req(&app, "PUT", "/api/presets/base", json!({"config": {"network_dim": -3}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, p) = json_req(&app, "GET", "/api/presets/base", Value::Null).await;
+    assert_eq!(p["config"]["network_dim"], json!(64), "a refused PUT changes nothing");
+    let (status, _) = json_req(&app, "DELETE", "/api/presets/base", Value::Null).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = json_req(&app, "GET", "/api/presets/base", Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn fields_api_applies_the_rules() {
+    let app = app();
+    let (status, body) = json_req(&app, "GET", "/api/fields?section=network&network_algo=lokr", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let factor = body["fields"].as_array().unwrap().iter().find(|f| f["key"] == "factor").unwrap();
+    assert_eq!(factor["visible"], json!(true));
+    assert_eq!(factor["value"], json!(-1));
+    assert!(factor["help"].as_str().unwrap().len() > 10);
+    let (_, body) = json_req(&app, "GET", "/api/fields?section=model&model_family=sdxl", Value::Null).await;
+    let clip = body["fields"].as_array().unwrap().iter().find(|f| f["key"] == "clip_skip").unwrap();
+    assert_eq!((clip["visible"].clone(), clip["enabled"].clone()), (json!(true), json!(false)));
+    let (_, body) = json_req(&app, "GET", "/api/fields?section=dataset&model_family=sdxl", Value::Null).await;
+    let res = body["fields"].as_array().unwrap().iter().find(|f| f["key"] == "resolution").unwrap();
+    assert_eq!((res["value"].clone(), res["min"].clone()), (json!(1024), json!(512.0)));
+    let (status, body) = json_req(&app, "GET", "/api/fields?section=nope", Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("nope"));
+    let (status, _) = json_req(&app, "GET", "/api/fields?section=network&zzz=1", Value::Null).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn access_token_guards_every_route() {
+    let app = app_with_token(Some("0123456789abcdef-secret"));
+    let (status, _) = send(&app, Request::get("/api/presets").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(&app, Request::get("/api/presets").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(&app, Request::get("/api/presets").header(header::AUTHORIZATION, "Bearer 0123456789abcdef-secret").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let res = app.router.clone().oneshot(Request::get("/?token=0123456789abcdef-secret").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get_all(header::SET_COOKIE).iter().any(|c| c.to_str().unwrap().starts_with("loft_token=")));
+    assert!(app.dir.join("loft.db").exists());
+}
+
+#[test]
+fn an_old_database_upgrades_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loft.db");
+    {
+        // A database left by a Loft that knew only the first migration, with a preset in it.
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        loft::db::migrations().to_version(&mut conn, 1).unwrap();
+        conn.execute("INSERT INTO presets (name, config) VALUES ('old', '{\"network_dim\": 12}')", []).unwrap();
+        assert_eq!(loft::db::schema_version(&conn).unwrap(), 1);
+    }
+    let db = loft::db::Db::open(&path).unwrap();
+    let conn = db.conn();
+    assert_eq!(loft::db::schema_version(&conn).unwrap(), loft::db::latest_version());
+    let (config, description): (String, String) =
+        conn.query_row("SELECT config, description FROM presets WHERE name = 'old'", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((config.as_str(), description.as_str()), ("{\"network_dim\": 12}", ""));
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn start_up_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let err = open_state(&file.join("data"), None).err().unwrap();
+    assert!(format!("{err:#}").contains("cannot create the data directory"), "{err:#}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = rt
+        .block_on(loft::server::serve(loft::server::ServeOptions {
+            bind: "127.0.0.1".parse().unwrap(),
+            port,
+            data_dir: dir.path().join("d"),
+            access_token: None,
+        }))
+        .unwrap_err();
+    assert!(err.to_string().contains(&format!("port {port}")) && err.to_string().contains("already in use"), "{err}");
+    let err = rt
+        .block_on(loft::server::serve(loft::server::ServeOptions {
+            bind: "0.0.0.0".parse().unwrap(),
+            port: 0,
+            data_dir: dir.path().join("d"),
+            access_token: None,
+        }))
+        .unwrap_err();
+    assert!(err.to_string().contains("--token"), "{err}");
+}

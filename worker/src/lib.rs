@@ -1,0 +1,3 @@
+pub mod networks;
+
+pub fn version() -> &'static str { env!("CARGO_PKG_VERSION") }
