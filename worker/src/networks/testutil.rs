@@ -293,3 +293,79 @@ pub fn fit_target(
     let last = scalar_of(&mse(&student.forward(base, x, false)?, target)?)?;
     Ok((first, last))
 }
+
+/// Layers used by most algorithm tests: Linear (with a 3-D input), 1×1 conv, and a 3×3 conv
+/// with stride 2 and padding 1. Widths are even and factor nicely for LoKr/OFT/BOFT.
+pub fn standard_cases() -> Result<Vec<(BaseLayer, Tensor)>> {
+    Ok(vec![
+        (linear_base(12, 16, true, 101)?, randn(&[2, 3, 12], 102)?),
+        (conv_base(8, 16, 1, 1, 0, true, 103)?, randn(&[2, 8, 5, 5], 104)?),
+        (conv_base(8, 16, 3, 2, 1, true, 105)?, randn(&[2, 8, 7, 7], 106)?),
+    ])
+}
+
+use super::{adapter_from_tensors, build_adapter, NetworkAlgo, NetworkOptions};
+
+/// Builds an adapter, randomises it, and checks: rebuild forward == base op with
+/// `merged_weight` (and, for additive algorithms, W + m·ΔW); a reload from `state_tensors`
+/// gives the same output; with `bypass_equal`, bypass mode (from the same tensors) gives the
+/// same output too. Returns the randomised adapter.
+pub fn check_modes(
+    algo: NetworkAlgo,
+    opts: &NetworkOptions,
+    base: &BaseLayer,
+    x: &Tensor,
+    additive: bool,
+    bypass_equal: bool,
+) -> Result<Box<dyn Adapter>> {
+    let a = build_adapter(algo, opts, base, "check")?;
+    randomize(a.as_ref(), 17)?;
+    let m = opts.multiplier;
+    let merged = a.merged_weight(base)?;
+    let merged_b = a.merged_bias(base)?;
+    let want = base.forward_with(x, &merged, merged_b.as_ref())?;
+    let y = a.forward(base, x, false)?;
+    assert_close(&y, &want, 1e-5, &format!("{}: forward vs op(x, W′)", algo.name()));
+    if additive {
+        let w = (&base.weight + (a.delta_weight()? * m)?)?;
+        assert_close(&merged, &w, 1e-5, &format!("{}: W′ vs W + mΔW", algo.name()));
+    }
+    let state = state_map(a.as_ref())?;
+    let reload = adapter_from_tensors(algo, opts, base, &state)?;
+    assert_close(&reload.forward(base, x, false)?, &y, 1e-5, &format!("{}: reload", algo.name()));
+    if bypass_equal {
+        let bypass_opts = NetworkOptions { bypass_mode: true, ..opts.clone() };
+        let b = adapter_from_tensors(algo, &bypass_opts, base, &state)?;
+        assert_close(&b.forward(base, x, false)?, &y, 1e-5, &format!("{}: bypass vs rebuild", algo.name()));
+    }
+    Ok(a)
+}
+
+/// Every trainable tensor gets a non-zero gradient (after randomising the adapter so that
+/// zero-initialised factors do not block the others).
+pub fn check_grads(algo: NetworkAlgo, opts: &NetworkOptions) -> Result<()> {
+    for (base, x) in standard_cases()? {
+        let a = build_adapter(algo, opts, &base, "grads")?;
+        randomize(a.as_ref(), 23)?;
+        assert_all_grads_nonzero(a.as_ref(), &base, &x)?;
+    }
+    Ok(())
+}
+
+/// Trains a fresh adapter toward a randomised teacher of the same algorithm and options for
+/// `steps` Adam steps at `lr`; asserts the output MSE falls by at least `factor`.
+pub fn check_fit(algo: NetworkAlgo, opts: &NetworkOptions, steps: usize, lr: f64, factor: f64) -> Result<()> {
+    for (base, x) in standard_cases()? {
+        let teacher = build_adapter(algo, opts, &base, "teacher")?;
+        randomize(teacher.as_ref(), 29)?;
+        let student = build_adapter(algo, opts, &base, "student")?;
+        let (first, last) = fit(student.as_ref(), teacher.as_ref(), &base, &x, steps, lr)?;
+        assert!(
+            last * factor <= first,
+            "{} on {:?}: loss {first:e} → {last:e}, wanted a {factor}× drop",
+            algo.name(),
+            base.kind
+        );
+    }
+    Ok(())
+}
