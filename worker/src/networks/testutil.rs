@@ -250,7 +250,8 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Trains `student` toward `teacher`'s output on `x` with plain Adam (β = 0.9, 0.999) for
-/// `steps` steps; returns (loss before, loss after), both measured in eval mode.
+/// `steps` steps, the learning rate decaying linearly from `lr` to `lr/10`; returns
+/// (loss before, loss after), both measured in eval mode.
 pub fn fit(
     student: &dyn Adapter,
     teacher: &dyn Adapter,
@@ -287,7 +288,8 @@ pub fn fit_target(
             let mhat = (&m[i] / (1.0 - b1.powi(step as i32)))?;
             let shat = (&s[i] / (1.0 - b2.powi(step as i32)))?;
             let update = (mhat / (shat.sqrt()? + eps)?)?;
-            var.set(&(var.as_tensor().detach() - (update * lr)?)?)?;
+            let lr_t = lr * (1.0 - 0.9 * (step - 1) as f64 / steps as f64);
+            var.set(&(var.as_tensor().detach() - (update * lr_t)?)?)?;
         }
     }
     let last = scalar_of(&mse(&student.forward(base, x, false)?, target)?)?;
