@@ -41,15 +41,6 @@ pub(crate) fn skew_capped(blocks: &Tensor, max_norm: f64) -> Result<Tensor> {
     Ok(q)
 }
 
-/// m·R + (1 − m)·I for a batch of rotations `(n, b, b)`.
-pub(crate) fn with_multiplier(r: &Tensor, m: f64) -> Result<Tensor> {
-    if m == 1.0 {
-        return Ok(r.clone());
-    }
-    let (n, b, _) = r.dims3()?;
-    r.affine(m, 0.0)? + eye_batch(n, b, r.dtype(), r.device())?.affine(1.0 - m, 0.0)?
-}
-
 /// Moves the channel dim of an output last and flattens the rest: `(rows, out)`; returns the
 /// 2-D view and a closure-friendly description to undo it.
 pub(crate) fn channels_last(y: &Tensor, is_conv: bool) -> Result<(Tensor, Vec<usize>)> {
