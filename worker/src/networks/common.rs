@@ -23,9 +23,10 @@ pub(crate) const EPS_F32: f64 = f32::EPSILON as f64;
 // Random numbers
 // ---------------------------------------------------------------------------------------------
 
-/// A seeded generator owned by one adapter: initial values, dropout decisions and DyLoRA's
-/// block draw come from it, so a run is reproducible from `NetworkOptions::seed` and the layer
-/// name. Behind a mutex because `Adapter::forward` takes `&self`.
+/// A seeded generator owned by one adapter: initial values, module/rank-dropout decisions and
+/// DyLoRA's block draw come from it, so they are reproducible from `NetworkOptions::seed` and
+/// the layer name. (Element-wise network dropout masks are activation-sized and come from the
+/// tensor's device generator instead.) Behind a mutex because `Adapter::forward` takes `&self`.
 pub(crate) struct AdapterRng(Mutex<StdRng>);
 
 impl AdapterRng {

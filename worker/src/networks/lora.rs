@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use candle_core::{bail, Result, Tensor, Var};
 
 use super::common::{
-    alpha_from, alpha_tensor, conv_op, element_dropout, expect_shape, layer_op, linear_op, mm, required,
-    Ctx, Init, RankScale,
+    alpha_from, alpha_tensor, conv_op, element_dropout, expect_shape, linear_op, mm, required, Ctx, Init,
+    RankScale,
 };
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
 
@@ -172,18 +172,17 @@ impl Adapter for KohyaLora {
     }
 }
 
-// Used by the rebuild-equivalence tests.
-#[allow(dead_code)]
-pub(crate) fn rebuild_reference(base: &BaseLayer, adapter: &dyn Adapter, x: &Tensor) -> Result<Tensor> {
-    let w = adapter.merged_weight(base)?;
-    layer_op(&base.kind, x, &w, base.bias.as_ref())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::networks::common::layer_op;
     use crate::networks::testutil::*;
     use crate::networks::{build_adapter, NetworkAlgo};
+
+    fn rebuild_reference(base: &BaseLayer, adapter: &dyn Adapter, x: &Tensor) -> Result<Tensor> {
+        let w = adapter.merged_weight(base)?;
+        layer_op(&base.kind, x, &w, base.bias.as_ref())
+    }
 
     fn opts(rank: usize, alpha: f64) -> NetworkOptions {
         NetworkOptions { dim: rank, alpha, conv_dim: Some(rank), conv_alpha: Some(alpha), ..Default::default() }

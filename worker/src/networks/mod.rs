@@ -17,6 +17,10 @@
 //! Every op used has a backward in candle (no fused softmax / layer_norm / rms_norm), and the
 //! tests check that every trainable tensor receives a non-zero gradient.
 //!
+//! Tests: `cargo test -p loft-worker networks` (unit tests next to each algorithm: shapes, ΔW
+//! against independent f64 loops, rebuild/bypass/reload equivalence, gradients, a fit) and
+//! `cargo test -p loft-worker --test network_parity` (fixtures from the Python references).
+//!
 //! # Deliberate differences from upstream (all where upstream is wrong or inconsistent)
 //! - LoHa/LoKr: ΔW is scaled once (LyCORIS's `get_diff_weight` scales twice).
 //! - LoKr and GLoRA bypass apply alpha/r exactly once (LyCORIS 3.x omits or squares it).
@@ -378,5 +382,99 @@ pub fn adapter_from_tensors_named(
         NetworkAlgo::GloraEx => glora_ex::from_tensors(opts, base, tensors, layer_name),
         NetworkAlgo::Abba => abba::from_tensors(opts, base, tensors, layer_name),
         NetworkAlgo::Full => full::from_tensors(opts, base, tensors, layer_name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use candle_core::DType;
+
+    /// Options under which every algorithm adapts the standard test layers (out = 16).
+    fn opts_for(algo: NetworkAlgo) -> NetworkOptions {
+        let mut o = NetworkOptions { dim: 4, alpha: 2.0, block_size: 2, ..Default::default() };
+        if algo.is_kohya() {
+            o.conv_dim = Some(4);
+            o.conv_alpha = Some(2.0);
+        }
+        o
+    }
+
+    #[test]
+    fn algo_names_round_trip_through_serde() {
+        let names = [
+            "lora", "locon", "lycoris_locon", "loha", "ia3", "lokr", "dylora", "diag_oft", "boft", "glora", "glora_ex",
+            "abba", "full",
+        ];
+        for (algo, name) in NetworkAlgo::ALL.iter().zip(names) {
+            assert_eq!(algo.name(), name);
+            assert_eq!(serde_json::to_string(algo).unwrap(), format!("\"{name}\""));
+            let back: NetworkAlgo = serde_json::from_str(&format!("\"{name}\"")).unwrap();
+            assert_eq!(back, *algo);
+        }
+    }
+
+    #[test]
+    fn options_deserialize_with_upstream_names_and_defaults() {
+        let o: NetworkOptions =
+            serde_json::from_str(r#"{"network_dim": 8, "network_alpha": 4, "use_cp": true, "unit": 2}"#).unwrap();
+        assert_eq!((o.dim, o.alpha, o.use_tucker, o.block_size), (8, 4.0, true, 2));
+        assert_eq!(o.factor, -1);
+        assert!(o.wd_on_output, "LyCORIS's default");
+        let msg = NetworkOptions { dropout: 1.5, ..Default::default() }.validate(NetworkAlgo::Loha).err().unwrap();
+        assert!(msg.to_string().contains("dropout must be in [0, 1)"));
+    }
+
+    #[test]
+    fn every_algorithm_on_every_layer_kind() -> Result<()> {
+        for algo in NetworkAlgo::ALL {
+            let o = opts_for(algo);
+            for (base, x) in standard_cases()? {
+                let a = build_adapter(algo, &o, &base, "all")?;
+                assert_eq!(a.delta_weight()?.dims(), base.weight.dims(), "{}", algo.name());
+                let y0 = base.forward(&x)?;
+                let y = a.forward(&base, &x, false)?;
+                assert_eq!(y.dims(), y0.dims(), "{}", algo.name());
+                // Every adapter starts as the identity (up to ABBA's/DoRA's float noise).
+                assert_close(&y, &y0, 1e-5, &format!("{} starts at identity", algo.name()));
+                // Trainable names are file names (or the folded scalar).
+                let state = state_map(a.as_ref())?;
+                for (name, _) in a.trainable() {
+                    assert!(name == "scalar" || state.contains_key(&name), "{}: `{name}` not saved", algo.name());
+                }
+                randomize(a.as_ref(), 99)?;
+                let reload = adapter_from_tensors(algo, &o, &base, &state_map(a.as_ref())?)?;
+                assert_close(&reload.forward(&base, &x, false)?, &a.forward(&base, &x, false)?, 1e-5, algo.name());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_base_layers_work() -> Result<()> {
+        // Adapters keep f32 parameters; a f16 base and f16 activations give a f16 output close to
+        // the all-f32 result.
+        for algo in NetworkAlgo::ALL {
+            for bypass in [false, true] {
+                let mut o = opts_for(algo);
+                o.bypass_mode = bypass && !matches!(algo, NetworkAlgo::Full | NetworkAlgo::GloraEx);
+                for (base, x) in standard_cases()? {
+                    let a = build_adapter(algo, &o, &base, "half")?;
+                    randomize(a.as_ref(), 5)?;
+                    let want = a.forward(&base, &x, false)?;
+                    let half = BaseLayer {
+                        kind: base.kind.clone(),
+                        weight: base.weight.to_dtype(DType::F16)?,
+                        bias: base.bias.as_ref().map(|b| b.to_dtype(DType::F16)).transpose()?,
+                    };
+                    let ah = adapter_from_tensors(algo, &o, &half, &state_map(a.as_ref())?)?;
+                    let y = ah.forward(&half, &x.to_dtype(DType::F16)?, false)?;
+                    assert_eq!(y.dtype(), DType::F16, "{}", algo.name());
+                    assert_close(&y.to_dtype(DType::F32)?, &want, 2e-2, &format!("{} in f16", algo.name()));
+                }
+            }
+        }
+        Ok(())
     }
 }
