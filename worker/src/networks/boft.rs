@@ -309,7 +309,12 @@ mod tests {
             let nb = BaseLayer { bias: None, ..base.clone() };
             check_modes(ALGO, &o, &nb, &x, false, true)?;
             let s = state_map(a.as_ref())?;
-            let by = crate::networks::adapter_from_tensors(ALGO, &NetworkOptions { bypass_mode: true, ..o.clone() }, &base, &s)?;
+            let by = crate::networks::adapter_from_tensors(
+                ALGO,
+                &NetworkOptions { bypass_mode: true, ..o.clone() },
+                &base,
+                &s,
+            )?;
             let b_col = BaseLayer::linear(base.bias.as_ref().unwrap().reshape(((), 1))?, None)?;
             let rotated_bias =
                 crate::networks::adapter_from_tensors(ALGO, &o, &b_col, &s)?.merged_weight(&b_col)?.flatten_all()?;

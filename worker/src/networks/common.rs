@@ -83,9 +83,7 @@ impl AdapterRng {
     pub fn orthogonal(&self, shape: &[usize]) -> Vec<f32> {
         let rows = shape[0];
         let cols: usize = shape[1..].iter().product::<usize>().max(1);
-        let gauss: Vec<f64> = self.with(|r| {
-            (0..rows * cols).map(|_| StandardNormal.sample(r)).collect::<Vec<f64>>()
-        });
+        let gauss: Vec<f64> = self.with(|r| (0..rows * cols).map(|_| StandardNormal.sample(r)).collect::<Vec<f64>>());
         if rows <= cols {
             let mut m = gauss;
             orthonormalize_rows(&mut m, rows, cols);
@@ -251,9 +249,7 @@ impl RankScale {
 /// matmul and restored afterwards.
 pub(crate) fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    let Some((&in_features, lead)) = dims.split_last() else {
-        bail!("linear input must have at least one dimension")
-    };
+    let Some((&in_features, lead)) = dims.split_last() else { bail!("linear input must have at least one dimension") };
     let rows: usize = lead.iter().product();
     let mut y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
     if let Some(b) = b {
@@ -265,7 +261,28 @@ pub(crate) fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
 }
 
 /// `F.conv2d` with symmetric stride/padding, dilation 1, one group.
-pub(crate) fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+///
+/// Works around a candle 0.11 backward bug: conv2d's input gradient derives its
+/// `output_padding` from the height only, so with stride > 1 a height and width whose
+/// `(size + 2·padding − k) mod stride` differ give a wrongly shaped gradient (an error in
+/// backward). Zero columns/rows appended at the end of the dim with the smaller remainder
+/// never change the output (they fall in what the conv reads as padding or skips), and make
+/// both remainders equal; `pad_with_zeros` has a backward, so x's gradient stays exact.
+pub fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let mut x = x.clone();
+    if stride > 1 {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        if h + 2 * padding >= kh && wd + 2 * padding >= kw {
+            let rh = (h + 2 * padding - kh) % stride;
+            let rw = (wd + 2 * padding - kw) % stride;
+            if rh < rw {
+                x = x.pad_with_zeros(2, 0, rw - rh)?;
+            } else if rw < rh {
+                x = x.pad_with_zeros(3, 0, rh - rw)?;
+            }
+        }
+    }
     let y = x.conv2d(&w.contiguous()?, padding, stride, 1, 1)?;
     match b {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),

@@ -108,11 +108,7 @@ pub(crate) fn from_tensors(
         d => bail!("layer {layer}: DIAG-OFT `oft_blocks` must be 3-D (num, bs, bs), got {d:?}"),
     };
     if block_size != bs2 || block_num * block_size != ctx.out_dim() {
-        bail!(
-            "layer {layer}: `oft_blocks` {:?} does not tile the {} output channels",
-            blocks.dims(),
-            ctx.out_dim()
-        );
+        bail!("layer {layer}: `oft_blocks` {:?} does not tile the {} output channels", blocks.dims(), ctx.out_dim());
     }
     let rescale = match tensors.get("rescale") {
         Some(r) => Some(ctx.var_copy(&r.reshape(rescale_shape(&ctx))?)?),
@@ -334,7 +330,9 @@ pub(crate) mod tests {
     #[test]
     fn merged_weight_matches_naive_with_constraint_rescale_and_multiplier() -> Result<()> {
         for (base, _) in standard_cases()? {
-            for (constraint, rescaled, m) in [(0.0, false, 1.0), (0.0, true, 0.6), (1e-3, false, 1.0), (1e-3, true, 1.5)] {
+            for (constraint, rescaled, m) in
+                [(0.0, false, 1.0), (0.0, true, 0.6), (1e-3, false, 1.0), (1e-3, true, 1.5)]
+            {
                 let o = NetworkOptions { constraint, rescaled, multiplier: m, ..opts() };
                 let a = build_adapter(ALGO, &o, &base, "t")?;
                 assert!(max_abs(&a.delta_weight()?)? < 1e-6, "identity at init");

@@ -88,7 +88,8 @@ pub(crate) fn from_tensors(
     }
     check_blocks(layer, rank, opts.block_size)?;
     let alpha = RankScale::from_saved(rank, alpha_from(tensors)?).saved_alpha;
-    let src = DyloraDelta { up: ctx.var_copy(&up)?, down: ctx.var_copy(&down)?, rank, block_size: opts.block_size, alpha };
+    let src =
+        DyloraDelta { up: ctx.var_copy(&up)?, down: ctx.var_copy(&down)?, rank, block_size: opts.block_size, alpha };
     Ok(Box::new(LowRankAdapter { ctx, dora: None, src }))
 }
 
@@ -210,10 +211,15 @@ mod tests {
         let down = Mat::from_tensor_2d(&s["lora_down.weight"])?;
         // Candidate outputs: prefix of 2 ranks (scale 2/2) or all 4 (scale 2/4).
         let prefix = |k: usize| -> Result<Tensor> {
-            let u = Mat::new(up.rows, k, (0..up.rows).flat_map(|r| (0..k).map(move |c| (r, c))).map(|(r, c)| up.at(r, c)).collect());
+            let u = Mat::new(
+                up.rows,
+                k,
+                (0..up.rows).flat_map(|r| (0..k).map(move |c| (r, c))).map(|(r, c)| up.at(r, c)).collect(),
+            );
             let d = Mat::new(k, down.cols, down.data[..k * down.cols].to_vec());
             let dw = u.matmul(&d).scale(2.0 / k as f64);
-            let dw = Tensor::from_vec(dw.data.iter().map(|v| *v as f32).collect::<Vec<_>>(), base.weight.dims(), &dev())?;
+            let dw =
+                Tensor::from_vec(dw.data.iter().map(|v| *v as f32).collect::<Vec<_>>(), base.weight.dims(), &dev())?;
             base.forward_with(&x, &(&base.weight + dw)?, base.bias.as_ref())
         };
         let (y2, y4) = (prefix(2)?, prefix(4)?);

@@ -52,12 +52,9 @@ pub(crate) fn weight_times_input_map(w: &Tensor, a: &Tensor) -> Result<Tensor> {
 fn shapes(ctx: &Ctx, rank: usize) -> [Vec<usize>; 4] {
     let (out, inp) = (ctx.out_dim(), ctx.in_dim());
     match &ctx.kind {
-        LayerKind::Conv2d { kernel, .. } => [
-            vec![inp, rank, 1, 1],
-            vec![rank, inp, 1, 1],
-            vec![out, rank, 1, 1],
-            vec![rank, inp, kernel.0, kernel.1],
-        ],
+        LayerKind::Conv2d { kernel, .. } => {
+            [vec![inp, rank, 1, 1], vec![rank, inp, 1, 1], vec![out, rank, 1, 1], vec![rank, inp, kernel.0, kernel.1]]
+        }
         _ => [vec![inp, rank], vec![rank, inp], vec![out, rank], vec![rank, inp]],
     }
 }
@@ -237,7 +234,8 @@ mod tests {
             for o in 0..wm.rows {
                 for j in 0..inn {
                     for k in 0..kk {
-                        wa.data[o * wm.cols + j * kk + k] = (0..inn).map(|i| wm.at(o, i * kk + k) * amat.at(i, j)).sum();
+                        wa.data[o * wm.cols + j * kk + k] =
+                            (0..inn).map(|i| wm.at(o, i * kk + k) * amat.at(i, j)).sum();
                     }
                 }
             }

@@ -19,9 +19,7 @@ use std::collections::HashMap;
 
 use candle_core::{bail, Result, Tensor, Var};
 
-use super::common::{
-    alpha_from, alpha_tensor, new_scalar, required, times_scalar, Ctx, Init, RankScale,
-};
+use super::common::{alpha_from, alpha_tensor, new_scalar, required, times_scalar, Ctx, Init, RankScale};
 use super::glora::weight_times_input_map;
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
 
@@ -53,14 +51,7 @@ fn shapes(ctx: &Ctx, rank: usize) -> [Vec<usize>; 6] {
             vec![rank, inp, 1, 1],
             vec![1, rank, 1, 1],
         ],
-        _ => [
-            vec![rank, inp],
-            vec![inp, rank],
-            vec![rank, inp],
-            vec![out, rank],
-            vec![rank, inp],
-            vec![1, rank],
-        ],
+        _ => [vec![rank, inp], vec![inp, rank], vec![rank, inp], vec![out, rank], vec![rank, inp], vec![1, rank]],
     }
 }
 
@@ -300,10 +291,12 @@ mod tests {
             for o in 0..out {
                 for j in 0..inn {
                     for k in 0..kk {
-                        dw.data[o * wm.cols + j * kk + k] += (0..inn).map(|i| wm.at(o, i * kk + k) * amat.at(i, j)).sum::<f64>();
+                        dw.data[o * wm.cols + j * kk + k] +=
+                            (0..inn).map(|i| wm.at(o, i * kk + k) * amat.at(i, j)).sum::<f64>();
                     }
                 }
-                let wc: f64 = (0..inn).map(|i| (0..kk).map(|k| wm.at(o, i * kk + k)).sum::<f64>() * cvec.at(0, i)).sum();
+                let wc: f64 =
+                    (0..inn).map(|i| (0..kk).map(|k| wm.at(o, i * kk + k)).sum::<f64>() * cvec.at(0, i)).sum();
                 db[o] = (wc / kk as f64 + d[o] * bias[o] + e[o]) * 0.5;
             }
             assert_mat_close(&a.delta_weight()?, &dw.scale(0.5), 1e-5, "GLoRA-Ex ΔW");

@@ -187,7 +187,11 @@ mod tests {
             let s = state_map(a.as_ref())?;
             let by = adapter_from_tensors(ALGO, &NetworkOptions { bypass_mode: true, ..o.clone() }, &base, &s)?;
             let factor = s["weight"].affine(0.5, 1.0)?;
-            let y = if base.weight.rank() == 4 { base.forward(&x)?.broadcast_mul(&factor)? } else { base.forward(&x)?.broadcast_mul(&factor)? };
+            let y = if base.weight.rank() == 4 {
+                base.forward(&x)?.broadcast_mul(&factor)?
+            } else {
+                base.forward(&x)?.broadcast_mul(&factor)?
+            };
             assert_close(&by.forward(&base, &x, false)?, &y, 1e-6, "bypass = (Wx+b)(1+mw)");
             let diff = max_abs(&(by.forward(&base, &x, false)? - a.forward(&base, &x, false)?)?)?;
             assert!(diff > 1e-4, "with a bias, bypass must differ from rebuild");

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use candle_core::{bail, Result, Tensor, Var};
 
 use super::common::{
-    alpha_from, alpha_tensor, conv_op, expect_shape, folded, linear_op, mm, new_scalar, required, times_scalar,
-    tucker, Ctx, Dora, Init, LowRankAdapter, LowRankDelta, RankScale,
+    alpha_from, alpha_tensor, conv_op, expect_shape, folded, linear_op, mm, new_scalar, required, times_scalar, tucker,
+    Ctx, Dora, Init, LowRankAdapter, LowRankDelta, RankScale,
 };
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
 
@@ -366,7 +366,8 @@ mod tests {
                 let merged = a.merged_weight(&base)?;
                 assert_close(&y, &base.forward_with(&x, &merged, base.bias.as_ref())?, 1e-5, "DoRA forward");
                 assert_all_grads_nonzero(a.as_ref(), &base, &x)?;
-                let re = adapter_from_tensors(ALGO, &NetworkOptions { multiplier: 0.7, ..Default::default() }, &base, &s)?;
+                let re =
+                    adapter_from_tensors(ALGO, &NetworkOptions { multiplier: 0.7, ..Default::default() }, &base, &s)?;
                 assert_close(&re.merged_weight(&base)?, &merged, 1e-6, "DoRA reload");
             }
         }
@@ -403,6 +404,52 @@ mod tests {
                     randomize(a.as_ref(), 6)?;
                     assert_all_grads_nonzero(a.as_ref(), &base, &x)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences_on_non_square_strided_input() -> Result<()> {
+        // candle's conv2d backward derives its output padding from the height only (worked
+        // around in `conv_op`); check kernel and input gradients on a non-square input with
+        // stride 2 and an odd width, in f64, in both modes.
+        use candle_core::DType;
+        let w = randn(&[4, 3, 3, 3], 61)?.to_dtype(DType::F64)?;
+        let base = BaseLayer::conv2d((w * 0.3)?, None, 2, 1)?;
+        for bypass in [true, false] {
+            let o = NetworkOptions { dim: 2, alpha: 2.0, bypass_mode: bypass, ..Default::default() };
+            let a = build_adapter(ALGO, &o, &base, "t")?;
+            randomize(a.as_ref(), 62)?;
+            let x = Var::from_tensor(&randn(&[1, 3, 6, 9], 63)?.to_dtype(DType::F64)?)?;
+            let probe = randn(&[1, 4, 3, 5], 64)?.to_dtype(DType::F64)?;
+            let loss_of =
+                |a: &dyn Adapter, x: &Tensor| -> Result<Tensor> { (a.forward(&base, x, false)? * &probe)?.sum_all() };
+            let grads = loss_of(a.as_ref(), x.as_tensor())?.backward()?;
+            let down = a.trainable().into_iter().find(|(n, _)| n == "lora_down.weight").unwrap().1;
+            let g_down = grads.get(down.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;
+            let g_x = grads.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1::<f64>()?;
+            let eps = 1e-6;
+            let numeric = |t: &Var, idx: usize| -> Result<f64> {
+                let orig = t.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+                let eval = |delta: f64| -> Result<f64> {
+                    let mut v = orig.clone();
+                    v[idx] += delta;
+                    t.set(&Tensor::from_vec(v, t.dims(), &dev())?)?;
+                    let l = loss_of(a.as_ref(), x.as_tensor())?.to_scalar::<f64>()?;
+                    Ok(l)
+                };
+                let d = (eval(eps)? - eval(-eps)?) / (2.0 * eps);
+                t.set(&Tensor::from_vec(orig, t.dims(), &dev())?)?;
+                Ok(d)
+            };
+            for idx in [0usize, 5, 17, 30, 53] {
+                let n = numeric(&down, idx)?;
+                assert!((n - g_down[idx]).abs() < 1e-6 * (1.0 + n.abs()), "down[{idx}]: {n} vs {}", g_down[idx]);
+            }
+            for idx in [0usize, 8, 9, 40, 100, 161] {
+                let n = numeric(&x, idx)?;
+                assert!((n - g_x[idx]).abs() < 1e-6 * (1.0 + n.abs()), "x[{idx}]: {n} vs {}", g_x[idx]);
             }
         }
         Ok(())

@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn variants_full_matrix_decompose_both_unbalanced_tucker() -> Result<()> {
         let conv3 = conv_base(16, 64, 3, 1, 1, false, 3)?; // out 64 = 8·8, in 16 = 4·4
-        // full_matrix → lokr_w2 (8, 4, 3, 3); both sides full → scale 1, alpha saved = r.
+                                                           // full_matrix → lokr_w2 (8, 4, 3, 3); both sides full → scale 1, alpha saved = r.
         let a = build_adapter(ALGO, &NetworkOptions { full_matrix: true, alpha: 7.0, ..opts() }, &conv3, "t")?;
         let s = state_map(a.as_ref())?;
         assert_eq!(dims(&s, "lokr_w2"), [8, 4, 3, 3]);
@@ -285,7 +285,8 @@ mod tests {
         assert_eq!(dims(&s, "lokr_w2_b"), [1, 4 * 9]);
         // decompose_both with r < max(a, c)/2 on a 256×256 linear (16·16): w1_a (16, 2), w1_b (2, 16).
         let big = linear_base(256, 256, false, 4)?;
-        let s = state_map(build_adapter(ALGO, &NetworkOptions { decompose_both: true, ..opts() }, &big, "t")?.as_ref())?;
+        let s =
+            state_map(build_adapter(ALGO, &NetworkOptions { decompose_both: true, ..opts() }, &big, "t")?.as_ref())?;
         assert_eq!(dims(&s, "lokr_w1_a"), [16, 2]);
         assert_eq!(dims(&s, "lokr_w1_b"), [2, 16]);
         // unbalanced_factorization swaps the output split: 640 → (8, 80) becomes (80, 8).

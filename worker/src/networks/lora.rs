@@ -15,8 +15,7 @@ use std::collections::HashMap;
 use candle_core::{bail, Result, Tensor, Var};
 
 use super::common::{
-    alpha_from, alpha_tensor, conv_op, element_dropout, expect_shape, linear_op, mm, required, Ctx, Init,
-    RankScale,
+    alpha_from, alpha_tensor, conv_op, element_dropout, expect_shape, linear_op, mm, required, Ctx, Init, RankScale,
 };
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
 
@@ -80,14 +79,7 @@ pub(crate) fn from_tensors(
     };
     expect_shape(&up, &up_shape, "lora_up.weight", layer)?;
     let RankScale { scale, saved_alpha } = RankScale::from_saved(rank, alpha_from(tensors)?);
-    Ok(Box::new(KohyaLora {
-        down: ctx.var_copy(down)?,
-        up: ctx.var_copy(&up)?,
-        ctx,
-        rank,
-        alpha: saved_alpha,
-        scale,
-    }))
+    Ok(Box::new(KohyaLora { down: ctx.var_copy(down)?, up: ctx.var_copy(&up)?, ctx, rank, alpha: saved_alpha, scale }))
 }
 
 impl KohyaLora {
@@ -134,9 +126,7 @@ impl Adapter for KohyaLora {
     }
 
     fn delta_weight(&self) -> Result<Tensor> {
-        mm(self.up.as_tensor(), self.down.as_tensor())?
-            .reshape(self.ctx.weight_shape())?
-            .affine(self.scale, 0.0)
+        mm(self.up.as_tensor(), self.down.as_tensor())?.reshape(self.ctx.weight_shape())?.affine(self.scale, 0.0)
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {

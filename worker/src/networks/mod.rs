@@ -56,6 +56,7 @@ use std::collections::HashMap;
 use candle_core::{bail, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+pub use common::conv_op;
 pub use factorization::{factorization, power2factorization};
 pub use options::NetworkOptions;
 
@@ -404,8 +405,19 @@ mod tests {
     #[test]
     fn algo_names_round_trip_through_serde() {
         let names = [
-            "lora", "locon", "lycoris_locon", "loha", "ia3", "lokr", "dylora", "diag_oft", "boft", "glora", "glora_ex",
-            "abba", "full",
+            "lora",
+            "locon",
+            "lycoris_locon",
+            "loha",
+            "ia3",
+            "lokr",
+            "dylora",
+            "diag_oft",
+            "boft",
+            "glora",
+            "glora_ex",
+            "abba",
+            "full",
         ];
         for (algo, name) in NetworkAlgo::ALL.iter().zip(names) {
             assert_eq!(algo.name(), name);

@@ -144,11 +144,9 @@ impl NetworkOptions {
     /// Cross-field rules that hold for every layer; one message per broken rule.
     pub fn validate(&self, algo: NetworkAlgo) -> Result<()> {
         let mut problems: Vec<String> = Vec::new();
-        for (name, v) in [
-            ("dropout", self.dropout),
-            ("rank_dropout", self.rank_dropout),
-            ("module_dropout", self.module_dropout),
-        ] {
+        for (name, v) in
+            [("dropout", self.dropout), ("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)]
+        {
             if !(0.0..1.0).contains(&v) {
                 problems.push(format!("{name} must be in [0, 1), got {v}"));
             }

@@ -16,7 +16,12 @@ pub fn dev() -> Device {
 
 fn gauss(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| { let z: f64 = StandardNormal.sample(&mut rng); z as f32 }).collect()
+    (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(&mut rng);
+            z as f32
+        })
+        .collect()
 }
 
 /// N(0, 1) tensor with a fixed seed.
