@@ -49,9 +49,6 @@ impl Kind {
     fn is_number(self) -> bool {
         matches!(self, Kind::Integer | Kind::Float)
     }
-    fn is_text(self) -> bool {
-        matches!(self, Kind::Text | Kind::Path | Kind::Multiline)
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -42,7 +42,11 @@ struct Driver {
 
 impl Driver {
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let res = self.http.request(method, format!("{}{}", self.base, path)).json(&body).send().await.unwrap();
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        let res = req.send().await.unwrap();
         let status = res.status();
         let v: Value = res.json().await.unwrap();
         assert!(status.is_success(), "webdriver {path}: {v}");

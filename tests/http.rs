@@ -134,7 +134,7 @@ async fn presets_from_the_form_save_load_duplicate_rename_delete() {
     post_form(&app, "/ui/tab/dataset", "train_data_dir=%2Fdata%2Fimgs").await;
     post_form(&app, "/ui/tab/network", "network_algo=lokr&factor=8").await;
     let (_, html) = post_form(&app, "/ui/presets", "name=SDXL+LoKr").await;
-    assert!(html.contains("Saved preset 'SDXL LoKr'"), "{html}");
+    assert!(html.contains("Saved preset &#39;SDXL LoKr&#39;"), "{html}");
     let (status, preset) = json_req(&app, "GET", "/api/presets/SDXL%20LoKr", Value::Null).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(preset["config"]["factor"], json!(8));
