@@ -49,6 +49,9 @@ pub struct FieldView {
     pub placeholder: String,
     pub required: bool,
     pub error: String,
+    /// The only problem is an empty required value: shown as a quiet hint, not an alarm, so a
+    /// fresh form does not greet a newcomer in red.
+    pub missing: bool,
 }
 
 pub struct GroupView {
@@ -112,7 +115,9 @@ fn field_view(state: FieldState) -> FieldView {
         (None, None) => String::new(),
     };
     let value = display_value(&state.value);
+    let missing = state.required && value.trim().is_empty() && state.error.is_some();
     FieldView {
+        missing,
         choices: state
             .choices
             .iter()
