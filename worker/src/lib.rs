@@ -1,3 +1,6 @@
+pub mod linalg;
+pub mod lora_file;
+pub mod models;
 pub mod networks;
 
 pub fn version() -> &'static str { env!("CARGO_PKG_VERSION") }
