@@ -1,6 +1,5 @@
 pub mod linalg;
 pub mod lora_file;
-pub mod models;
 pub mod networks;
 
 pub fn version() -> &'static str { env!("CARGO_PKG_VERSION") }
