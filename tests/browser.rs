@@ -159,6 +159,19 @@ async fn lokr_shows_factor_and_sdxl_greys_clip_skip() {
     d.click("#tab-network").await;
     d.wait_for("LoKr kept", "return document.querySelector('#f-network_algo') && document.querySelector('#f-network_algo').value === 'lokr'").await;
 
+    // Typing into a field and going straight to another tab keeps what was typed: the tab button
+    // posts the open form along.
+    d.click("#tab-saving").await;
+    d.wait_for("the saving tab", "return !!document.querySelector('#f-output_name')").await;
+    // Empty it without firing a change event, then type as a user would.
+    d.call(reqwest::Method::POST, "/execute/sync", json!({"script": "document.querySelector('#f-output_name').value = ''", "args": []})).await;
+    let field = d.find("#f-output_name").await.unwrap();
+    d.call(reqwest::Method::POST, &format!("/element/{field}/value"), json!({"text": "my_style_v2"})).await;
+    d.click("#tab-dataset").await;
+    d.wait_for("the dataset tab", "return !!document.querySelector('#f-resolution')").await;
+    d.click("#tab-saving").await;
+    d.wait_for("the typed name kept", "return document.querySelector('#f-output_name') && document.querySelector('#f-output_name').value === 'my_style_v2'").await;
+
     // Narrow (phone) screen: the page still lays out in one column without horizontal scrolling.
     d.call(reqwest::Method::POST, "/window/rect", json!({"width": 390, "height": 844})).await;
     d.wait_for("no sideways scroll", "return document.documentElement.scrollWidth <= window.innerWidth + 1").await;

@@ -75,7 +75,7 @@ async fn page_and_every_tab_render() {
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("/static/vendor/htmx-2.0.11.min.js") && page.contains("/static/loft.css"));
     for tab in ["model", "dataset", "network", "optimizer", "training", "sampling", "saving", "presets"] {
-        assert!(page.contains(&format!("hx-get=\"/ui/tab/{tab}\"")), "tab button {tab}");
+        assert!(page.contains(&format!("hx-post=\"/ui/tab/{tab}\"")), "tab button {tab}");
         let (status, html) = get(&app, &format!("/ui/tab/{tab}")).await;
         assert_eq!(status, StatusCode::OK, "{tab}");
         assert!(html.contains(&format!("id=\"section-{tab}\"")), "{tab} fragment");
@@ -103,6 +103,13 @@ async fn changing_the_algorithm_rerenders_the_network_section() {
     get(&app, "/ui/tab/dataset").await;
     let (_, html) = get(&app, "/ui/tab/network").await;
     assert!(html.contains("<option value=\"lokr\" selected>"), "LoKr still selected");
+    // A tab switch carries the open form along: typed values are kept even without a change event,
+    // and only the posted section's own fields are taken.
+    let (_, html) = post_form(&app, "/ui/tab/dataset", "_section=saving&output_name=typed_name&resolution=128").await;
+    assert!(html.contains("id=\"section-dataset\""));
+    assert!(row(&html, "resolution").unwrap().contains("value=\"512\""), "a saving form cannot set resolution");
+    let (_, html) = get(&app, "/ui/tab/saving").await;
+    assert!(row(&html, "output_name").unwrap().contains("value=\"typed_name\""));
     // Model family SDXL greys clip skip (value kept) and moves the resolution default.
     let (_, html) = post_form(&app, "/ui/tab/model", "model_family=sdxl&clip_skip=2").await;
     let clip = row(&html, "clip_skip").unwrap();

@@ -254,8 +254,10 @@ pub async fn tab(State(state): State<AppState>, headers: HeaderMap, Path(tab): P
     with_cookie(render_tab(&state, &tab, &config, true), &id, set)
 }
 
-/// `POST /ui/tab/{id}`: the section's form changed. Merge it into the draft (values that do not
-/// parse are kept, to be shown with their error), apply the links, store, re-render.
+/// `POST /ui/tab/{id}`: a section's form changed, or the user switched to tab `id` (the tab button
+/// posts the open section's form along, so nothing typed is lost even before a change event).
+/// The posted fields of section `_section` are merged into the draft (values that do not parse are
+/// kept, to be shown with their error), links applied, the draft stored, and tab `id` rendered.
 pub async fn update_tab(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -263,17 +265,20 @@ pub async fn update_tab(
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
     let registry = &state.registry;
-    if registry.section(&tab).is_none() {
+    if tab != PRESETS_TAB && registry.section(&tab).is_none() {
         return (StatusCode::NOT_FOUND, format!("no tab '{tab}'")).into_response();
     }
     let (id, set) = draft_id(&headers);
     let mut config = drafts::load(&state.db, &id);
-    // Only this section's fields are taken from the post: a form cannot change another tab.
+    let posted_section = pairs.iter().find(|(k, _)| k == "_section").map(|(_, v)| v.clone()).unwrap_or_else(|| tab.clone());
+    // Only the posted section's fields are taken: a form cannot change another tab.
     let pairs: Vec<(String, String)> =
-        pairs.into_iter().filter(|(k, _)| registry.field(k).is_some_and(|f| f.section == tab)).collect();
-    registry.merge_form(&mut config, &pairs);
-    if let Err(e) = drafts::store(&state.db, &id, &config) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, format!("could not store the draft: {e}")).into_response();
+        pairs.into_iter().filter(|(k, _)| registry.field(k).is_some_and(|f| f.section == posted_section)).collect();
+    if !pairs.is_empty() {
+        registry.merge_form(&mut config, &pairs);
+        if let Err(e) = drafts::store(&state.db, &id, &config) {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("could not store the draft: {e}")).into_response();
+        }
     }
     with_cookie(render_tab(&state, &tab, &config, true), &id, set)
 }
