@@ -1,5 +1,10 @@
 pub mod linalg;
 pub mod lora_file;
+pub mod models;
 pub mod networks;
+
+/// The tensor library, re-exported so the root crate (CLI, tests) builds tensors with the same
+/// version the engine uses.
+pub use candle_core;
 
 pub fn version() -> &'static str { env!("CARGO_PKG_VERSION") }

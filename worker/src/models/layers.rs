@@ -1,0 +1,265 @@
+//! The wrappable layers every model is built from, and the differentiable ops they share.
+//!
+//! Every `Linear`, `Conv2d`, `LayerNorm` and `GroupNorm` of a model is a [`Layer`]: a frozen
+//! [`BaseLayer`] (kind, weight, bias) under its module path (`down_blocks.0.attentions.0.
+//! transformer_blocks.0.attn1.to_q`, `text_model.encoder.layers.0.mlp.fc1`, …) with an optional
+//! [`LayerHook`] that replaces its forward. A model records its layers in build order
+//! ([`LayerRegistry`]); a network attaches adapters by walking that list, never by knowing the
+//! model's structure. Hooks sit behind a lock, so attaching one needs only `&Layer`.
+//!
+//! All ops here have a backward in candle: no fused `softmax_last_dim`, `layer_norm` or
+//! `rms_norm` (they silently cut gradients, see DESIGN.md "Facts about the stack").
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::networks::{BaseLayer, LayerKind};
+
+/// Replaces a layer's forward, e.g. with an adapter (`Adapter::forward(base, x, train)`).
+pub trait LayerHook: Send + Sync {
+    /// The layer's output for `x`; `base` is the frozen layer the hook was attached to.
+    fn forward(&self, base: &BaseLayer, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Any `Fn(&BaseLayer, &Tensor) -> Result<Tensor>` closure is a hook.
+impl<F> LayerHook for F
+where
+    F: Fn(&BaseLayer, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn forward(&self, base: &BaseLayer, x: &Tensor) -> Result<Tensor> {
+        self(base, x)
+    }
+}
+
+/// One Linear / Conv2d / LayerNorm / GroupNorm layer of a model, reachable by its module path.
+pub struct Layer {
+    name: String,
+    base: BaseLayer,
+    hook: RwLock<Option<Arc<dyn LayerHook>>>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("name", &self.name)
+            .field("kind", &self.base.kind)
+            .field("hooked", &self.hook.read().map(|h| h.is_some()).unwrap_or(false))
+            .finish()
+    }
+}
+
+impl Layer {
+    pub fn new(name: impl Into<String>, base: BaseLayer) -> Self {
+        Self { name: name.into(), base, hook: RwLock::new(None) }
+    }
+
+    /// The module path, as in the diffusers / transformers state dict without `.weight`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> &LayerKind {
+        &self.base.kind
+    }
+
+    /// The frozen layer (weight and bias in the compute dtype).
+    pub fn base(&self) -> &BaseLayer {
+        &self.base
+    }
+
+    pub fn is_linear(&self) -> bool {
+        matches!(self.base.kind, LayerKind::Linear { .. })
+    }
+
+    pub fn is_conv(&self) -> bool {
+        matches!(self.base.kind, LayerKind::Conv2d { .. })
+    }
+
+    pub fn is_norm(&self) -> bool {
+        self.base.kind.is_norm()
+    }
+
+    /// Attaches (or with `None` removes) the hook that replaces this layer's forward.
+    pub fn set_hook(&self, hook: Option<Arc<dyn LayerHook>>) {
+        *self.hook.write().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    pub fn hook(&self) -> Option<Arc<dyn LayerHook>> {
+        self.hook.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The layer's output: the hook's if one is attached, else the frozen layer's. Norms
+    /// compute their statistics in f32 when `x` is f16/bf16.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(h) = self.hook() {
+            return h.forward(&self.base, x);
+        }
+        if self.base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
+            return self.base.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+        }
+        self.base.forward(x)
+    }
+}
+
+/// The layers of a model in build order, shared by its builders.
+#[derive(Clone, Default, Debug)]
+pub struct LayerRegistry(Arc<RwLock<Vec<Arc<Layer>>>>);
+
+impl LayerRegistry {
+    pub fn push(&self, layer: Arc<Layer>) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).push(layer);
+    }
+
+    pub fn to_vec(&self) -> Vec<Arc<Layer>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A [`VarBuilder`] plus the registry the layers it builds go into. Layer names are the
+/// builder's prefix (the diffusers module path).
+#[derive(Clone)]
+pub struct Builder<'a> {
+    pub vb: VarBuilder<'a>,
+    pub registry: LayerRegistry,
+}
+
+/// Weight init used only when building from a `VarMap` (tests, from-scratch training).
+const W_INIT: Init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+const B_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+impl<'a> Builder<'a> {
+    pub fn new(vb: VarBuilder<'a>) -> Self {
+        Self { vb, registry: LayerRegistry::default() }
+    }
+
+    pub fn pp(&self, s: impl ToString) -> Self {
+        Self { vb: self.vb.pp(s), registry: self.registry.clone() }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.vb.device()
+    }
+
+    fn register(&self, base: BaseLayer) -> Arc<Layer> {
+        let layer = Arc::new(Layer::new(self.vb.prefix(), base));
+        self.registry.push(layer.clone());
+        layer
+    }
+
+    /// A tensor that is not a layer (embeddings, text projection, …).
+    pub fn tensor(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.vb.get_with_hints(shape, name, Init::Randn { mean: 0.0, stdev: 0.02 })
+    }
+
+    pub fn linear(&self, in_features: usize, out_features: usize, bias: bool) -> Result<Arc<Layer>> {
+        let w = self.vb.get_with_hints((out_features, in_features), "weight", W_INIT)?;
+        let b = if bias { Some(self.vb.get_with_hints(out_features, "bias", B_INIT)?) } else { None };
+        Ok(self.register(BaseLayer::linear(w, b)?))
+    }
+
+    pub fn conv2d(
+        &self,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Arc<Layer>> {
+        let w = self.vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", W_INIT)?;
+        let b = Some(self.vb.get_with_hints(out_channels, "bias", B_INIT)?);
+        Ok(self.register(BaseLayer::conv2d(w, b, stride, padding)?))
+    }
+
+    pub fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<Arc<Layer>> {
+        let w = self.vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let b = Some(self.vb.get_with_hints(channels, "bias", Init::Const(0.0))?);
+        let base = BaseLayer { kind: LayerKind::GroupNorm { groups, channels, eps }, weight: w, bias: b };
+        base.check()?;
+        Ok(self.register(base))
+    }
+
+    pub fn layer_norm(&self, features: usize, eps: f64) -> Result<Arc<Layer>> {
+        let w = self.vb.get_with_hints(features, "weight", Init::Const(1.0))?;
+        let b = Some(self.vb.get_with_hints(features, "bias", Init::Const(0.0))?);
+        let base = BaseLayer { kind: LayerKind::LayerNorm { features, eps }, weight: w, bias: b };
+        base.check()?;
+        Ok(self.register(base))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differentiable ops
+// ---------------------------------------------------------------------------------------------
+
+/// Softmax over the last dim from primitive ops (the max is a constant shift: detached).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `x·sigmoid(1.702·x)` (CLIP's quick_gelu).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)
+}
+
+/// An activation by its config name (`silu`, `gelu`, `quick_gelu`, `gelu_new`…).
+pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    match name {
+        "silu" | "swish" => x.silu(),
+        "gelu" => x.gelu_erf(),
+        "gelu_new" | "gelu_pytorch_tanh" => x.gelu(),
+        "quick_gelu" => quick_gelu(x),
+        "relu" => x.relu(),
+        other => candle_core::bail!("unsupported activation function {other:?}"),
+    }
+}
+
+/// Multi-head scaled dot-product attention. `q` is `(B, Nq, H·d)`, `k`/`v` are `(B, Nk, H·d)`;
+/// `mask` (if any) is added to the scores and broadcasts to `(B, H, Nq, Nk)`. Scores and
+/// softmax run in f32 for f16/bf16 inputs (diffusers' `upcast_softmax`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nq, inner) = q.dims3()?;
+    let nk = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, n: usize| t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous();
+    let q = split(q, nq)?;
+    let k = split(k, nk)?;
+    let v = split(v, nk)?;
+    let dtype = q.dtype();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if dtype == DType::F16 || dtype == DType::BF16 {
+        scores = scores.to_dtype(DType::F32)?;
+    }
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
+    }
+    let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+    let out = probs.matmul(&v)?; // (B, H, Nq, d)
+    out.transpose(1, 2)?.reshape((b, nq, inner))
+}
+
+/// Nearest-neighbour upsampling of `(B, C, H, W)` to `(B, C, oh, ow)` with PyTorch's
+/// `mode="nearest"` index rule (`src = floor(dst·in/out)`), from ops with a backward.
+pub fn upsample_nearest(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if oh == 2 * h && ow == 2 * w {
+        return x
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .contiguous()?
+            .reshape((b, c, oh, ow));
+    }
+    let idx = |n_in: usize, n_out: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..n_out).map(|i| ((i * n_in) / n_out).min(n_in - 1) as u32).collect();
+        Tensor::new(v, x.device())
+    };
+    x.index_select(&idx(h, oh)?, 2)?.index_select(&idx(w, ow)?, 3)
+}

@@ -1,0 +1,106 @@
+//! The models Loft trains on, written in candle so that adapters can wrap their layers:
+//!
+//! - [`unet`]: diffusers' `UNet2DConditionModel` (SD1.x, SD2.x, SDXL), per-sample timesteps;
+//! - [`clip`]: transformers' CLIP text encoder (last / penultimate / pooled outputs);
+//! - [`vae`]: diffusers' `AutoencoderKL`;
+//! - [`config`]: serde structs for their `config.json` files;
+//! - [`layers`]: the hookable [`Layer`] every Linear / Conv2d / LayerNorm / GroupNorm is, and
+//!   the differentiable ops (softmax, attention, upsampling) the models share.
+//!
+//! Every model lists its layers ([`ModelLayers::layers`]) in build order under their
+//! diffusers / transformers module paths; [`kohya_name`] turns a path into the kohya module
+//! name (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). Attaching an
+//! adapter is `layer.set_hook(Some(hook))`.
+//!
+//! Only ops with a backward are used (DESIGN.md, "Facts about the stack"), and
+//! `tests/model_parity.rs` checks that every UNet parameter receives a gradient.
+//!
+//! Parity: `cargo test -p loft-worker --test model_parity` against the fixtures of
+//! `tests/parity/make_model_fixtures.py` (a tiny diffusers SD1.5 pipeline).
+
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod unet;
+pub mod vae;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{bail, DType, Device, Result};
+use candle_nn::VarBuilder;
+
+pub use clip::{ClipOutput, ClipTextModel};
+pub use config::{ClipTextConfig, UNetConfig, VaeConfig};
+pub use layers::{Layer, LayerHook};
+pub use unet::{AddedCond, UNet2DConditionModel};
+pub use vae::AutoencoderKL;
+
+/// A model whose wrappable layers can be listed.
+pub trait ModelLayers {
+    /// Every Linear / Conv2d / LayerNorm / GroupNorm layer, in build order.
+    fn layers(&self) -> &[Arc<Layer>];
+
+    /// The layer at a module path (`down_blocks.0.resnets.0.conv1`).
+    fn layer(&self, name: &str) -> Option<&Arc<Layer>> {
+        self.layers().iter().find(|l| l.name() == name)
+    }
+
+    /// Removes every hook.
+    fn clear_hooks(&self) {
+        for l in self.layers() {
+            l.set_hook(None);
+        }
+    }
+}
+
+/// The kohya module name of a layer: `prefix` (`lora_unet`, `lora_te`, `lora_te1`, …) + `_` +
+/// the module path with `.` replaced by `_`.
+pub fn kohya_name(prefix: &str, module_path: &str) -> String {
+    format!("{prefix}_{}", module_path.replace('.', "_"))
+}
+
+/// The safetensors file(s) of a diffusers / transformers model folder for weight file stem
+/// `stem` (`diffusion_pytorch_model` or `model`): `stem.safetensors`, a sharded
+/// `stem.safetensors.index.json`, or the `stem.fp16.safetensors` variant.
+pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    for index_name in [format!("{stem}.safetensors.index.json"), format!("{stem}.fp16.safetensors.index.json")] {
+        let index = dir.join(&index_name);
+        if index.is_file() {
+            let v: serde_json::Value = config::read_json(&index)?;
+            let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+                bail!("{}: no weight_map", index.display());
+            };
+            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+    }
+    let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+    if fp16.is_file() {
+        return Ok(vec![fp16]);
+    }
+    let found: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    bail!(
+        "{}: no {stem}.safetensors (or sharded / fp16 variant) found; the folder holds {:?} \
+         (PyTorch .bin weights are not supported: convert them to safetensors)",
+        dir.display(),
+        found
+    )
+}
+
+/// A memory-mapped [`VarBuilder`] over a model folder's weights; every tensor is cast to
+/// `dtype` when read.
+pub fn var_builder(dir: &Path, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let files = weight_files(dir, stem)?;
+    // SAFETY: the files are mapped read-only; Loft never writes to a model file while a model
+    // built from it is alive.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+}
