@@ -1,7 +1,10 @@
+pub mod data;
 pub mod linalg;
 pub mod lora_file;
 pub mod models;
 pub mod networks;
+pub mod optim;
+pub mod schedule;
 
 /// The tensor library, re-exported so the root crate (CLI, tests) builds tensors with the same
 /// version the engine uses.
