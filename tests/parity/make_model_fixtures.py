@@ -11,6 +11,8 @@ Writes
   tests/fixtures/models/tiny-sd21-unet/       config.json + weights of a tiny SD2.x-style UNet
                                               (linear proj_in/out, per-block head counts,
                                               upcast_attention, 2 transformer layers per block)
+  tests/fixtures/models/tiny-sdxl/            a tiny SDXL-architecture diffusers folder (two text
+                                              encoders, text_time added conditions)
   tests/fixtures/models/tiny-sd15-ref.safetensors   inputs and reference outputs (f32)
 
 Reference tensors (all f32; computed in float64 from the f32 weights, so the stored outputs
@@ -22,6 +24,10 @@ cannot build CLIP's causal mask in float64):
   te.input_ids (2,77) i64 (two prompts through the saved tokenizer, padded with <|endoftext|>)
       -> te.last_hidden_state, te.penultimate (hidden_states[-2], no final layer norm),
          te.pooled (pooler_output)
+  unetxl.sample / timesteps / encoder_hidden_states (2,9,64) / text_embeds (2,32) / time_ids (2,6)
+      -> unetxl.out
+  te2.input_ids (2,77) (tokenizer_2, pads with "!") -> te2.last_hidden_state, te2.penultimate,
+      te2.text_embeds (text_projection of the pooled output)
   vae.image (2,3,16,24) -> vae.encode_mean (latent_dist.mean)
   vae.latents (2,4,8,12) -> vae.decode
 
@@ -42,8 +48,9 @@ from safetensors.torch import save_file
 
 import diffusers
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "models"
@@ -143,7 +150,33 @@ def tiny_unet_sd21(gen: torch.Generator) -> UNet2DConditionModel:
     return unet
 
 
-def tiny_text_encoder(gen: torch.Generator, vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+def tiny_unet_sdxl(gen: torch.Generator) -> UNet2DConditionModel:
+    # SDXL's structure in small: no attention in the first block, linear projections, a
+    # transformer depth per block, cross-attention over both encoders' hidden states (32+32),
+    # and the text_time added conditions (pooled te2 projection 32 + 6 time ids x 8).
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=4,
+    )
+    perturb_norms(unet, gen)
+    return unet
+
+
+def tiny_text_encoder(gen: torch.Generator, vocab_size: int, bos: int, eos: int, act: str = "quick_gelu",
+                      with_projection: bool = False) -> CLIPTextModel:
     cfg = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -151,19 +184,19 @@ def tiny_text_encoder(gen: torch.Generator, vocab_size: int, bos: int, eos: int)
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=act,
         layer_norm_eps=1e-5,
         projection_dim=32,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=1,
     )
-    te = CLIPTextModel(cfg)
+    te = CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
     perturb_norms(te, gen)
     return te
 
 
-def tiny_vae(gen: torch.Generator) -> AutoencoderKL:
+def tiny_vae(gen: torch.Generator, scaling_factor: float = 0.18215) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -174,6 +207,7 @@ def tiny_vae(gen: torch.Generator) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
+        scaling_factor=scaling_factor,
     )
     perturb_norms(vae, gen)
     return vae
@@ -223,6 +257,24 @@ def main() -> None:
         shutil.rmtree(u21)
     unet21.save_pretrained(u21, safe_serialization=True)
 
+    # SDXL: CLIP-L-like te (quick_gelu) + OpenCLIP-bigG-like te2 (gelu, projection), the
+    # second tokenizer pads with "!" as SDXL's does.
+    sdxl = OUT / "tiny-sdxl"
+    if sdxl.exists():
+        shutil.rmtree(sdxl)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(sd15 / "tokenizer", pad_token="!")
+    pipe_xl = StableDiffusionXLPipeline(
+        vae=tiny_vae(gen, scaling_factor=0.13025).eval(),
+        text_encoder=tiny_text_encoder(gen, len(tokenizer), bos, eos).eval(),
+        text_encoder_2=tiny_text_encoder(gen, len(tokenizer), bos, eos, act="gelu", with_projection=True).eval(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=tiny_unet_sdxl(gen).eval(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            num_train_timesteps=1000, timestep_spacing="leading",
+        ),
+    )
+    pipe_xl.save_pretrained(sdxl, safe_serialization=True)
+
     # Reload from disk so the references come from exactly the stored f32 weights, then
     # compute in float64.
     unet = UNet2DConditionModel.from_pretrained(sd15 / "unet").double().eval()
@@ -254,6 +306,24 @@ def main() -> None:
         o = te(ids, output_hidden_states=True)
         ref.update({"te.input_ids": ids.to(torch.int64), "te.last_hidden_state": f32(o.last_hidden_state),
                     "te.penultimate": f32(o.hidden_states[-2]), "te.pooled": f32(o.pooler_output)})
+
+        unet_xl = UNet2DConditionModel.from_pretrained(sdxl / "unet").double().eval()
+        sample = torch.randn(2, 4, 8, 12, generator=gen)
+        timesteps = torch.tensor([750.0, 42.0])
+        enc = torch.randn(2, 9, 64, generator=gen)
+        text_embeds = torch.randn(2, 32, generator=gen)
+        time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0], [1024.0, 1024.0, 16.0, 8.0, 1024.0, 1024.0]])
+        out = unet_xl(sample.double(), timesteps.double(), encoder_hidden_states=enc.double(),
+                      added_cond_kwargs={"text_embeds": text_embeds.double(), "time_ids": time_ids.double()}).sample
+        ref.update({"unetxl.sample": sample, "unetxl.timesteps": timesteps, "unetxl.encoder_hidden_states": enc,
+                    "unetxl.text_embeds": text_embeds, "unetxl.time_ids": time_ids, "unetxl.out": f32(out)})
+
+        te2 = CLIPTextModelWithProjection.from_pretrained(sdxl / "text_encoder_2").eval()
+        tok2 = CLIPTokenizer.from_pretrained(sdxl / "tokenizer_2")
+        ids2 = tok2(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        o = te2(ids2, output_hidden_states=True)
+        ref.update({"te2.input_ids": ids2.to(torch.int64), "te2.last_hidden_state": f32(o.last_hidden_state),
+                    "te2.penultimate": f32(o.hidden_states[-2]), "te2.text_embeds": f32(o.text_embeds)})
 
         image = torch.rand(2, 3, 16, 24, generator=gen) * 2 - 1
         mean = vae.encode(image.double()).latent_dist.mean

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use loft_worker::models::config::read_json;
 use loft_worker::models::{
-    kohya_name, AutoencoderKL, ClipTextModel, ModelLayers, UNet2DConditionModel, UNetConfig, VaeConfig,
+    kohya_name, AddedCond, AutoencoderKL, ClipTextModel, ModelLayers, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
 use loft_worker::networks::BaseLayer;
 
@@ -62,6 +62,37 @@ fn unet_sd21_linear_projection_matches_diffusers() {
     assert!(unet.layer("mid_block.attentions.0.transformer_blocks.1.attn2.to_k").is_some());
     let out = unet.forward(&r["unet21.sample"], &r["unet21.timesteps"], &r["unet21.encoder_hidden_states"], None).unwrap();
     check("unet (sd21-style: linear proj, 2 transformer layers, head list)", &out, &r["unet21.out"]);
+}
+
+fn sdxl() -> PathBuf {
+    fixtures().join("tiny-sdxl")
+}
+
+#[test]
+fn unet_sdxl_matches_diffusers() {
+    let r = reference();
+    let unet = UNet2DConditionModel::from_diffusers_dir(&sdxl().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    assert!(unet.layer("add_embedding.linear_1").is_some());
+    assert!(unet.layer("down_blocks.1.attentions.0.transformer_blocks.1.ff.net.2").is_some());
+    let added = AddedCond { text_embeds: r["unetxl.text_embeds"].clone(), time_ids: r["unetxl.time_ids"].clone() };
+    let out = unet
+        .forward(&r["unetxl.sample"], &r["unetxl.timesteps"], &r["unetxl.encoder_hidden_states"], Some(&added))
+        .unwrap();
+    check("unet (sdxl-style: text_time added conditions, depth per block)", &out, &r["unetxl.out"]);
+    let err = unet.forward(&r["unetxl.sample"], &r["unetxl.timesteps"], &r["unetxl.encoder_hidden_states"], None);
+    assert!(err.unwrap_err().to_string().contains("text_embeds"));
+}
+
+#[test]
+fn sdxl_text_encoder_2_matches_transformers() {
+    let r = reference();
+    let te2 = ClipTextModel::from_transformers_dir(&sdxl().join("text_encoder_2"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(te2.config.hidden_act, "gelu");
+    let out = te2.forward(&r["te2.input_ids"]).unwrap();
+    check("text encoder 2 last_hidden_state", &out.last_hidden_state, &r["te2.last_hidden_state"]);
+    let n = out.hidden_states.len();
+    check("text encoder 2 penultimate", &out.hidden_states[n - 2], &r["te2.penultimate"]);
+    check("text encoder 2 text_embeds (projected pooled)", out.text_embeds.as_ref().unwrap(), &r["te2.text_embeds"]);
 }
 
 #[test]
@@ -152,6 +183,18 @@ fn every_weight_belongs_to_a_named_layer() {
             sd15().join("text_encoder/model.safetensors"),
             "te",
             Box::new(ClipTextModel::from_transformers_dir(&sd15().join("text_encoder"), DType::F32, &Device::Cpu).unwrap()),
+            vec!["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight"],
+        ),
+        (
+            sdxl().join("unet/diffusion_pytorch_model.safetensors"),
+            "sdxl unet",
+            Box::new(UNet2DConditionModel::from_diffusers_dir(&sdxl().join("unet"), DType::F32, &Device::Cpu).unwrap()),
+            vec![],
+        ),
+        (
+            sdxl().join("text_encoder_2/model.safetensors"),
+            "sdxl te2",
+            Box::new(ClipTextModel::from_transformers_dir(&sdxl().join("text_encoder_2"), DType::F32, &Device::Cpu).unwrap()),
             vec!["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight"],
         ),
         (
@@ -248,7 +291,7 @@ fn assert_all_grads(what: &str, varmap: &VarMap, loss: &Tensor) {
 #[test]
 fn every_unet_parameter_gets_a_gradient() {
     let dev = Device::Cpu;
-    for cfg_dir in [sd15().join("unet"), fixtures().join("tiny-sd21-unet")] {
+    for cfg_dir in [sd15().join("unet"), fixtures().join("tiny-sd21-unet"), sdxl().join("unet")] {
         let cfg: UNetConfig = read_json(&cfg_dir.join("config.json")).unwrap();
         let varmap = VarMap::new();
         let unet = UNet2DConditionModel::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
@@ -261,7 +304,11 @@ fn every_unet_parameter_gets_a_gradient() {
         let t = Tensor::new(&[900f32, 3.0], &dev).unwrap();
         let c = Tensor::randn(0f32, 1.0, (2, 5, cross), &dev).unwrap();
         let target = Tensor::randn(0f32, 1.0, (2, 4, 6, 10), &dev).unwrap();
-        let out = unet.forward(&x, &t, &c, None).unwrap();
+        let added = cfg.projection_class_embeddings_input_dim.map(|d| AddedCond {
+            text_embeds: Tensor::randn(0f32, 1.0, (2, d - 6 * cfg.addition_time_embed_dim.unwrap()), &dev).unwrap(),
+            time_ids: Tensor::new(&[[48f32, 80., 0., 0., 48., 80.], [1024., 1024., 8., 16., 1024., 1024.]], &dev).unwrap(),
+        });
+        let out = unet.forward(&x, &t, &c, added.as_ref()).unwrap();
         let loss = (out - target).unwrap().sqr().unwrap().mean_all().unwrap();
         assert_all_grads(&format!("unet {}", cfg_dir.display()), &varmap, &loss);
     }
