@@ -1,0 +1,192 @@
+//! AdamW with `torch.optim.AdamW` semantics (the single-tensor path): decoupled weight decay
+//! `p ← p·(1 − lr·wd)`, first moment by `lerp`, bias-corrected step size, `eps` added outside
+//! the square root, optional AMSGrad.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, Result, Tensor};
+
+use super::{
+    check_groups, grad_of, lerp, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub betas: (f64, f64),
+    pub eps: f64,
+    /// Loft's (and sd-scripts') default is 0.01, as torch's.
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+            amsgrad: false,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn from_args(map: &BTreeMap<String, String>) -> Result<Self> {
+        let d = Self::default();
+        let mut a = Args::new("AdamW", map);
+        let c = Self {
+            betas: a.pair("betas", d.betas)?,
+            eps: a.f64("eps", d.eps)?,
+            weight_decay: a.f64("weight_decay", d.weight_decay)?,
+            amsgrad: a.bool("amsgrad", d.amsgrad)?,
+        };
+        a.finish()?;
+        Ok(c)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct State {
+    step: f64,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    max_exp_avg_sq: Vec<f32>,
+}
+
+pub struct AdamW {
+    groups: Vec<ParamGroup>,
+    cfg: AdamWConfig,
+    state: HashMap<String, State>,
+}
+
+impl AdamW {
+    pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Result<Self> {
+        check_groups("AdamW", &groups)?;
+        let (b1, b2) = cfg.betas;
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            bail!("AdamW: betas must be in [0, 1), got {:?}", cfg.betas);
+        }
+        if !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) {
+            bail!("AdamW: eps and weight_decay must be ≥ 0");
+        }
+        Ok(Self {
+            groups,
+            cfg,
+            state: HashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+}
+
+impl Optimizer for AdamW {
+    fn kind(&self) -> &'static str {
+        "AdamW"
+    }
+
+    fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        let (beta1, beta2) = self.cfg.betas;
+        let wd = self.cfg.weight_decay;
+        for group in &self.groups {
+            let lr = group.lr * lr_scale;
+            for (name, var) in &group.params {
+                let Some(g) = grad_of(grads, name, var)? else {
+                    continue;
+                };
+                let mut p = read(var.as_tensor())?;
+                let n = p.len();
+                let st = self.state.entry(name.clone()).or_insert_with(|| State {
+                    step: 0.0,
+                    exp_avg: vec![0.0; n],
+                    exp_avg_sq: vec![0.0; n],
+                    max_exp_avg_sq: if self.cfg.amsgrad {
+                        vec![0.0; n]
+                    } else {
+                        Vec::new()
+                    },
+                });
+                st.step += 1.0;
+                let decay = (1.0 - lr * wd) as f32;
+                let w1 = (1.0 - beta1) as f32;
+                let b2 = beta2 as f32;
+                let w2 = (1.0 - beta2) as f32;
+                let bc1 = 1.0 - beta1.powf(st.step);
+                let bc2 = 1.0 - beta2.powf(st.step);
+                let step_size = (lr / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                let eps = self.cfg.eps as f32;
+                for i in 0..n {
+                    if wd != 0.0 {
+                        p[i] *= decay;
+                    }
+                    st.exp_avg[i] = lerp(st.exp_avg[i], g[i], w1);
+                    let v = &mut st.exp_avg_sq[i];
+                    *v = *v * b2 + w2 * g[i] * g[i];
+                    let vv = if self.cfg.amsgrad {
+                        let mx = &mut st.max_exp_avg_sq[i];
+                        *mx = mx.max(*v);
+                        *mx
+                    } else {
+                        *v
+                    };
+                    let denom = vv.sqrt() / bc2_sqrt + eps;
+                    p[i] += -step_size * (st.exp_avg[i] / denom);
+                }
+                write(var, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = StateOut::default();
+        for group in &self.groups {
+            for (name, _) in &group.params {
+                if let Some(st) = self.state.get(name) {
+                    out.param_scalar(name, "step", st.step)?;
+                    out.buf(name, "exp_avg", &st.exp_avg)?;
+                    out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
+                    if self.cfg.amsgrad {
+                        out.buf(name, "max_exp_avg_sq", &st.max_exp_avg_sq)?;
+                    }
+                }
+            }
+        }
+        Ok(out.0)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let s = StateIn(state);
+        let mut new = HashMap::new();
+        for group in &self.groups {
+            for (name, var) in &group.params {
+                if !s.has_param(name, "step") {
+                    continue;
+                }
+                let n = var.elem_count();
+                new.insert(
+                    name.clone(),
+                    State {
+                        step: s.param_scalar(name, "step")?,
+                        exp_avg: s.buf(name, "exp_avg", n)?,
+                        exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
+                        max_exp_avg_sq: if self.cfg.amsgrad {
+                            s.buf(name, "max_exp_avg_sq", n)?
+                        } else {
+                            Vec::new()
+                        },
+                    },
+                );
+            }
+        }
+        self.state = new;
+        Ok(())
+    }
+}

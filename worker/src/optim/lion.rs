@@ -1,0 +1,136 @@
+//! Lion with `lion_pytorch.Lion` (0.2.5) semantics: `p ← p·(1 − lr·wd)`, then
+//! `p ← p − lr·sign(β1·m + (1−β1)·g)`, then `m ← β2·m + (1−β2)·g`.
+//! (`sign(0) = 0`, as torch's `sgn`.)
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, Result, Tensor};
+
+use super::{check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LionConfig {
+    pub betas: (f64, f64),
+    /// lion-pytorch's default is 0; Loft's field default (0.01) is applied by the form.
+    pub weight_decay: f64,
+}
+
+impl Default for LionConfig {
+    fn default() -> Self {
+        Self {
+            betas: (0.9, 0.99),
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl LionConfig {
+    pub fn from_args(map: &BTreeMap<String, String>) -> Result<Self> {
+        let d = Self::default();
+        let mut a = Args::new("Lion", map);
+        let c = Self {
+            betas: a.pair("betas", d.betas)?,
+            weight_decay: a.f64("weight_decay", d.weight_decay)?,
+        };
+        a.finish()?;
+        Ok(c)
+    }
+}
+
+pub struct Lion {
+    groups: Vec<ParamGroup>,
+    cfg: LionConfig,
+    exp_avg: HashMap<String, Vec<f32>>,
+}
+
+impl Lion {
+    pub fn new(groups: Vec<ParamGroup>, cfg: LionConfig) -> Result<Self> {
+        check_groups("Lion", &groups)?;
+        let (b1, b2) = cfg.betas;
+        if !(0.0..=1.0).contains(&b1) || !(0.0..=1.0).contains(&b2) {
+            bail!("Lion: betas must be in [0, 1], got {:?}", cfg.betas);
+        }
+        Ok(Self {
+            groups,
+            cfg,
+            exp_avg: HashMap::new(),
+        })
+    }
+}
+
+#[inline]
+fn sgn(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+impl Optimizer for Lion {
+    fn kind(&self) -> &'static str {
+        "Lion"
+    }
+
+    fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        let (beta1, beta2) = self.cfg.betas;
+        for group in &self.groups {
+            let lr = group.lr * lr_scale;
+            let decay = (1.0 - lr * self.cfg.weight_decay) as f32;
+            let neg_lr = -lr as f32;
+            let (b1, w1) = (beta1 as f32, (1.0 - beta1) as f32);
+            let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
+            for (name, var) in &group.params {
+                let Some(g) = grad_of(grads, name, var)? else {
+                    continue;
+                };
+                let mut p = read(var.as_tensor())?;
+                let m = self
+                    .exp_avg
+                    .entry(name.clone())
+                    .or_insert_with(|| vec![0.0; p.len()]);
+                for i in 0..p.len() {
+                    p[i] *= decay;
+                    let update = sgn(m[i] * b1 + w1 * g[i]);
+                    p[i] += neg_lr * update;
+                    m[i] = m[i] * b2 + w2 * g[i];
+                }
+                write(var, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = StateOut::default();
+        for group in &self.groups {
+            for (name, _) in &group.params {
+                if let Some(m) = self.exp_avg.get(name) {
+                    out.buf(name, "exp_avg", m)?;
+                }
+            }
+        }
+        Ok(out.0)
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let s = StateIn(state);
+        let mut new = HashMap::new();
+        for group in &self.groups {
+            for (name, var) in &group.params {
+                if s.has_param(name, "exp_avg") {
+                    new.insert(name.clone(), s.buf(name, "exp_avg", var.elem_count())?);
+                }
+            }
+        }
+        self.exp_avg = new;
+        Ok(())
+    }
+}
