@@ -33,6 +33,11 @@ enum Command {
     },
     /// Print every option in the field registry as a Markdown reference.
     Fields,
+    /// Inspect or resize LoRA / LyCORIS files.
+    Lora {
+        #[command(subcommand)]
+        command: loft::lora_cli::LoraCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token }))),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
+        Command::Lora { command } => loft::lora_cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -539,6 +539,16 @@ pub fn network_tensors(
     Ok(out)
 }
 
+/// sd-scripts' `--save_precision` names: `float` (or `fp32`), `fp16`, `bf16`.
+pub fn parse_save_precision(name: &str) -> Result<DType> {
+    Ok(match name {
+        "float" | "fp32" | "f32" => DType::F32,
+        "fp16" | "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("save precision must be float, fp16 or bf16, not `{other}`"),
+    })
+}
+
 /// Saves a trained network (kohya module name, adapter) as sd-scripts / LyCORIS do.
 pub fn save_network(
     path: &Path,
@@ -1374,6 +1384,8 @@ pub fn module_group(name: &str) -> (String, String) {
     };
     (part.to_string(), block)
 }
+
+pub mod resize;
 
 #[cfg(test)]
 mod tests;

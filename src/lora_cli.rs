@@ -1,0 +1,256 @@
+//! `loft lora …`: inspect and resize kohya / LyCORIS network files.
+//!
+//! - `loft lora inspect FILE [--json]`: algorithms, rank/alpha per module group (unet / te /
+//!   te1 / te2, by block), module count, base model version and the `ss_*` metadata.
+//! - `loft lora resize FILE --rank R [--dynamic sv_fro=0.9] --out FILE`: SVD rank reduction
+//!   as sd-scripts' `resize_lora.py`, reporting the retained Frobenius energy per module.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Subcommand;
+use loft_worker::lora_file::resize::{resize, DynamicMethod};
+use loft_worker::lora_file::{
+    module_group, parse_save_precision, py_float, save_tensors, LoraFile,
+};
+use serde_json::json;
+
+#[derive(Subcommand, Debug)]
+pub enum LoraCommand {
+    /// Show what a LoRA / LyCORIS file holds: algorithms, ranks, alphas, modules, metadata.
+    Inspect {
+        /// The .safetensors file.
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reduce the rank of a LoRA / LoCon file by SVD (as sd-scripts' resize_lora.py).
+    Resize {
+        /// The .safetensors file to resize.
+        file: PathBuf,
+        /// New rank; with --dynamic, the largest rank allowed.
+        #[arg(long)]
+        rank: usize,
+        /// Pick each module's rank: sv_ratio=X, sv_fro=X or sv_cumulative=X.
+        #[arg(long)]
+        dynamic: Option<String>,
+        /// Where to write the resized file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Precision of the saved tensors: float, fp16 or bf16.
+        #[arg(long, default_value = "float")]
+        save_precision: String,
+        /// Print the per-module report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: LoraCommand) -> Result<()> {
+    match cmd {
+        LoraCommand::Inspect { file, json } => {
+            let report = inspect(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", inspect_table(&report));
+            }
+            Ok(())
+        }
+        LoraCommand::Resize {
+            file,
+            rank,
+            dynamic,
+            out,
+            save_precision,
+            json,
+        } => {
+            let dtype = parse_save_precision(&save_precision)?;
+            let dynamic = dynamic.as_deref().map(DynamicMethod::parse).transpose()?;
+            let f = LoraFile::load(&file)?;
+            let r = resize(&f, rank, dynamic, dtype)?;
+            save_tensors(&out, &r.tensors, &r.metadata)?;
+            if json {
+                let v = json!({
+                    "file": file.display().to_string(),
+                    "out": out.display().to_string(),
+                    "old_max_rank": r.old_max_rank,
+                    "mean_fro_retained": r.mean_fro_retained(),
+                    "modules": r.modules,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<72} {:>5} {:>5} {:>9} {:>9} {:>9}",
+                    "module", "old", "new", "alpha", "fro kept", "sum kept"
+                );
+                for m in &r.modules {
+                    if m.resized {
+                        println!(
+                            "{:<72} {:>5} {:>5} {:>9} {:>8.2}% {:>8.2}%",
+                            m.name,
+                            m.old_rank.unwrap_or(0),
+                            m.new_rank.unwrap_or(0),
+                            py_float(m.new_alpha.unwrap_or(0.0)),
+                            100.0 * m.fro_retained.unwrap_or(f64::NAN),
+                            100.0 * m.sum_retained.unwrap_or(f64::NAN),
+                        );
+                    } else {
+                        println!(
+                            "{:<72} skipped: {}",
+                            m.name,
+                            m.note.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+                if let Some(mean) = r.mean_fro_retained() {
+                    println!("average Frobenius norm retained: {:.2}%", 100.0 * mean);
+                }
+                println!("wrote {}", out.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn fmt_set<T: ToString>(v: &BTreeSet<T>) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The inspect report (what `--json` prints).
+pub fn inspect(path: &Path) -> Result<serde_json::Value> {
+    let f = LoraFile::load(path)?;
+    #[derive(Default)]
+    struct G {
+        count: usize,
+        algos: BTreeSet<String>,
+        ranks: BTreeSet<usize>,
+        alphas: BTreeSet<String>,
+    }
+    let mut groups: BTreeMap<(String, String), G> = BTreeMap::new();
+    let mut modules = Vec::new();
+    for m in &f.modules {
+        let (part, block) = module_group(&m.name);
+        let g = groups.entry((part.clone(), block.clone())).or_default();
+        g.count += 1;
+        g.algos.insert(m.algo.name().to_string());
+        if let Some(r) = m.rank {
+            g.ranks.insert(r);
+        }
+        if let Some(a) = m.alpha {
+            g.alphas.insert(py_float(a));
+        }
+        modules.push(json!({
+            "name": m.name,
+            "part": part,
+            "block": block,
+            "algo": m.algo.name(),
+            "rank": m.rank,
+            "alpha": m.alpha,
+            "tucker": m.tucker,
+            "dora": m.dora,
+            "wd_on_output": m.wd_on_output,
+            "weight_shape": m.weight_shape,
+        }));
+    }
+    let groups: Vec<serde_json::Value> = groups
+        .into_iter()
+        .map(|((part, block), g)| {
+            json!({
+                "part": part, "block": block, "modules": g.count,
+                "algorithms": g.algos, "ranks": g.ranks, "alphas": g.alphas,
+            })
+        })
+        .collect();
+    let algos: BTreeSet<&str> = f.modules.iter().map(|m| m.algo.name()).collect();
+    let mut parts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &f.modules {
+        *parts.entry(module_group(&m.name).0).or_default() += 1;
+    }
+    Ok(json!({
+        "file": path.display().to_string(),
+        "algorithms": algos,
+        "module_count": f.modules.len(),
+        "modules_per_part": parts,
+        "base_model_version": f.base_model_version(),
+        "network_module": f.metadata.get("ss_network_module"),
+        "network_dim": f.metadata.get("ss_network_dim"),
+        "network_alpha": f.metadata.get("ss_network_alpha"),
+        "network_args": f.network_args(),
+        "groups": groups,
+        "modules": modules,
+        "metadata": f.metadata,
+    }))
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "unknown".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The human-readable form of [`inspect`].
+pub fn inspect_table(r: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let list = |v: &serde_json::Value| -> String {
+        let items: BTreeSet<String> = v
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        fmt_set(&items)
+    };
+    out += &format!("file:            {}\n", s(&r["file"]));
+    out += &format!("algorithm(s):    {}\n", list(&r["algorithms"]));
+    out += &format!("modules:         {}", r["module_count"]);
+    if let Some(p) = r["modules_per_part"].as_object() {
+        let parts: Vec<String> = p.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out += &format!(" ({})", parts.join(", "));
+    }
+    out += "\n";
+    out += &format!("base model:      {}\n", s(&r["base_model_version"]));
+    out += &format!("network module:  {}\n", s(&r["network_module"]));
+    out += &format!(
+        "dim / alpha:     {} / {}\n\n",
+        s(&r["network_dim"]),
+        s(&r["network_alpha"])
+    );
+    out += &format!(
+        "{:<8} {:<20} {:>7}  {:<16} {:<10} {:<10}\n",
+        "part", "block", "modules", "algorithm", "rank", "alpha"
+    );
+    for g in r["groups"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<8} {:<20} {:>7}  {:<16} {:<10} {:<10}\n",
+            s(&g["part"]),
+            s(&g["block"]),
+            g["modules"],
+            list(&g["algorithms"]),
+            list(&g["ranks"]),
+            list(&g["alphas"]),
+        );
+    }
+    if let Some(meta) = r["metadata"].as_object() {
+        if !meta.is_empty() {
+            out += "\nmetadata:\n";
+            for (k, v) in meta {
+                let mut v = s(v);
+                if v.chars().count() > 200 {
+                    v = v.chars().take(200).collect::<String>() + "…";
+                }
+                out += &format!("  {k} = {v}\n");
+            }
+        }
+    }
+    out
+}
