@@ -99,14 +99,15 @@ pub struct LrSchedule {
 impl LrSchedule {
     pub fn new(config: ScheduleConfig) -> Result<Self> {
         let c = &config;
-        if c.lr_scheduler == SchedulerKind::Polynomial && !(c.learning_rate > c.lr_end) {
+        let lr_ok = c.learning_rate > c.lr_end; // false for NaN too
+        if c.lr_scheduler == SchedulerKind::Polynomial && !lr_ok {
             bail!(
                 "lr_end ({}) must be smaller than the learning rate ({})",
                 c.lr_end,
                 c.learning_rate
             );
         }
-        if !(c.lr_scheduler_power >= 0.0) {
+        if c.lr_scheduler_power.is_nan() || c.lr_scheduler_power < 0.0 {
             bail!(
                 "lr_scheduler_power must be ≥ 0, got {}",
                 c.lr_scheduler_power

@@ -30,6 +30,9 @@
 //! Also here: [`clip_grad_norm`] (torch's `clip_grad_norm_`), [`GradAccumulator`] (gradient
 //! accumulation over micro-batches) and [`parse_optimizer_args`] (sd-scripts' `optimizer_args`).
 
+// Element loops index several buffers in step; `!(x >= 0.0)` is meant to reject NaN too.
+#![allow(clippy::needless_range_loop, clippy::neg_cmp_op_on_partial_ord)]
+
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
@@ -363,7 +366,9 @@ impl StateIn<'_> {
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)` (2-norm): the total norm of all the
 /// gradients of `vars` is returned (before clipping) and every gradient is multiplied by
-/// `min(1, max_norm / (total_norm + 1e-6))`. Vars without a gradient are ignored.
+/// `min(1, max_norm / (total_norm + 1e-6))`. Vars without a gradient are ignored. A
+/// non-finite total norm is returned as is and leaves the gradients unscaled (torch would
+/// multiply them by NaN): the caller should skip that step.
 pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for v in vars {
