@@ -335,3 +335,25 @@ fn every_text_encoder_and_vae_parameter_gets_a_gradient() {
     let loss = (dec.sqr().unwrap().mean_all().unwrap() + logvar.mean_all().unwrap()).unwrap();
     assert_all_grads("vae", &varmap, &loss);
 }
+
+/// Every Linear/Conv2d of the tiny SDXL UNet has an LDM (sd-scripts SDXL) name, and no two share one.
+#[test]
+fn sdxl_unet_layers_all_have_distinct_ldm_names() {
+    use loft_worker::models::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
+    use loft_worker::models::ModelLayers;
+    use loft_worker::networks::LayerKind;
+    let unet = UNet2DConditionModel::from_diffusers_dir(&sdxl().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    let layout = UNetLayout::from_config(&unet.config);
+    let mut names = std::collections::HashSet::new();
+    let mut count = 0;
+    for layer in unet.layers() {
+        if !matches!(layer.kind(), LayerKind::Linear { .. } | LayerKind::Conv2d { .. }) {
+            continue;
+        }
+        let name = sdxl_kohya_unet_name(layer.name(), &layout).unwrap_or_else(|| panic!("no LDM name for {}", layer.name()));
+        assert!(names.insert(name.clone()), "{name} twice");
+        count += 1;
+    }
+    assert!(count > 50, "{count} layers");
+    assert!(names.contains("lora_unet_input_blocks_3_0_op") || names.iter().any(|n| n.ends_with("_0_op")));
+}

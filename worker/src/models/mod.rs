@@ -21,6 +21,7 @@
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod ldm_names;
 pub mod unet;
 pub mod vae;
 
