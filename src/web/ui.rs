@@ -218,12 +218,18 @@ fn with_cookie(mut response: Response, id: &str, set: bool) -> Response {
     response
 }
 
-fn render_tab(state: &AppState, id: &str, config: &Config, oob: bool) -> Response {
+/// One tab's HTML (`None` for an unknown tab). `oob` adds the refreshed tab bar for htmx swaps.
+fn tab_html(state: &AppState, id: &str, config: &Config, oob: bool) -> Option<Result<String, askama::Error>> {
     if id == PRESETS_TAB {
-        return render(&presets_template(state, config, String::new(), String::new(), &[], String::new(), oob));
+        return Some(presets_template(state, config, String::new(), String::new(), &[], String::new(), oob).render());
     }
-    match section_template(&state.registry, id, config, oob) {
-        Some(t) => render(&t),
+    section_template(&state.registry, id, config, oob).map(|t| t.render())
+}
+
+fn render_tab(state: &AppState, id: &str, config: &Config, oob: bool) -> Response {
+    match tab_html(state, id, config, oob) {
+        Some(Ok(html)) => axum::response::Html(html).into_response(),
+        Some(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("template error: {e}")).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no tab '{id}'")).into_response(),
     }
 }
@@ -233,15 +239,13 @@ fn render_tab(state: &AppState, id: &str, config: &Config, oob: bool) -> Respons
 pub async fn page(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
     let (id, set) = draft_id(&headers);
     let config = drafts::load(&state.db, &id);
-    let first = state.registry.sections.first().map(|s| s.meta.id.clone()).unwrap_or_default();
-    let mut tab = q.get("tab").cloned().unwrap_or(first);
-    if tab != PRESETS_TAB && state.registry.section(&tab).is_none() {
-        tab = state.registry.sections[0].meta.id.clone();
-    }
-    let panel = render_tab(&state, &tab, &config, false);
-    let panel = match axum::body::to_bytes(panel.into_body(), usize::MAX).await {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) => format!("<p class=error>could not render the tab: {e}</p>"),
+    let first = state.registry.sections[0].meta.id.clone();
+    let requested = q.get("tab").cloned().unwrap_or_default();
+    let tab = if requested == PRESETS_TAB || state.registry.section(&requested).is_some() { requested } else { first };
+    let panel = match tab_html(&state, &tab, &config, false) {
+        Some(Ok(html)) => html,
+        Some(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("template error: {e}")).into_response(),
+        None => return (StatusCode::NOT_FOUND, format!("no tab '{tab}'")).into_response(),
     };
     let page = PageTemplate { tabs: tab_links(&state.registry, &config, &tab), panel, oob: false };
     with_cookie(render(&page), &id, set)
