@@ -42,6 +42,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Request and engine logs: `RUST_LOG=debug loft serve` for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,loft=info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Serve { port, data_dir, bind, token } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)

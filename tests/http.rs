@@ -183,6 +183,9 @@ async fn preset_api_validates_and_round_trips() {
     let (status, body) = json_req(&app, "POST", "/api/presets", json!({"name": "", "config": {}})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["errors"][0]["field"], "name");
+    let huge = json!({"name": "big", "config": {"training_comment": "x".repeat(2 << 20)}});
+    let (status, _) = json_req(&app, "POST", "/api/presets", huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "oversize bodies are refused");
     let (status, body) = json_req(&app, "POST", "/api/presets", json!({"config": {}})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"].as_str().unwrap().contains("name"), "{body}");

@@ -19,6 +19,9 @@ use crate::registry::Registry;
 
 static STATIC_FILES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/static");
 
+/// The largest request body the web app accepts (forms, JSON configs).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
@@ -42,6 +45,10 @@ pub fn router(state: AppState) -> Router {
         .route("/static/{*path}", get(static_file))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Forms and JSON configs are small; anything larger is refused with 413 before parsing.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
