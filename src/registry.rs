@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use include_dir::{include_dir, Dir};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -812,9 +812,4 @@ fn check_value(field: &Field, value: &Value, min: Option<f64>, max: Option<f64>)
         }
     }
     Ok(())
-}
-
-/// Converts an arbitrary JSON object into a `Config`, or says what it was instead.
-pub fn config_from_json(value: &Value) -> Result<Config> {
-    value.as_object().cloned().ok_or_else(|| anyhow!("config must be a JSON object of field key → value"))
 }

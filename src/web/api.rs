@@ -104,7 +104,7 @@ pub struct PresetPayload {
     pub description: String,
 }
 
-#[derive(Debug, Deserialize, Validate)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PresetUpdate {
     pub config: Config,
