@@ -37,6 +37,39 @@ pub use layers::{Layer, LayerHook};
 pub use unet::{AddedCond, UNet2DConditionModel};
 pub use vae::AutoencoderKL;
 
+/// The Stable Diffusion generations Loft trains on, named as the field registry's
+/// `model_family` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFamily {
+    /// SD 1.x: one CLIP-L text encoder, 768-wide cross-attention.
+    Sd15,
+    /// SD 2.x: OpenCLIP ViT-H text encoder (penultimate layer), linear projections,
+    /// v-prediction for the 768 models.
+    Sd2,
+    /// SDXL: CLIP-L + OpenCLIP ViT-bigG, `text_time` added conditions.
+    Sdxl,
+}
+
+impl ModelFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelFamily::Sd15 => "sd15",
+            ModelFamily::Sd2 => "sd2",
+            ModelFamily::Sdxl => "sdxl",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "sd15" | "sd1" | "sd1.5" | "v1" => Some(ModelFamily::Sd15),
+            "sd2" | "sd21" | "v2" => Some(ModelFamily::Sd2),
+            "sdxl" => Some(ModelFamily::Sdxl),
+            _ => None,
+        }
+    }
+}
+
 /// A model whose wrappable layers can be listed.
 pub trait ModelLayers {
     /// Every Linear / Conv2d / LayerNorm / GroupNorm layer, in build order.
