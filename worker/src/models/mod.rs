@@ -22,6 +22,7 @@ pub mod clip;
 pub mod config;
 pub mod layers;
 pub mod ldm_names;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
