@@ -5,6 +5,7 @@ pub mod models;
 pub mod networks;
 pub mod optim;
 pub mod schedule;
+pub mod train;
 
 /// The tensor library, re-exported so the root crate (CLI, tests) builds tensors with the same
 /// version the engine uses.

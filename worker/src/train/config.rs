@@ -1,0 +1,542 @@
+//! The typed job config: the field registry's keys (`fields/*.toml`), resolved and validated by
+//! the caller (the `loft train` command or the queue), then read here.
+//!
+//! Every field has the default "off / not used" value, so a caller may leave out fields that
+//! are hidden or greyed for the chosen options (the registry's *inactive* fields) and the
+//! engine does not use them. Options the registry offers but this engine does not implement
+//! are refused by [`TrainConfig::check_supported`] when set, never silently ignored.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::ModelFamily;
+use crate::networks::{NetworkAlgo, NetworkOptions};
+
+/// Everything a training run needs, under the registry's keys.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainConfig {
+    // ---- model
+    pub model_family: ModelFamily,
+    pub pretrained_model_name_or_path: PathBuf,
+    /// A separate VAE (diffusers `vae/` folder); empty = the model's own.
+    pub vae: PathBuf,
+    pub v_parameterization: bool,
+    pub clip_skip: usize,
+    /// `no`, `fp16`, `bf16`: the dtype of the frozen model on a device that supports it (on
+    /// CPU the model always computes in f32).
+    pub mixed_precision: String,
+    pub full_fp16: bool,
+    pub full_bf16: bool,
+    pub no_half_vae: bool,
+
+    // ---- dataset
+    pub train_data_dir: PathBuf,
+    pub reg_data_dir: PathBuf,
+    pub class_tokens: String,
+    pub num_repeats: u32,
+    pub prior_loss_weight: f64,
+    pub resolution: u32,
+    pub min_bucket_reso: u32,
+    pub max_bucket_reso: u32,
+    pub bucket_reso_steps: u32,
+    pub enable_bucket: bool,
+    pub bucket_no_upscale: bool,
+    pub train_batch_size: usize,
+    pub caption_extension: String,
+    pub caption_separator: String,
+    pub keep_tokens: usize,
+    pub keep_tokens_separator: String,
+    pub secondary_separator: String,
+    pub caption_prefix: String,
+    pub caption_suffix: String,
+    /// `75`, `150` or `225` (a choice in the registry, so a string).
+    pub max_token_length: String,
+    pub token_warmup_min: usize,
+    pub token_warmup_step: f64,
+    pub shuffle_caption: bool,
+    pub caption_dropout_rate: f64,
+    pub caption_dropout_every_n_epochs: u32,
+    pub caption_tag_dropout_rate: f64,
+    pub flip_aug: bool,
+    pub random_crop: bool,
+    pub cache_latents: bool,
+    pub cache_latents_to_disk: bool,
+    pub cache_text_encoder_outputs: bool,
+    pub cache_text_encoder_outputs_to_disk: bool,
+    pub vae_batch_size: usize,
+    /// A corrupt or unreadable image: skip it (reported by name) or stop the run.
+    pub skip_bad_images: bool,
+
+    // ---- network
+    pub network_algo: NetworkAlgo,
+    pub lycoris_preset: String,
+    pub network_dim: usize,
+    pub network_alpha: f64,
+    pub conv_dim: Option<usize>,
+    pub conv_alpha: Option<f64>,
+    pub factor: i64,
+    pub unbalanced_factorization: bool,
+    pub full_matrix: bool,
+    pub decompose_both: bool,
+    pub block_size: usize,
+    pub constraint: f64,
+    pub use_constraint: bool,
+    pub rescaled: bool,
+    pub dora_wd: bool,
+    pub wd_on_output: bool,
+    pub use_tucker: bool,
+    pub orthogonalize: bool,
+    pub rs_lora: bool,
+    pub use_scalar: bool,
+    pub train_norm: bool,
+    pub bypass_mode: bool,
+    pub train_on_input: bool,
+    pub network_dropout: f64,
+    pub rank_dropout: f64,
+    pub module_dropout: f64,
+    pub network_train_unet_only: bool,
+    pub network_train_text_encoder_only: bool,
+
+    // ---- optimizer
+    pub optimizer_type: String,
+    pub optimizer_args: String,
+    pub max_grad_norm: f64,
+    pub learning_rate: f64,
+    pub unet_lr: f64,
+    pub text_encoder_lr: f64,
+    pub lr_scheduler: String,
+    pub lr_warmup_steps: u64,
+    pub lr_scheduler_num_cycles: u64,
+    pub lr_scheduler_power: f64,
+    pub weight_decay: f64,
+    pub d_coef: f64,
+    pub decouple: bool,
+    pub use_bias_correction: bool,
+    pub safeguard_warmup: bool,
+    pub relative_step: bool,
+    pub scale_parameter: bool,
+    pub warmup_init: bool,
+    pub loraplus_lr_ratio: f64,
+    pub loraplus_unet_lr_ratio: f64,
+    pub loraplus_text_encoder_lr_ratio: f64,
+
+    // ---- training
+    pub max_train_epochs: u64,
+    pub max_train_steps: u64,
+    pub gradient_accumulation_steps: usize,
+    pub seed: u64,
+    pub gradient_checkpointing: bool,
+    pub loss_type: String,
+    pub huber_schedule: String,
+    pub huber_c: f64,
+    pub huber_scale: f64,
+    pub min_snr_gamma: f64,
+    pub v_pred_like_loss: f64,
+    pub debiased_estimation_loss: bool,
+    pub scale_v_pred_loss_like_noise_pred: bool,
+    pub scale_weight_norms: f64,
+    pub noise_offset: f64,
+    pub adaptive_noise_scale: f64,
+    pub multires_noise_iterations: usize,
+    pub multires_noise_discount: f64,
+    pub ip_noise_gamma: f64,
+    pub noise_offset_random_strength: bool,
+    pub ip_noise_gamma_random_strength: bool,
+    pub zero_terminal_snr: bool,
+    pub min_timestep: usize,
+    pub max_timestep: usize,
+
+    // ---- sampling
+    pub sample_prompts: String,
+    pub sample_sampler: String,
+    pub sample_every_n_epochs: u64,
+    pub sample_every_n_steps: u64,
+    pub sample_at_first: bool,
+
+    // ---- saving
+    pub output_name: String,
+    pub output_dir: PathBuf,
+    pub save_model_as: String,
+    pub save_precision: String,
+    pub save_every_n_epochs: u64,
+    pub save_every_n_steps: u64,
+    pub save_last_n_epochs: u64,
+    pub save_last_n_steps: u64,
+    pub save_state: bool,
+    pub save_last_n_epochs_state: u64,
+    pub save_last_n_steps_state: u64,
+    pub save_state_on_train_end: bool,
+    pub training_comment: String,
+    pub metadata_title: String,
+    pub metadata_author: String,
+    pub metadata_description: String,
+    pub metadata_license: String,
+    pub metadata_tags: String,
+    pub metadata_trigger_phrase: String,
+    pub no_metadata: bool,
+}
+
+impl Default for TrainConfig {
+    /// sd-scripts' defaults (the registry's, for SD 1.5), with every optional feature off.
+    fn default() -> Self {
+        TrainConfig {
+            model_family: ModelFamily::Sd15,
+            pretrained_model_name_or_path: PathBuf::new(),
+            vae: PathBuf::new(),
+            v_parameterization: false,
+            clip_skip: 1,
+            mixed_precision: "no".into(),
+            full_fp16: false,
+            full_bf16: false,
+            no_half_vae: false,
+            train_data_dir: PathBuf::new(),
+            reg_data_dir: PathBuf::new(),
+            class_tokens: String::new(),
+            num_repeats: 1,
+            prior_loss_weight: 1.0,
+            resolution: 512,
+            min_bucket_reso: 256,
+            max_bucket_reso: 1024,
+            bucket_reso_steps: 64,
+            enable_bucket: true,
+            bucket_no_upscale: false,
+            train_batch_size: 1,
+            caption_extension: ".txt".into(),
+            caption_separator: ",".into(),
+            keep_tokens: 0,
+            keep_tokens_separator: String::new(),
+            secondary_separator: String::new(),
+            caption_prefix: String::new(),
+            caption_suffix: String::new(),
+            max_token_length: "75".into(),
+            token_warmup_min: 1,
+            token_warmup_step: 0.0,
+            shuffle_caption: false,
+            caption_dropout_rate: 0.0,
+            caption_dropout_every_n_epochs: 0,
+            caption_tag_dropout_rate: 0.0,
+            flip_aug: false,
+            random_crop: false,
+            cache_latents: true,
+            cache_latents_to_disk: false,
+            cache_text_encoder_outputs: false,
+            cache_text_encoder_outputs_to_disk: false,
+            vae_batch_size: 1,
+            skip_bad_images: true,
+            network_algo: NetworkAlgo::Lora,
+            lycoris_preset: "full".into(),
+            network_dim: 8,
+            network_alpha: 1.0,
+            conv_dim: None,
+            conv_alpha: None,
+            factor: -1,
+            unbalanced_factorization: false,
+            full_matrix: false,
+            decompose_both: false,
+            block_size: 4,
+            constraint: 1e-4,
+            use_constraint: false,
+            rescaled: false,
+            dora_wd: false,
+            wd_on_output: false,
+            use_tucker: false,
+            orthogonalize: false,
+            rs_lora: false,
+            use_scalar: false,
+            train_norm: false,
+            bypass_mode: false,
+            train_on_input: false,
+            network_dropout: 0.0,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            network_train_unet_only: false,
+            network_train_text_encoder_only: false,
+            optimizer_type: "AdamW".into(),
+            optimizer_args: String::new(),
+            max_grad_norm: 1.0,
+            learning_rate: 1e-4,
+            unet_lr: 0.0,
+            text_encoder_lr: 0.0,
+            lr_scheduler: "constant".into(),
+            lr_warmup_steps: 0,
+            lr_scheduler_num_cycles: 1,
+            lr_scheduler_power: 1.0,
+            weight_decay: 0.01,
+            d_coef: 1.0,
+            decouple: true,
+            use_bias_correction: false,
+            safeguard_warmup: false,
+            relative_step: false,
+            scale_parameter: false,
+            warmup_init: false,
+            loraplus_lr_ratio: 0.0,
+            loraplus_unet_lr_ratio: 0.0,
+            loraplus_text_encoder_lr_ratio: 0.0,
+            max_train_epochs: 10,
+            max_train_steps: 1600,
+            gradient_accumulation_steps: 1,
+            seed: 0,
+            gradient_checkpointing: false,
+            loss_type: "l2".into(),
+            huber_schedule: "snr".into(),
+            huber_c: 0.1,
+            huber_scale: 1.0,
+            min_snr_gamma: 0.0,
+            v_pred_like_loss: 0.0,
+            debiased_estimation_loss: false,
+            scale_v_pred_loss_like_noise_pred: false,
+            scale_weight_norms: 0.0,
+            noise_offset: 0.0,
+            adaptive_noise_scale: 0.0,
+            multires_noise_iterations: 0,
+            multires_noise_discount: 0.3,
+            ip_noise_gamma: 0.0,
+            noise_offset_random_strength: false,
+            ip_noise_gamma_random_strength: false,
+            zero_terminal_snr: false,
+            min_timestep: 0,
+            max_timestep: 1000,
+            sample_prompts: String::new(),
+            sample_sampler: "ddim".into(),
+            sample_every_n_epochs: 0,
+            sample_every_n_steps: 0,
+            sample_at_first: false,
+            output_name: "loft_lora".into(),
+            output_dir: PathBuf::new(),
+            save_model_as: "safetensors".into(),
+            save_precision: "fp16".into(),
+            save_every_n_epochs: 1,
+            save_every_n_steps: 0,
+            save_last_n_epochs: 0,
+            save_last_n_steps: 0,
+            save_state: false,
+            save_last_n_epochs_state: 0,
+            save_last_n_steps_state: 0,
+            save_state_on_train_end: false,
+            training_comment: String::new(),
+            metadata_title: String::new(),
+            metadata_author: String::new(),
+            metadata_description: String::new(),
+            metadata_license: String::new(),
+            metadata_tags: String::new(),
+            metadata_trigger_phrase: String::new(),
+            no_metadata: false,
+        }
+    }
+}
+
+/// Registry keys this engine does not implement, with the value that means "off". A config
+/// that sets one of them to anything else is refused, naming the key.
+pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
+    ("conditioning_data_dir", "\"\""),
+    ("face_crop_aug_range", "\"\""),
+    ("color_aug", "false"),
+    ("alpha_mask", "false"),
+    ("masked_loss", "false"),
+    ("weighted_captions", "false"),
+    ("enable_wildcard", "false"),
+    ("fp8_base", "false"),
+    ("base_weights", "\"\""),
+    ("network_weights", "\"\""),
+    ("dim_from_weights", "false"),
+    ("validation_split", "0"),
+    ("loraplus_lr_ratio", "0"),
+    ("loraplus_unet_lr_ratio", "0"),
+    ("loraplus_text_encoder_lr_ratio", "0"),
+];
+
+/// A config problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+impl TrainConfig {
+    /// Reads a resolved registry config (key → JSON value). Keys of
+    /// [`UNSUPPORTED_WHEN_SET`] set to a non-off value are errors; other keys this engine has
+    /// no use for (UI-only options such as `attention` or data-loader workers) are ignored.
+    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Result<TrainConfig, Vec<ConfigError>> {
+        let mut errors = vec![];
+        for (key, off) in UNSUPPORTED_WHEN_SET {
+            if let Some(v) = map.get(*key) {
+                let off: serde_json::Value = serde_json::from_str(off).expect("valid off value");
+                let is_off = match (v.as_f64(), off.as_f64()) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => v == &off || v.is_null(),
+                };
+                if !is_off {
+                    errors.push(err(key, format!("is set to {v}, but Loft's training engine does not support this option yet; leave it at {off}")));
+                }
+            }
+        }
+        let mut known = serde_json::Map::new();
+        let fields = serde_json::to_value(TrainConfig::default()).expect("serializable");
+        let fields = fields.as_object().expect("object");
+        for (k, v) in map {
+            if fields.contains_key(k) && !v.is_null() {
+                known.insert(k.clone(), v.clone());
+            }
+        }
+        let config: TrainConfig = match serde_json::from_value(serde_json::Value::Object(known)) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(err("config", e.to_string()));
+                return Err(errors);
+            }
+        };
+        errors.extend(config.check_supported());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Checks that the run is one this engine can do, before any work.
+    pub fn check_supported(&self) -> Vec<ConfigError> {
+        let mut errors = vec![];
+        if self.pretrained_model_name_or_path.as_os_str().is_empty() {
+            errors.push(err("pretrained_model_name_or_path", "is required: a diffusers folder or a .safetensors checkpoint"));
+        }
+        if self.train_data_dir.as_os_str().is_empty() {
+            errors.push(err("train_data_dir", "is required: a folder of N_name subfolders with images and captions"));
+        }
+        if self.output_dir.as_os_str().is_empty() {
+            errors.push(err("output_dir", "is required"));
+        }
+        if self.save_model_as != "safetensors" {
+            errors.push(err("save_model_as", format!("Loft writes safetensors only, not {:?}", self.save_model_as)));
+        }
+        if self.token_warmup_step > 0.0 {
+            errors.push(err("token_warmup_step", "token warm-up is not supported by Loft's engine yet; leave it at 0"));
+        }
+        if !["ddim", "euler", "k_euler"].contains(&self.sample_sampler.as_str()) && !self.sample_prompts.trim().is_empty() {
+            errors.push(err("sample_sampler", format!("Loft samples with ddim or euler (k_euler), not {:?}", self.sample_sampler)));
+        }
+        if !["75", "150", "225"].contains(&self.max_token_length.as_str()) {
+            errors.push(err("max_token_length", "must be 75, 150 or 225"));
+        }
+        if !["l2", "l1", "huber", "smooth_l1"].contains(&self.loss_type.as_str()) {
+            errors.push(err("loss_type", format!("unknown loss {:?}", self.loss_type)));
+        }
+        if self.network_train_unet_only && self.network_train_text_encoder_only {
+            errors.push(err("network_train_text_encoder_only", "cannot be on together with network_train_unet_only"));
+        }
+        if self.train_batch_size == 0 {
+            errors.push(err("train_batch_size", "must be at least 1"));
+        }
+        if self.max_timestep <= self.min_timestep {
+            errors.push(err("max_timestep", "must be greater than min_timestep"));
+        }
+        if let Err(e) = self.network_options().validate(self.network_algo) {
+            errors.push(err("network_algo", e.to_string()));
+        }
+        errors
+    }
+
+    /// The adapter options the network modules take.
+    pub fn network_options(&self) -> NetworkOptions {
+        NetworkOptions {
+            dim: self.network_dim,
+            alpha: self.network_alpha,
+            conv_dim: self.conv_dim,
+            conv_alpha: self.conv_alpha,
+            dropout: self.network_dropout,
+            rank_dropout: self.rank_dropout,
+            module_dropout: self.module_dropout,
+            dora_wd: self.dora_wd,
+            wd_on_output: self.wd_on_output,
+            use_tucker: self.use_tucker,
+            orthogonalize: self.orthogonalize,
+            rs_lora: self.rs_lora,
+            train_norm: self.train_norm,
+            use_scalar: self.use_scalar,
+            bypass_mode: self.bypass_mode,
+            train_on_input: self.train_on_input,
+            factor: self.factor,
+            unbalanced_factorization: self.unbalanced_factorization,
+            full_matrix: self.full_matrix,
+            decompose_both: self.decompose_both,
+            block_size: self.block_size,
+            constraint: if self.use_constraint { self.constraint } else { 0.0 },
+            rescaled: self.rescaled,
+            seed: self.seed,
+            ..NetworkOptions::default()
+        }
+    }
+
+    /// The prompt length in tokens.
+    pub fn max_tokens(&self) -> usize {
+        self.max_token_length.parse().unwrap_or(75)
+    }
+
+    /// The UNet learning rate (`unet_lr`, else `learning_rate`).
+    pub fn unet_learning_rate(&self) -> f64 {
+        if self.unet_lr > 0.0 {
+            self.unet_lr
+        } else {
+            self.learning_rate
+        }
+    }
+
+    /// The text-encoder learning rate (`text_encoder_lr`, else `learning_rate`).
+    pub fn text_encoder_learning_rate(&self) -> f64 {
+        if self.text_encoder_lr > 0.0 {
+            self.text_encoder_lr
+        } else {
+            self.learning_rate
+        }
+    }
+
+    /// Whether text-encoder adapters are trained.
+    pub fn trains_text_encoder(&self) -> bool {
+        !self.network_train_unet_only
+    }
+
+    /// Whether UNet adapters are trained.
+    pub fn trains_unet(&self) -> bool {
+        !self.network_train_text_encoder_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_registry_keys_and_refuses_unsupported_options() {
+        let map = json!({
+            "pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
+            "network_algo": "lokr", "network_dim": 16, "factor": 8, "learning_rate": 0.001,
+            "model_family": "sdxl", "attention": "sdpa", "conv_dim": null
+        });
+        let c = TrainConfig::from_map(map.as_object().unwrap()).unwrap();
+        assert_eq!(c.network_algo, NetworkAlgo::Lokr);
+        assert_eq!(c.model_family, ModelFamily::Sdxl);
+        assert_eq!((c.network_dim, c.factor, c.conv_dim), (16, 8, None));
+
+        let map = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
+                         "masked_loss": true, "network_dim": "eight"});
+        let errs = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
+        assert!(errs.iter().any(|e| e.field == "masked_loss"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.message.contains("network_dim") || e.message.contains("invalid type")), "{errs:?}");
+
+        let errs = TrainConfig::from_map(&serde_json::Map::new()).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["pretrained_model_name_or_path", "train_data_dir", "output_dir"]);
+    }
+}
