@@ -3,6 +3,7 @@ pub mod linalg;
 pub mod lora_file;
 pub mod models;
 pub mod networks;
+pub mod noise;
 pub mod optim;
 pub mod schedule;
 pub mod train;

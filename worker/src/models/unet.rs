@@ -408,6 +408,10 @@ impl UNet2DConditionModel {
         Self::new(&config, vb)
     }
 
+    pub fn device(&self) -> &Device {
+        self.conv_in.base().weight.device()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

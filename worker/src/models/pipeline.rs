@@ -1,0 +1,324 @@
+//! A whole Stable Diffusion model — UNet, text encoder(s), tokenizer(s), VAE and the noise
+//! schedule's settings — loaded from a diffusers folder (`model_index.json`) or a single-file
+//! LDM checkpoint, plus what training and sampling need on top of the parts: prompt
+//! encoding per family (clip skip, SDXL's two encoders, sd-scripts' long prompts), the kohya
+//! names of every adaptable layer, and applying saved networks.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use serde::Deserialize;
+
+use super::clip::ClipTextModel;
+use super::config::read_json;
+use super::layers::Layer;
+use super::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
+use super::tokenizer::{join_chunks, ClipTokenizer};
+use super::unet::{AddedCond, UNet2DConditionModel};
+use super::vae::AutoencoderKL;
+use super::{kohya_name, ModelFamily, ModelLayers};
+use crate::lora_file::LoraFile;
+use crate::networks::BaseLayer;
+
+/// The noise schedule a model was trained with (diffusers `scheduler_config.json`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct SchedulerConfig {
+    #[serde(default = "default_timesteps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: String,
+    /// `epsilon` or `v_prediction`.
+    #[serde(default = "default_prediction")]
+    pub prediction_type: String,
+    #[serde(default = "default_steps_offset")]
+    pub steps_offset: usize,
+}
+
+fn default_timesteps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+fn default_beta_schedule() -> String {
+    "scaled_linear".into()
+}
+fn default_prediction() -> String {
+    "epsilon".into()
+}
+fn default_steps_offset() -> usize {
+    1
+}
+
+impl Default for SchedulerConfig {
+    /// Stable Diffusion's schedule (all families): scaled-linear betas 0.00085 → 0.012 over 1000
+    /// steps, epsilon prediction.
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+impl SchedulerConfig {
+    pub fn v_prediction(&self) -> bool {
+        self.prediction_type == "v_prediction"
+    }
+}
+
+/// Which network part a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    Unet,
+    /// Text encoder `i` (0, or 1 for SDXL's second).
+    TextEncoder(usize),
+}
+
+/// An adaptable layer under the kohya module name sd-scripts gives it.
+#[derive(Clone, Debug)]
+pub struct NamedLayer {
+    pub kohya_name: String,
+    pub part: Part,
+    pub layer: Arc<Layer>,
+}
+
+/// Encoded prompts, ready for the UNet.
+#[derive(Clone, Debug)]
+pub struct PromptEmbeds {
+    /// `(B, N, cross_attention_dim)`.
+    pub hidden: Tensor,
+    /// SDXL: the second encoder's projected pooled output `(B, 1280)`.
+    pub pooled: Option<Tensor>,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub family: ModelFamily,
+    pub unet: UNet2DConditionModel,
+    pub text_encoders: Vec<ClipTextModel>,
+    pub tokenizers: Vec<ClipTokenizer>,
+    pub vae: AutoencoderKL,
+    pub scheduler: SchedulerConfig,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+impl std::fmt::Debug for StableDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusion").field("family", &self.family).field("source", &self.source).finish()
+    }
+}
+
+/// The family of a diffusers folder: the pipeline class says SDXL; OpenCLIP's `gelu` text
+/// encoder (CLIP-L uses `quick_gelu`) says SD 2.x.
+fn diffusers_family(index: &serde_json::Value, te_config: &super::ClipTextConfig) -> ModelFamily {
+    let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+    if class.contains("XL") || index.get("text_encoder_2").is_some_and(|v| v.is_array() && !v[0].is_null()) {
+        ModelFamily::Sdxl
+    } else if te_config.hidden_act == "gelu" {
+        ModelFamily::Sd2
+    } else {
+        ModelFamily::Sd15
+    }
+}
+
+impl StableDiffusion {
+    /// Loads a model from a diffusers folder or a single-file checkpoint, its weights
+    /// memory-mapped and cast to `dtype`.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_diffusers_dir(path, dtype, device)
+        } else if path.is_file() {
+            Self::from_single_file(path, dtype, device)
+        } else {
+            bail!("base model {}: no such file or folder", path.display())
+        }
+    }
+
+    /// A diffusers folder: `model_index.json`, `unet/`, `text_encoder(_2)/`, `tokenizer(_2)/`,
+    /// `vae/`, `scheduler/`.
+    pub fn from_diffusers_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
+        }
+        let index: serde_json::Value = read_json(&index_path)?;
+        let te_config: super::ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let family = diffusers_family(&index, &te_config);
+        let unet = UNet2DConditionModel::from_diffusers_dir(&dir.join("unet"), dtype, device)?;
+        let vae = AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, device)?;
+        let mut text_encoders = vec![ClipTextModel::from_transformers_dir(&dir.join("text_encoder"), dtype, device)?];
+        let mut tokenizers = vec![ClipTokenizer::from_dir(&dir.join("tokenizer"))?];
+        if family == ModelFamily::Sdxl {
+            text_encoders.push(ClipTextModel::from_transformers_dir(&dir.join("text_encoder_2"), dtype, device)?);
+            tokenizers.push(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
+        }
+        let sched_path = dir.join("scheduler/scheduler_config.json");
+        let scheduler = if sched_path.is_file() { read_json(&sched_path)? } else { SchedulerConfig::default() };
+        Ok(Self { family, unet, text_encoders, tokenizers, vae, scheduler, source: dir.to_path_buf() })
+    }
+
+    /// A single-file checkpoint with the original LDM key names.
+    pub fn from_single_file(path: &Path, _dtype: DType, _device: &Device) -> Result<Self> {
+        bail!("{}: single-file checkpoints are not supported yet; use a diffusers folder", path.display())
+    }
+
+    pub fn device(&self) -> &Device {
+        self.unet.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.unet.dtype()
+    }
+
+    /// Encodes prompts as the family's trainer does (sd-scripts): SD 1.x/2.x use the last
+    /// layer, or with `clip_skip` k > 1 layer −k through the final layer norm; SDXL
+    /// concatenates both encoders' penultimate layers (no final norm) and pools the second.
+    /// `max_token_length` (75, 150, 225) is the prompt length in tokens; longer prompts are cut.
+    pub fn encode_prompts(&self, prompts: &[String], clip_skip: usize, max_token_length: usize) -> Result<PromptEmbeds> {
+        let n_chunks = max_token_length / super::tokenizer::WINDOW_TOKENS;
+        let device = self.device();
+        let mut per_encoder = vec![];
+        let mut pooled = None;
+        for (i, (te, tok)) in self.text_encoders.iter().zip(&self.tokenizers).enumerate() {
+            let mut rows = vec![];
+            for p in prompts {
+                for chunk in tok.encode_chunks(p, max_token_length)? {
+                    rows.push(Tensor::new(chunk, device)?);
+                }
+            }
+            let ids = Tensor::stack(&rows, 0)?;
+            let out = te.forward(&ids)?;
+            let hs = &out.hidden_states;
+            let states = match self.family {
+                ModelFamily::Sdxl => hs[hs.len() - 2].clone(),
+                _ if clip_skip > 1 => te.final_layer_norm(&hs[hs.len() - clip_skip])?,
+                _ => out.last_hidden_state.clone(),
+            };
+            per_encoder.push(join_chunks(&states, n_chunks)?);
+            if i == 1 {
+                // SDXL pools the first window of each prompt.
+                let te_pooled = out.text_embeds.clone().unwrap_or(out.pooled.clone());
+                let idx: Vec<u32> = (0..prompts.len()).map(|b| (b * n_chunks) as u32).collect();
+                pooled = Some(te_pooled.index_select(&Tensor::new(idx, device)?, 0)?);
+            }
+        }
+        let hidden = if per_encoder.len() == 1 { per_encoder.remove(0) } else { Tensor::cat(&per_encoder, 2)? };
+        Ok(PromptEmbeds { hidden, pooled })
+    }
+
+    /// SDXL's added conditions for a batch: `pooled` text embeds and per-sample
+    /// `(original h, w, crop top, left, target h, w)`.
+    pub fn added_cond(&self, pooled: Option<&Tensor>, time_ids: &[[f32; 6]]) -> Result<Option<AddedCond>> {
+        if self.family != ModelFamily::Sdxl {
+            return Ok(None);
+        }
+        let Some(pooled) = pooled else { bail!("SDXL needs the pooled text embedding") };
+        let flat: Vec<f32> = time_ids.iter().flatten().copied().collect();
+        let time_ids = Tensor::from_vec(flat, (time_ids.len(), 6), self.device())?;
+        Ok(Some(AddedCond { text_embeds: pooled.clone(), time_ids }))
+    }
+
+    /// The UNet layout SDXL's LDM names need.
+    fn unet_layout(&self) -> UNetLayout {
+        UNetLayout::from_config(&self.unet.config)
+    }
+
+    /// Every UNet and text-encoder layer under its kohya module name: SD 1.x/2.x use the
+    /// diffusers paths (`lora_unet_down_blocks_…`, `lora_te_text_model_…`), SDXL the LDM
+    /// UNet names (`lora_unet_input_blocks_4_1_…`) and `lora_te1_` / `lora_te2_`.
+    pub fn named_layers(&self) -> Vec<NamedLayer> {
+        let mut out = vec![];
+        let layout = self.unet_layout();
+        for l in self.unet.layers() {
+            let name = match self.family {
+                ModelFamily::Sdxl => sdxl_kohya_unet_name(l.name(), &layout),
+                _ => Some(kohya_name("lora_unet", l.name())),
+            };
+            if let Some(kohya_name) = name {
+                out.push(NamedLayer { kohya_name, part: Part::Unet, layer: l.clone() });
+            }
+        }
+        let n_te = self.text_encoders.len();
+        for (i, te) in self.text_encoders.iter().enumerate() {
+            let prefix = if n_te == 1 { "lora_te".to_string() } else { format!("lora_te{}", i + 1) };
+            for l in te.layers() {
+                out.push(NamedLayer { kohya_name: kohya_name(&prefix, l.name()), part: Part::TextEncoder(i), layer: l.clone() });
+            }
+        }
+        out
+    }
+
+    /// Applies saved networks for inference: each `(file, weight)` adds `weight·ΔW` (and Δb)
+    /// to the layers it names, through a hook on the layer (the model files stay untouched).
+    /// Returns the module names no layer matched; fails when a file matches nothing.
+    pub fn apply_networks(&self, networks: &[(&LoraFile, f64)]) -> Result<Vec<String>> {
+        let layers: HashMap<String, Arc<Layer>> =
+            self.named_layers().into_iter().map(|n| (n.kohya_name, n.layer)).collect();
+        // Accumulate per layer so several files stack.
+        let mut deltas: HashMap<String, (Arc<Layer>, Tensor, Option<Tensor>)> = HashMap::new();
+        let mut unmatched = vec![];
+        for (file, weight) in networks {
+            let mut matched = 0;
+            for m in &file.modules {
+                let Some(layer) = layers.get(&m.name) else {
+                    unmatched.push(m.name.clone());
+                    continue;
+                };
+                matched += 1;
+                let d = m.delta(Some(layer.base())).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
+                let dw = (d.dw.to_dtype(DType::F32)? * *weight)?;
+                let db = d.db.map(|b| b.to_dtype(DType::F32)? * *weight).transpose()?;
+                match deltas.get_mut(&m.name) {
+                    Some((_, w, b)) => {
+                        *w = (&*w + dw)?;
+                        *b = match (b.take(), db) {
+                            (Some(x), Some(y)) => Some((x + y)?),
+                            (x, y) => x.or(y),
+                        };
+                    }
+                    None => {
+                        deltas.insert(m.name.clone(), (layer.clone(), dw, db));
+                    }
+                }
+            }
+            if matched == 0 && !file.modules.is_empty() {
+                bail!(
+                    "{}: none of its {} modules matches a layer of this {} model (first: {})",
+                    file.path.display(),
+                    file.modules.len(),
+                    self.family.name(),
+                    file.modules[0].name
+                );
+            }
+        }
+        for (_, (layer, dw, db)) in deltas {
+            let base = layer.base();
+            let w = (base.weight.to_dtype(DType::F32)? + dw.reshape(base.weight.dims())?)?.to_dtype(base.weight.dtype())?;
+            let b = match (&base.bias, db) {
+                (Some(b0), Some(d)) => Some((b0.to_dtype(DType::F32)? + d)?.to_dtype(b0.dtype())?),
+                (None, Some(d)) => Some(d.to_dtype(base.weight.dtype())?),
+                (b0, None) => b0.clone(),
+            };
+            let merged = BaseLayer { kind: base.kind.clone(), weight: w, bias: b };
+            layer.set_hook(Some(Arc::new(move |_: &BaseLayer, x: &Tensor| merged.forward(x))));
+        }
+        Ok(unmatched)
+    }
+
+    /// Removes every hook from every part.
+    pub fn clear_hooks(&self) {
+        self.unet.clear_hooks();
+        for te in &self.text_encoders {
+            te.clear_hooks();
+        }
+        self.vae.clear_hooks();
+    }
+}
