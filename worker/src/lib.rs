@@ -5,6 +5,7 @@ pub mod models;
 pub mod networks;
 pub mod noise;
 pub mod optim;
+pub mod sample;
 pub mod schedule;
 pub mod train;
 

@@ -1,15 +1,50 @@
-//! The training loop: `TrainConfig` in, [`TrainEvent`]s out, a kohya/LyCORIS file at the end.
+//! The training loop: a [`TrainConfig`] in, [`TrainEvent`]s out, kohya/LyCORIS network files
+//! at the end of epochs and of the run.
+//!
+//! [`run`] reads top to bottom as sd-scripts' `train_network.py` does:
+//! 1. load the model and freeze it; build the noise schedule;
+//! 2. read the dataset and assign buckets; cache the VAE latents;
+//! 3. attach the network's adapters to the selected layers;
+//! 4. build the optimizer and the learning-rate schedule; resume from a saved state if asked;
+//! 5. for each epoch, for each batch: captions → text states, latents → noise → the model's
+//!    prediction → loss → gradients; every `gradient_accumulation_steps` batches one optimizer
+//!    step; report; save and sample when due; stop when cancelled;
+//! 6. save the final file.
+//!
+//! Every random draw is seeded from (seed, epoch, batch), so a run on CPU is deterministic and
+//! a resumed run continues with exactly the numbers the uninterrupted run would have used.
 
 pub mod config;
+pub mod data;
 pub mod events;
+pub mod network;
+pub mod state;
 
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 pub use config::{ConfigError, TrainConfig};
 pub use events::{CancelToken, CheckpointKind, EventLog, EventSink, TrainEvent};
+
+use crate::data::{process_caption, CaptionOptions};
+use crate::lora_file::{parse_save_precision, BaseModelVersion, NetworkMetadata};
+use crate::models::pipeline::StableDiffusion;
+use crate::models::vae::AutoencoderKL;
+use crate::models::ModelFamily;
+use crate::noise::{diffusion_loss, sample_noise, sample_timesteps, LossOptions, NoiseOptions, NoiseSchedule};
+use crate::optim::{self, clip_grad_norm, GradAccumulator, ParamGroup};
+use crate::sample::{parse_prompts, sample_image, save_png, SampleRequest, Sampler};
+use crate::schedule::{LrSchedule, ScheduleConfig, SchedulerKind};
+use data::{derived_seed, Item, LatentCache, TrainSet, SEED_STEP};
+use network::Network;
+
+const SEED_CAPTION: u64 = 3;
 
 /// How to run a job (not part of the saved config).
 #[derive(Clone, Debug)]
@@ -17,14 +52,17 @@ pub struct RunOptions {
     /// Continue from the newest training state in `output_dir` (if there is one).
     pub resume: bool,
     pub device: Device,
-    /// Where latents and text-encoder outputs are cached (shared across runs and jobs);
-    /// `None` = `output_dir/.cache`.
+    /// Where VAE latents are cached on disk (shared across runs and jobs); `None` =
+    /// `output_dir/.cache/latents` when `cache_latents_to_disk`, memory only otherwise.
     pub cache_dir: Option<PathBuf>,
+    /// Stop (as if cancelled, without the cancel state) after this many optimizer steps of
+    /// this run: tests use it to interrupt a run at a known point.
+    pub stop_after_steps: Option<u64>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { resume: false, device: Device::Cpu, cache_dir: None }
+        RunOptions { resume: false, device: Device::Cpu, cache_dir: None, stop_after_steps: None }
     }
 }
 
@@ -32,13 +70,596 @@ impl Default for RunOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOutcome {
     pub final_step: u64,
-    /// The final network file (`None` when cancelled before anything was saved).
+    /// The final network file (`None` when stopped before the end).
     pub network_file: Option<PathBuf>,
     pub cancelled: bool,
 }
 
-/// Runs a training job to the end (or until `cancel`).
+/// Runs a training job to the end, or until `cancel`. Errors are also reported as a
+/// [`TrainEvent::Failed`].
 pub fn run(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
-    let _ = (config, options, sink, cancel);
-    bail!("the training loop is being written")
+    match run_inner(config, options, sink, cancel) {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            sink.emit(TrainEvent::Failed { error: format!("{e:#}") });
+            Err(e)
+        }
+    }
+}
+
+fn log(sink: &mut dyn EventSink, level: &str, message: impl Into<String>) {
+    sink.emit(TrainEvent::Log { level: level.into(), message: message.into() });
+}
+
+/// The settings a state must share with the run resuming it.
+fn fingerprint(cfg: &TrainConfig) -> String {
+    let key = format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        cfg.network_algo.name(),
+        cfg.network_dim,
+        cfg.lycoris_preset,
+        cfg.optimizer_type,
+        cfg.train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.seed,
+        cfg.train_data_dir.display(),
+        cfg.pretrained_model_name_or_path.display()
+    );
+    crate::lora_file::sha256_hex(key.as_bytes())[..16].to_string()
+}
+
+fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+    let problems = cfg.check_supported();
+    if !problems.is_empty() {
+        bail!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "));
+    }
+    let device = options.device.clone();
+    let started_at = unix_now();
+
+    // ---- 1. The model, frozen, and the noise schedule.
+    // On CPU everything computes in f32; on a GPU the frozen model follows mixed_precision.
+    let dtype = match (device.is_cpu(), cfg.mixed_precision.as_str()) {
+        (false, "fp16") => DType::F16,
+        (false, "bf16") => DType::BF16,
+        _ => DType::F32,
+    };
+    if device.is_cpu() && cfg.mixed_precision != "no" {
+        log(sink, "info", format!("mixed_precision {} applies on GPUs; on CPU Loft computes in f32", cfg.mixed_precision));
+    }
+    if cfg.gradient_checkpointing {
+        log(sink, "info", "gradient_checkpointing is not implemented by Loft's engine yet: training keeps all activations");
+    }
+    let mut model = StableDiffusion::load(&cfg.pretrained_model_name_or_path, dtype, &device)
+        .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
+    if model.family != cfg.model_family {
+        bail!(
+            "model_family is {} but {} is an {} model",
+            cfg.model_family.name(),
+            cfg.pretrained_model_name_or_path.display(),
+            model.family.name()
+        );
+    }
+    if !cfg.vae.as_os_str().is_empty() {
+        let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
+        model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
+    }
+    let v_prediction = cfg.v_parameterization || model.scheduler.v_prediction();
+    let schedule = NoiseSchedule::new(&model.scheduler, v_prediction, cfg.zero_terminal_snr)?;
+    if cfg.max_timestep > schedule.num_timesteps() {
+        bail!("max_timestep {} is past the model's {} timesteps", cfg.max_timestep, schedule.num_timesteps());
+    }
+
+    // ---- 2. The dataset and its latents.
+    let set = TrainSet::load(cfg)?;
+    for b in &set.bad {
+        log(sink, "warn", format!("skipped {}: {}", b.path.display(), b.reason));
+    }
+    let caption_opts = CaptionOptions {
+        caption_prefix: cfg.caption_prefix.clone(),
+        caption_suffix: cfg.caption_suffix.clone(),
+        caption_separator: cfg.caption_separator.clone(),
+        secondary_separator: cfg.secondary_separator.clone(),
+        shuffle_caption: cfg.shuffle_caption,
+        keep_tokens: cfg.keep_tokens,
+        keep_tokens_separator: cfg.keep_tokens_separator.clone(),
+        caption_dropout_rate: cfg.caption_dropout_rate,
+        caption_dropout_every_n_epochs: cfg.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate: cfg.caption_tag_dropout_rate,
+        ..CaptionOptions::default()
+    };
+    let cache_dir = if cfg.cache_latents_to_disk {
+        Some(options.cache_dir.clone().unwrap_or_else(|| cfg.output_dir.join(".cache/latents")))
+    } else {
+        options.cache_dir.clone()
+    };
+    let vae_id = format!("{}|{}|{:?}", cfg.pretrained_model_name_or_path.display(), cfg.vae.display(), dtype);
+    let use_latent_cache = cfg.cache_latents && !cfg.random_crop;
+    let mut latent_cache = LatentCache::new(if use_latent_cache { cache_dir } else { None }, vae_id)?;
+    if use_latent_cache {
+        let flips: &[bool] = if cfg.flip_aug { &[false, true] } else { &[false] };
+        for img in &set.images {
+            for &flip in flips {
+                latent_cache.latents(&model.vae, img, flip, &device)?;
+            }
+        }
+        log(sink, "info", format!("latents: {} cached, {} encoded", latent_cache.hits, latent_cache.misses));
+    }
+
+    // ---- 3. The network.
+    let net_opts = cfg.network_options();
+    let network = Network::attach(&model, cfg.network_algo, &net_opts, &cfg.lycoris_preset, cfg.trains_unet(), cfg.trains_text_encoder())?;
+    let train_te = !network.trainable(false).is_empty();
+    if let Some((first, why)) = network.skipped.first() {
+        log(sink, "warn", format!("{} layers left without an adapter, e.g. {first}: {why}", network.skipped.len()));
+    }
+    log(sink, "info", format!("{}: {} modules, {} trained parameters", cfg.network_algo.name(), network.adapters.len(), network.parameter_count()));
+
+    // ---- 4. Optimizer, schedule, and where to start.
+    let batches_per_epoch = set.epoch_batches(cfg, 0).len();
+    let accum = cfg.gradient_accumulation_steps.max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(accum) as u64;
+    let (total_steps, total_epochs) = if cfg.max_train_epochs > 0 {
+        (cfg.max_train_epochs * steps_per_epoch, cfg.max_train_epochs)
+    } else {
+        (cfg.max_train_steps, cfg.max_train_steps.div_ceil(steps_per_epoch))
+    };
+    let mut groups = vec![];
+    if !network.trainable(true).is_empty() {
+        groups.push(ParamGroup::new("unet", cfg.unet_learning_rate(), network.trainable(true)));
+    }
+    if train_te {
+        groups.push(ParamGroup::new("text_encoder", cfg.text_encoder_learning_rate(), network.trainable(false)));
+    }
+    let mut optimizer = optim::build(&cfg.optimizer_type, groups, &optimizer_args(cfg)?)?;
+    let lr_schedule = LrSchedule::new(ScheduleConfig {
+        lr_scheduler: SchedulerKind::parse(&cfg.lr_scheduler)?,
+        lr_warmup_steps: cfg.lr_warmup_steps,
+        max_train_steps: total_steps,
+        lr_scheduler_num_cycles: cfg.lr_scheduler_num_cycles.max(1),
+        lr_scheduler_power: cfg.lr_scheduler_power,
+        learning_rate: cfg.learning_rate,
+        lr_end: 1e-7,
+    })?;
+    let vars = network.all_trainable();
+    let mut progress = state::Progress {
+        step: 0,
+        epoch: 0,
+        batch: 0,
+        recent_losses: vec![],
+        saved_epoch_files: vec![],
+        saved_step_files: vec![],
+        fingerprint: fingerprint(cfg),
+    };
+    if options.resume {
+        if let Some(dir) = state::list(&cfg.output_dir).pop() {
+            let loaded = state::load(&dir, &device)?;
+            if loaded.progress.fingerprint != progress.fingerprint {
+                bail!("resume: the state in {} was saved by a run with other network/data settings", dir.display());
+            }
+            state::restore_vars(&vars, &loaded.network, &dir)?;
+            optimizer.load_state(&loaded.optimizer).with_context(|| format!("resume: optimizer state in {}", dir.display()))?;
+            progress = loaded.progress;
+            log(sink, "info", format!("resumed from {} (step {}, epoch {})", dir.display(), progress.step, progress.epoch + 1));
+        } else {
+            log(sink, "info", "resume: no saved state yet, starting from the beginning");
+        }
+    }
+    sink.emit(TrainEvent::Started { total_steps, total_epochs, start_step: progress.step, steps_per_epoch, images: set.images.len() });
+
+    let sampler = Sampler::parse(&cfg.sample_sampler).unwrap_or(Sampler::Ddim);
+    let sample_defaults = SampleRequest { width: cfg.resolution, height: cfg.resolution, ..SampleRequest::new("") };
+    let sample_requests = parse_prompts(&cfg.sample_prompts, &sample_defaults).context("sample_prompts")?;
+    let ctx = RunContext { cfg, model: &model, schedule: &schedule, network: &network, set: &set, started_at, sampler, sample_requests };
+    if cfg.sample_at_first && progress.step == 0 && !options.resume {
+        ctx.write_samples(sink, 0, 0)?;
+    }
+
+    // ---- 5. The loop.
+    let loss_opts = LossOptions {
+        loss_type: cfg.loss_type.clone(),
+        huber_schedule: cfg.huber_schedule.clone(),
+        huber_c: cfg.huber_c,
+        huber_scale: cfg.huber_scale,
+        min_snr_gamma: cfg.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred: cfg.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss: cfg.v_pred_like_loss,
+        debiased_estimation_loss: cfg.debiased_estimation_loss,
+    };
+    let noise_opts = NoiseOptions {
+        noise_offset: cfg.noise_offset,
+        noise_offset_random_strength: cfg.noise_offset_random_strength,
+        adaptive_noise_scale: cfg.adaptive_noise_scale,
+        multires_noise_iterations: cfg.multires_noise_iterations,
+        multires_noise_discount: cfg.multires_noise_discount,
+        ip_noise_gamma: cfg.ip_noise_gamma,
+        ip_noise_gamma_random_strength: cfg.ip_noise_gamma_random_strength,
+    };
+    // Text states of fixed captions, when the text encoder is frozen and captions never vary.
+    let captions_vary = cfg.shuffle_caption || cfg.caption_dropout_rate > 0.0 || cfg.caption_tag_dropout_rate > 0.0 || cfg.caption_dropout_every_n_epochs > 0;
+    let cache_text = !train_te && !captions_vary;
+    let mut text_cache: HashMap<String, (Tensor, Option<Tensor>)> = HashMap::new();
+    let mut accumulator = GradAccumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
+    let mut recent: VecDeque<f64> = progress.recent_losses.iter().copied().collect();
+    let window = (steps_per_epoch as usize).max(1);
+    let run_start = Instant::now();
+    let first_step = progress.step;
+    let mut micro_losses: Vec<f64> = vec![];
+
+    network.set_training(true);
+    while progress.epoch < total_epochs && progress.step < total_steps {
+        let epoch = progress.epoch;
+        let batches = set.epoch_batches(cfg, epoch);
+        while progress.batch < batches.len() && progress.step < total_steps {
+            let bi = progress.batch;
+            let batch = &batches[bi];
+            let mut rng = StdRng::seed_from_u64(derived_seed(cfg.seed, SEED_STEP, epoch, bi as u64));
+            let mut caption_rng = StdRng::seed_from_u64(derived_seed(cfg.seed, SEED_CAPTION, epoch, bi as u64));
+
+            // Captions → text-encoder states.
+            let captions: Vec<String> = batch
+                .iter()
+                .map(|it| process_caption(&caption_opts, &set.images[it.image].entry.caption, epoch as u32 + 1, progress.step, &mut caption_rng))
+                .collect();
+            let (hidden, pooled) = ctx.text_states(&captions, cache_text, &mut text_cache)?;
+
+            // Images → latents → noisy latents at random timesteps.
+            let latents = ctx.batch_latents(batch, use_latent_cache, &mut latent_cache, &mut rng, &device)?;
+            let (noise, applied_noise) = sample_noise(&noise_opts, &latents, &mut rng)?;
+            let timesteps = sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep);
+            let noisy = schedule.add_noise(&latents, &applied_noise, &timesteps)?;
+            let target = schedule.target(&latents, &noise, &timesteps)?;
+
+            // The model's prediction and the loss.
+            let time_ids = ctx.time_ids(batch);
+            let added = model.added_cond(pooled.as_ref(), &time_ids)?;
+            let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
+            let pred = model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added.as_ref())?;
+            let sample_weights: Vec<f64> =
+                batch.iter().map(|it| if set.images[it.image].entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
+            let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights)?;
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_value.is_finite() {
+                bail!("the loss became {loss_value} at step {} (epoch {}): lower the learning rate", progress.step + 1, epoch + 1);
+            }
+            micro_losses.push(loss_value);
+            accumulator.add(&loss.backward()?)?;
+            progress.batch += 1;
+
+            // Every `accum` batches (and at the end of the epoch): one optimizer step.
+            if accumulator.count() < accum && progress.batch < batches.len() {
+                continue;
+            }
+            let mut grads = accumulator.take(true)?;
+            if cfg.max_grad_norm > 0.0 {
+                clip_grad_norm(&accumulator_vars(&vars), &mut grads, cfg.max_grad_norm)?;
+            }
+            let lr_scale = lr_schedule.lr_at(progress.step);
+            optimizer.step(&grads, lr_scale)?;
+            if cfg.scale_weight_norms > 0.0 {
+                network.scale_weight_norms(cfg.scale_weight_norms)?;
+            }
+            progress.step += 1;
+            let step_loss = micro_losses.iter().sum::<f64>() / micro_losses.len() as f64;
+            micro_losses.clear();
+            recent.push_back(step_loss);
+            while recent.len() > window {
+                recent.pop_front();
+            }
+            let avg_loss = recent.iter().sum::<f64>() / recent.len() as f64;
+            let elapsed = run_start.elapsed().as_secs_f64();
+            let done_here = (progress.step - first_step) as f64;
+            let it_per_sec = if elapsed > 0.0 { done_here / elapsed } else { 0.0 };
+            let eta_secs = if it_per_sec > 0.0 { (total_steps - progress.step) as f64 / it_per_sec } else { 0.0 };
+            let lr = optimizer.effective_lrs(lr_scale).first().copied().unwrap_or(0.0);
+            sink.emit(TrainEvent::Step { step: progress.step, total_steps, epoch: epoch + 1, loss: step_loss, avg_loss, lr, it_per_sec, eta_secs });
+            progress.recent_losses = recent.iter().copied().collect();
+
+            if cfg.save_every_n_steps > 0 && progress.step % cfg.save_every_n_steps == 0 && progress.step < total_steps {
+                ctx.save_network_file(sink, &mut progress, CheckpointKind::Step)?;
+                if cfg.save_state {
+                    ctx.save_state(sink, &progress, &vars, optimizer.as_ref(), true)?;
+                }
+            }
+            if cfg.sample_every_n_steps > 0 && progress.step % cfg.sample_every_n_steps == 0 {
+                ctx.write_samples(sink, progress.step, epoch + 1)?;
+            }
+            if cancel.is_cancelled() {
+                ctx.save_state(sink, &progress, &vars, optimizer.as_ref(), false)?;
+                log(sink, "info", format!("cancelled at step {}", progress.step));
+                sink.emit(TrainEvent::Finished { step: progress.step, path: None, cancelled: true });
+                return Ok(TrainOutcome { final_step: progress.step, network_file: None, cancelled: true });
+            }
+            if options.stop_after_steps.is_some_and(|n| progress.step - first_step >= n) {
+                return Ok(TrainOutcome { final_step: progress.step, network_file: None, cancelled: true });
+            }
+        }
+        if progress.batch < batches.len() {
+            break; // total_steps reached mid-epoch
+        }
+        // End of epoch.
+        let finished_epoch = epoch + 1;
+        progress.epoch += 1;
+        progress.batch = 0;
+        let avg = if recent.is_empty() { 0.0 } else { recent.iter().sum::<f64>() / recent.len() as f64 };
+        sink.emit(TrainEvent::Epoch { epoch: finished_epoch, total_epochs, avg_loss: avg });
+        let last_epoch = finished_epoch >= total_epochs || progress.step >= total_steps;
+        if !last_epoch && cfg.save_every_n_epochs > 0 && finished_epoch % cfg.save_every_n_epochs == 0 {
+            ctx.save_network_file(sink, &mut progress, CheckpointKind::Epoch)?;
+        }
+        if !last_epoch {
+            // A state at every epoch end lets a crashed or lease-expired job resume.
+            ctx.save_state(sink, &progress, &vars, optimizer.as_ref(), cfg.save_state)?;
+        }
+        if cfg.sample_every_n_epochs > 0 && finished_epoch % cfg.sample_every_n_epochs == 0 {
+            ctx.write_samples(sink, progress.step, finished_epoch)?;
+        }
+    }
+
+    // ---- 6. The final file.
+    network.set_training(false);
+    let final_path = ctx.save_network_file(sink, &mut progress, CheckpointKind::Final)?;
+    if cfg.save_state || cfg.save_state_on_train_end {
+        ctx.save_state(sink, &progress, &vars, optimizer.as_ref(), true)?;
+    } else {
+        // The run is complete: its automatic resume states are not needed any more.
+        for dir in state::list(&cfg.output_dir) {
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+    sink.emit(TrainEvent::Finished { step: progress.step, path: Some(final_path.clone()), cancelled: false });
+    Ok(TrainOutcome { final_step: progress.step, network_file: Some(final_path), cancelled: false })
+}
+
+fn accumulator_vars(vars: &[(String, candle_core::Var)]) -> Vec<candle_core::Var> {
+    vars.iter().map(|(_, v)| v.clone()).collect()
+}
+
+/// The optimizer arguments: `optimizer_args` text plus the registry's dedicated fields that
+/// sd-scripts passes as optimizer args (weight decay, Prodigy's and Adafactor's switches).
+fn optimizer_args(cfg: &TrainConfig) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut args = optim::parse_optimizer_args(&cfg.optimizer_args).context("optimizer_args")?;
+    let py = |b: bool| if b { "True".to_string() } else { "False".to_string() };
+    let mut put = |k: &str, v: String| {
+        args.entry(k.to_string()).or_insert(v);
+    };
+    put("weight_decay", cfg.weight_decay.to_string());
+    match cfg.optimizer_type.as_str() {
+        "Prodigy" => {
+            put("d_coef", cfg.d_coef.to_string());
+            put("decouple", py(cfg.decouple));
+            put("use_bias_correction", py(cfg.use_bias_correction));
+            put("safeguard_warmup", py(cfg.safeguard_warmup));
+        }
+        "Adafactor" => {
+            put("relative_step", py(cfg.relative_step));
+            put("scale_parameter", py(cfg.scale_parameter));
+            put("warmup_init", py(cfg.warmup_init));
+        }
+        _ => {}
+    }
+    Ok(args)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// What the helpers of the loop share.
+struct RunContext<'a> {
+    cfg: &'a TrainConfig,
+    model: &'a StableDiffusion,
+    schedule: &'a NoiseSchedule,
+    network: &'a Network,
+    set: &'a TrainSet,
+    started_at: f64,
+    sampler: Sampler,
+    sample_requests: Vec<SampleRequest>,
+}
+
+impl RunContext<'_> {
+    /// Text-encoder states for the batch's captions (from the cache when allowed).
+    fn text_states(&self, captions: &[String], use_cache: bool, cache: &mut HashMap<String, (Tensor, Option<Tensor>)>) -> Result<(Tensor, Option<Tensor>)> {
+        let cfg = self.cfg;
+        if !use_cache {
+            let e = self.model.encode_prompts(captions, cfg.clip_skip, cfg.max_tokens())?;
+            return Ok((e.hidden, e.pooled));
+        }
+        let mut hidden = vec![];
+        let mut pooled = vec![];
+        for c in captions {
+            if !cache.contains_key(c) {
+                let e = self.model.encode_prompts(std::slice::from_ref(c), cfg.clip_skip, cfg.max_tokens())?;
+                cache.insert(c.clone(), (e.hidden.detach(), e.pooled.map(|p| p.detach())));
+            }
+            let (h, p) = &cache[c];
+            hidden.push(h.clone());
+            if let Some(p) = p {
+                pooled.push(p.clone());
+            }
+        }
+        let hidden = Tensor::cat(&hidden, 0)?;
+        let pooled = if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 0)?) };
+        Ok((hidden, pooled))
+    }
+
+    /// The batch's latents `(B, C, h, w)`.
+    fn batch_latents(&self, batch: &[Item], cached: bool, cache: &mut LatentCache, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+        let mut rows = vec![];
+        for it in batch {
+            let img = &self.set.images[it.image];
+            let z = if cached {
+                cache.latents(&self.model.vae, img, it.flip, device)?
+            } else {
+                data::encode_image(&self.model.vae, &img.entry.path, &img.bucket, self.cfg.random_crop, it.flip, Some(rng), device)?
+            };
+            rows.push(z);
+        }
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// SDXL's size conditions per sample: original size, crop top-left, target size.
+    fn time_ids(&self, batch: &[Item]) -> Vec<[f32; 6]> {
+        batch
+            .iter()
+            .map(|it| {
+                let img = &self.set.images[it.image];
+                let b = &img.bucket;
+                let crop_top = (b.resized.1 - b.bucket.1) / 2;
+                let crop_left = (b.resized.0 - b.bucket.0) / 2;
+                [img.entry.height as f32, img.entry.width as f32, crop_top as f32, crop_left as f32, b.bucket.1 as f32, b.bucket.0 as f32]
+            })
+            .collect()
+    }
+
+    fn metadata(&self, step: u64, epoch: u64) -> NetworkMetadata {
+        let cfg = self.cfg;
+        if cfg.no_metadata {
+            return NetworkMetadata::default();
+        }
+        let mut m = NetworkMetadata::for_network(cfg.network_algo, &cfg.network_options());
+        if !cfg.network_algo.is_kohya() {
+            m.network_args.push(("preset".into(), cfg.lycoris_preset.clone()));
+        }
+        m.base_model_version = Some(match (cfg.model_family, self.schedule.v_prediction) {
+            (ModelFamily::Sd15, _) => BaseModelVersion::SdV1,
+            (ModelFamily::Sd2, false) => BaseModelVersion::SdV2,
+            (ModelFamily::Sd2, true) => BaseModelVersion::SdV2V,
+            (ModelFamily::Sdxl, _) => BaseModelVersion::SdxlBase,
+        });
+        m.output_name = Some(cfg.output_name.clone());
+        m.training_comment = (!cfg.training_comment.is_empty()).then(|| cfg.training_comment.clone());
+        m.training_started_at = Some(self.started_at);
+        m.training_finished_at = Some(unix_now());
+        m.steps = Some(step);
+        m.epoch = Some(epoch);
+        m.seed = Some(cfg.seed);
+        m.learning_rate = Some(cfg.learning_rate);
+        m.unet_lr = Some(cfg.unet_learning_rate());
+        m.text_encoder_lr = Some(cfg.text_encoder_learning_rate());
+        m.lr_scheduler = Some(cfg.lr_scheduler.clone());
+        m.lr_warmup_steps = Some(cfg.lr_warmup_steps);
+        m.optimizer = Some(cfg.optimizer_type.clone());
+        m.mixed_precision = Some(cfg.mixed_precision.clone());
+        m.num_train_images = Some(self.set.num_train_images as u64);
+        m.num_reg_images = Some(self.set.num_reg_images as u64);
+        m.gradient_accumulation_steps = Some(cfg.gradient_accumulation_steps as u64);
+        m.gradient_checkpointing = Some(cfg.gradient_checkpointing);
+        m.clip_skip = Some(cfg.clip_skip as u64);
+        m.noise_offset = (cfg.noise_offset > 0.0).then_some(cfg.noise_offset);
+        m.min_snr_gamma = (cfg.min_snr_gamma > 0.0).then_some(cfg.min_snr_gamma);
+        m.sd_model_name = cfg.pretrained_model_name_or_path.file_name().map(|n| n.to_string_lossy().into_owned());
+        m.extra.insert("ss_resolution".into(), format!("({}, {})", cfg.resolution, cfg.resolution));
+        m.extra.insert("ss_enable_bucket".into(), crate::lora_file::py_bool(cfg.enable_bucket));
+        m.extra.insert("ss_min_bucket_reso".into(), cfg.min_bucket_reso.to_string());
+        m.extra.insert("ss_max_bucket_reso".into(), cfg.max_bucket_reso.to_string());
+        m.extra.insert("ss_caption_dropout_rate".into(), crate::lora_file::py_float(cfg.caption_dropout_rate));
+        m.extra.insert("ss_shuffle_caption".into(), crate::lora_file::py_bool(cfg.shuffle_caption));
+        m.extra.insert("ss_keep_tokens".into(), cfg.keep_tokens.to_string());
+        m.extra.insert("ss_flip_aug".into(), crate::lora_file::py_bool(cfg.flip_aug));
+        m.extra.insert("ss_zero_terminal_snr".into(), crate::lora_file::py_bool(cfg.zero_terminal_snr));
+        m.extra.insert("ss_loss_type".into(), cfg.loss_type.clone());
+        m.extra.insert("ss_max_grad_norm".into(), crate::lora_file::py_float(cfg.max_grad_norm));
+        m.extra.insert("ss_prior_loss_weight".into(), crate::lora_file::py_float(cfg.prior_loss_weight));
+        m.extra.insert("ss_tag_frequency".into(), serde_json::to_string(&self.set.tag_frequency(&cfg.caption_separator)).unwrap_or_default());
+        let dirs: serde_json::Map<String, serde_json::Value> = self
+            .set
+            .subsets
+            .iter()
+            .map(|s| {
+                let name = s.image_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let count = self.set.images.iter().filter(|i| i.entry.path.parent() == Some(s.image_dir.as_path())).count();
+                (name, serde_json::json!({"n_repeats": s.num_repeats, "img_count": count}))
+            })
+            .collect();
+        m.extra.insert("ss_dataset_dirs".into(), serde_json::Value::Object(dirs).to_string());
+        let mut modelspec = |k: &str, v: &str| {
+            if !v.is_empty() {
+                m.extra.insert(format!("modelspec.{k}"), v.to_string());
+            }
+        };
+        modelspec("title", &cfg.metadata_title);
+        modelspec("author", &cfg.metadata_author);
+        modelspec("description", &cfg.metadata_description);
+        modelspec("license", &cfg.metadata_license);
+        modelspec("tags", &cfg.metadata_tags);
+        modelspec("trigger_phrase", &cfg.metadata_trigger_phrase);
+        m
+    }
+
+    /// Saves a network file (epoch, step or final), pruning old ones as configured.
+    fn save_network_file(&self, sink: &mut dyn EventSink, progress: &mut state::Progress, kind: CheckpointKind) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        let epoch = progress.epoch;
+        let name = match kind {
+            CheckpointKind::Epoch => format!("{}-{:06}.safetensors", cfg.output_name, epoch),
+            CheckpointKind::Step => format!("{}-step{:08}.safetensors", cfg.output_name, progress.step),
+            _ => format!("{}.safetensors", cfg.output_name),
+        };
+        let path = cfg.output_dir.join(name);
+        let was_training = true;
+        self.network.set_training(false);
+        self.network.save(&path, &self.metadata(progress.step, epoch), parse_save_precision(&cfg.save_precision)?)?;
+        self.network.set_training(was_training);
+        sink.emit(TrainEvent::Checkpoint { step: progress.step, epoch, checkpoint: kind, path: path.clone() });
+        let (list, keep) = match kind {
+            CheckpointKind::Epoch => (&mut progress.saved_epoch_files, cfg.save_last_n_epochs),
+            CheckpointKind::Step => (&mut progress.saved_step_files, cfg.save_last_n_steps),
+            _ => return Ok(path),
+        };
+        list.push(path.clone());
+        if keep > 0 {
+            while list.len() as u64 > keep {
+                let old = list.remove(0);
+                if std::fs::remove_file(&old).is_ok() {
+                    sink.emit(TrainEvent::Pruned { path: old });
+                }
+            }
+        }
+        Ok(path)
+    }
+
+    /// Saves a resumable state. A `kept` state stays (pruned by the save_last_n_*_state
+    /// settings); an automatic one replaces the previous automatic one.
+    fn save_state(&self, sink: &mut dyn EventSink, progress: &state::Progress, vars: &[(String, candle_core::Var)], optimizer: &dyn optim::Optimizer, kept: bool) -> Result<()> {
+        let cfg = self.cfg;
+        let before = state::list(&cfg.output_dir);
+        let dir = state::save(&cfg.output_dir, progress, vars, &optimizer.state()?)?;
+        sink.emit(TrainEvent::Checkpoint { step: progress.step, epoch: progress.epoch, checkpoint: CheckpointKind::State, path: dir.clone() });
+        let keep = if kept { cfg.save_last_n_epochs_state.max(cfg.save_last_n_steps_state) } else { 1 };
+        if keep > 0 || !kept {
+            let mut all: Vec<PathBuf> = before.into_iter().filter(|d| d != &dir).collect();
+            all.push(dir);
+            while all.len() as u64 > keep.max(1) {
+                let old = all.remove(0);
+                std::fs::remove_dir_all(&old).ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders the configured sample prompts with the adapters applied.
+    fn write_samples(&self, sink: &mut dyn EventSink, step: u64, epoch: u64) -> Result<()> {
+        if self.sample_requests.is_empty() {
+            return Ok(());
+        }
+        self.network.set_training(false);
+        for (i, req) in self.sample_requests.iter().enumerate() {
+            let image = sample_image(self.model, self.schedule, self.sampler, req, self.cfg.clip_skip)?;
+            let path = self.cfg.output_dir.join("sample").join(format!("{}_{:06}_{:02}_{}.png", self.cfg.output_name, step, i, req.seed));
+            save_png(&image, &path)?;
+            sink.emit(TrainEvent::Sample { step, epoch, index: i, prompt: req.prompt.clone(), path });
+        }
+        self.network.set_training(true);
+        Ok(())
+    }
+}
+
+/// The run's output folder and final file for a config (what `loft train` prints).
+pub fn final_file(cfg: &TrainConfig) -> PathBuf {
+    cfg.output_dir.join(format!("{}.safetensors", cfg.output_name))
+}
+
+/// Whether `output_dir` holds a state to resume from.
+pub fn has_state(output_dir: &Path) -> bool {
+    !state::list(output_dir).is_empty()
 }

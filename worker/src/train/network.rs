@@ -1,0 +1,333 @@
+//! The trained network: which layers get an adapter (kohya's module lists for LoRA/LoCon,
+//! LyCORIS's presets for the rest), the adapters attached to the model as layer hooks, the
+//! variables the optimizer trains, and saving the kohya/LyCORIS file.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+use crate::lora_file::{save_network, NetworkMetadata};
+use crate::models::layers::LayerHook;
+use crate::models::pipeline::{NamedLayer, Part, StableDiffusion};
+use crate::networks::{adapter_from_tensors_named, build_adapter, Adapter, BaseLayer, LayerKind, NetworkAlgo, NetworkOptions};
+
+/// Which kind of module a layer sits in (diffusers module paths, what kohya's and LyCORIS's
+/// class-name target lists select).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    /// Inside a `Transformer2DModel` (`…attentions.N…`); `attention` = inside its `Attention`.
+    Transformer { attention: bool },
+    /// Inside a `ResnetBlock2D`, `Downsample2D` or `Upsample2D`.
+    ConvBlock,
+    /// `conv_in`, `conv_out`, `time_embedding.linear_{1,2}` (LyCORIS's `full` target names).
+    Named,
+    /// Text encoder `CLIPAttention` / `CLIPMLP`.
+    TeAttention,
+    TeMlp,
+    Other,
+}
+
+fn classify(part: Part, path: &str) -> Block {
+    match part {
+        Part::Unet => {
+            if path.contains(".attentions.") {
+                Block::Transformer { attention: path.contains(".attn1.") || path.contains(".attn2.") }
+            } else if path.contains(".resnets.") || path.contains(".downsamplers.") || path.contains(".upsamplers.") {
+                Block::ConvBlock
+            } else if ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"].contains(&path) {
+                Block::Named
+            } else {
+                Block::Other
+            }
+        }
+        Part::TextEncoder(_) => {
+            if path.contains(".self_attn.") {
+                Block::TeAttention
+            } else if path.contains(".mlp.") {
+                Block::TeMlp
+            } else {
+                Block::Other
+            }
+        }
+    }
+}
+
+/// Whether `layer` gets an adapter for this algorithm and preset, and (IA3 preset) whether it
+/// scales its input.
+fn selects(algo: NetworkAlgo, opts: &NetworkOptions, preset: &str, part: Part, path: &str, kind: &LayerKind) -> Option<bool> {
+    let block = classify(part, path);
+    let is_norm = kind.is_norm();
+    let is_conv_kxk = matches!(kind, LayerKind::Conv2d { .. }) && kind.weight_shape().get(2).copied().unwrap_or(1) > 1;
+    if algo.is_kohya() {
+        // kohya: Linear and 1×1 convs of the target modules; k×k convs (and the conv blocks at
+        // all) only with conv_dim; never norms.
+        if is_norm {
+            return None;
+        }
+        let conv = opts.conv_dim.is_some();
+        let ok = match block {
+            Block::Transformer { .. } | Block::TeAttention | Block::TeMlp => !is_conv_kxk || conv,
+            Block::ConvBlock => conv,
+            _ => false,
+        };
+        return ok.then_some(false);
+    }
+    if preset == "ia3" {
+        // LyCORIS's ia3 preset: keys, values and the MLP output (scaled on its input).
+        let on_input = path.ends_with("ff.net.2") || path.ends_with("mlp.fc2");
+        let ok = path.ends_with("to_k") || path.ends_with("to_v") || path.ends_with("k_proj") || path.ends_with("v_proj") || on_input;
+        return (ok && !is_norm).then_some(on_input);
+    }
+    // (unet modules, text-encoder modules, convs enabled)
+    let (unet_blocks, te, enable_conv): (&[&str], bool, bool) = match preset {
+        "full" => (&["transformer", "conv_block", "named"], true, true),
+        "full-lin" => (&["transformer", "conv_block", "named"], true, false),
+        "attn-mlp" => (&["transformer"], true, false),
+        "attn-only" => (&["attention"], true, false),
+        "unet-only" => (&["transformer", "conv_block", "named"], false, true),
+        "unet-transformer-only" => (&["transformer"], false, false),
+        "unet-convblock-only" => (&["conv_block"], false, true),
+        _ => (&["transformer", "conv_block", "named"], true, true),
+    };
+    let in_unet = match block {
+        Block::Transformer { attention } => unet_blocks.contains(&"transformer") || (attention && unet_blocks.contains(&"attention")),
+        Block::ConvBlock => unet_blocks.contains(&"conv_block"),
+        Block::Named => unet_blocks.contains(&"named"),
+        _ => false,
+    };
+    let in_te = match block {
+        Block::TeAttention => te,
+        Block::TeMlp => te && preset != "attn-only",
+        _ => false,
+    };
+    if !(in_unet || in_te) {
+        return None;
+    }
+    if is_norm {
+        return opts.train_norm.then_some(false);
+    }
+    if matches!(kind, LayerKind::Conv2d { .. }) && !enable_conv {
+        return None;
+    }
+    Some(false)
+}
+
+/// An adapter attached to a model layer. The hook reads `training` to switch dropouts on.
+pub struct AttachedAdapter {
+    pub kohya_name: String,
+    pub part: Part,
+    pub adapter: Arc<dyn Adapter>,
+}
+
+struct Hook {
+    adapter: Arc<dyn Adapter>,
+    training: Arc<AtomicBool>,
+}
+
+impl LayerHook for Hook {
+    fn forward(&self, base: &BaseLayer, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.adapter.forward(base, x, self.training.load(Ordering::Relaxed))
+    }
+}
+
+/// The network being trained.
+pub struct Network {
+    pub algo: NetworkAlgo,
+    pub options: NetworkOptions,
+    pub preset: String,
+    pub adapters: Vec<AttachedAdapter>,
+    /// Selected layers the algorithm could not adapt, with the reason.
+    pub skipped: Vec<(String, String)>,
+    training: Arc<AtomicBool>,
+}
+
+impl Network {
+    /// Builds fresh adapters on the selected layers of `model` and hooks them in. `unet` /
+    /// `text_encoder` say which parts are trained.
+    pub fn attach(model: &StableDiffusion, algo: NetworkAlgo, options: &NetworkOptions, preset: &str, unet: bool, text_encoder: bool) -> Result<Self> {
+        Self::attach_with(model, algo, options, preset, unet, text_encoder, None)
+    }
+
+    /// As [`Network::attach`], with the adapters' tensors taken from `state` (kohya name →
+    /// tensors by file name) where given: resuming.
+    pub fn attach_with(
+        model: &StableDiffusion,
+        algo: NetworkAlgo,
+        options: &NetworkOptions,
+        preset: &str,
+        unet: bool,
+        text_encoder: bool,
+        state: Option<&HashMap<String, HashMap<String, Tensor>>>,
+    ) -> Result<Self> {
+        let training = Arc::new(AtomicBool::new(false));
+        let mut adapters = vec![];
+        let mut skipped: Vec<(String, String)> = vec![];
+        for NamedLayer { kohya_name, part, layer } in model.named_layers() {
+            let wanted = match part {
+                Part::Unet => unet,
+                Part::TextEncoder(_) => text_encoder,
+            };
+            if !wanted {
+                continue;
+            }
+            let Some(on_input) = selects(algo, options, preset, part, layer.name(), layer.kind()) else { continue };
+            let mut opts = options.clone();
+            if on_input {
+                opts.train_on_input = true;
+            }
+            let built = match state.and_then(|s| s.get(&kohya_name)) {
+                Some(tensors) => adapter_from_tensors_named(algo, &opts, layer.base(), tensors, &kohya_name),
+                None => build_adapter(algo, &opts, layer.base(), &kohya_name),
+            };
+            // A layer the algorithm cannot adapt with these options (a 4-channel conv_out for
+            // OFT's blocks, …) is left out and reported, as LyCORIS leaves out what it cannot wrap.
+            let adapter = match built {
+                Ok(a) => a,
+                Err(e) => {
+                    skipped.push((kohya_name, e.to_string()));
+                    continue;
+                }
+            };
+            let adapter: Arc<dyn Adapter> = Arc::from(adapter);
+            layer.set_hook(Some(Arc::new(Hook { adapter: adapter.clone(), training: training.clone() })));
+            adapters.push(AttachedAdapter { kohya_name, part, adapter });
+        }
+        if adapters.is_empty() {
+            bail!(
+                "network_algo {} with preset {preset:?} adapts no layer of this model{}",
+                algo.name(),
+                match skipped.first() {
+                    Some((_, why)) => format!(": {why}"),
+                    None if !unet && !text_encoder => " (neither the UNet nor the text encoder is trained)".to_string(),
+                    None => String::new(),
+                }
+            );
+        }
+        Ok(Self { algo, options: options.clone(), preset: preset.to_string(), adapters, skipped, training })
+    }
+
+    /// Switches dropouts (network, rank, module) on for training, off for samples.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// The trained variables of one part, named `<kohya name>.<tensor>`.
+    pub fn trainable(&self, unet: bool) -> Vec<(String, Var)> {
+        self.adapters
+            .iter()
+            .filter(|a| matches!(a.part, Part::Unet) == unet)
+            .flat_map(|a| a.adapter.trainable().into_iter().map(move |(n, v)| (format!("{}.{n}", a.kohya_name), v)))
+            .collect()
+    }
+
+    /// Every trained variable (for checkpoints).
+    pub fn all_trainable(&self) -> Vec<(String, Var)> {
+        let mut v = self.trainable(true);
+        v.extend(self.trainable(false));
+        v
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.all_trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Writes the kohya/LyCORIS network file.
+    pub fn save(&self, path: &Path, metadata: &NetworkMetadata, dtype: DType) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let modules: Vec<(String, &dyn Adapter)> = self.adapters.iter().map(|a| (a.kohya_name.clone(), a.adapter.as_ref())).collect();
+        save_network(path, &modules, metadata, Some(dtype))
+    }
+
+    /// Each adapter's file tensors (f32), for training states: resuming rebuilds the adapters
+    /// from these with [`Network::attach_with`].
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![];
+        for a in &self.adapters {
+            for (k, t) in a.adapter.state_tensors()? {
+                out.push((format!("{}.{k}", a.kohya_name), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// sd-scripts' `--scale_weight_norms`: rescales each module whose ΔW norm exceeds
+    /// `max_norm` back to it (LoRA-style down/up pairs only, as sd-scripts). Returns how many
+    /// were scaled and the mean norm.
+    pub fn scale_weight_norms(&self, max_norm: f64) -> Result<(usize, f64)> {
+        let mut scaled = 0;
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for a in &self.adapters {
+            let vars = a.adapter.trainable();
+            let (Some(down), Some(up)) = (
+                vars.iter().find(|(n, _)| n == "lora_down.weight"),
+                vars.iter().find(|(n, _)| n == "lora_up.weight"),
+            ) else {
+                continue;
+            };
+            let norm: f64 = a.adapter.delta_weight()?.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.to_scalar()?;
+            total += norm;
+            count += 1;
+            if norm > max_norm {
+                // Split the scale evenly between the two factors, as sd-scripts does.
+                let ratio = (max_norm / norm).sqrt();
+                down.1.set(&(down.1.as_tensor() * ratio)?)?;
+                up.1.set(&(up.1.as_tensor() * ratio)?)?;
+                scaled += 1;
+            }
+        }
+        Ok((scaled, if count > 0 { total / count as f64 } else { 0.0 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear() -> LayerKind {
+        LayerKind::Linear { in_features: 8, out_features: 8 }
+    }
+
+    fn conv3() -> LayerKind {
+        LayerKind::Conv2d { in_channels: 8, out_channels: 8, kernel: (3, 3), stride: 1, padding: 1 }
+    }
+
+    #[test]
+    fn kohya_and_lycoris_presets_select_the_right_layers() {
+        let o = NetworkOptions::default();
+        let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+        let ff = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2";
+        let res = "down_blocks.0.resnets.0.conv1";
+        let te = "text_model.encoder.layers.0.mlp.fc1";
+        let u = Part::Unet;
+        let t = Part::TextEncoder(0);
+        // kohya LoRA: attention + transformer linears + TE; resnets only with conv_dim.
+        assert!(selects(NetworkAlgo::Lora, &o, "full", u, q, &linear()).is_some());
+        assert!(selects(NetworkAlgo::Lora, &o, "full", u, res, &conv3()).is_none());
+        let with_conv = NetworkOptions { conv_dim: Some(4), ..o.clone() };
+        assert!(selects(NetworkAlgo::Locon, &with_conv, "full", u, res, &conv3()).is_some());
+        assert!(selects(NetworkAlgo::Lora, &o, "full", t, te, &linear()).is_some());
+        // LyCORIS presets.
+        assert!(selects(NetworkAlgo::Loha, &o, "attn-only", u, ff, &linear()).is_none());
+        assert!(selects(NetworkAlgo::Loha, &o, "attn-only", u, q, &linear()).is_some());
+        assert!(selects(NetworkAlgo::Loha, &o, "attn-mlp", u, ff, &linear()).is_some());
+        assert!(selects(NetworkAlgo::Loha, &o, "full", u, res, &conv3()).is_some());
+        assert!(selects(NetworkAlgo::Loha, &o, "full-lin", u, res, &conv3()).is_none());
+        assert!(selects(NetworkAlgo::Loha, &o, "unet-only", t, te, &linear()).is_none());
+        assert!(selects(NetworkAlgo::Loha, &o, "full", u, "conv_in", &conv3()).is_some());
+        assert_eq!(selects(NetworkAlgo::Ia3, &o, "ia3", u, ff, &linear()), Some(true));
+        assert_eq!(selects(NetworkAlgo::Ia3, &o, "ia3", u, q, &linear()), None);
+        // Norms only with train_norm.
+        let norm = LayerKind::LayerNorm { features: 8, eps: 1e-5 };
+        let n1 = "down_blocks.0.attentions.0.transformer_blocks.0.norm1";
+        assert!(selects(NetworkAlgo::Lokr, &o, "full", u, n1, &norm).is_none());
+        let tn = NetworkOptions { train_norm: true, ..o };
+        assert!(selects(NetworkAlgo::Lokr, &tn, "full", u, n1, &norm).is_some());
+    }
+}
