@@ -4,12 +4,16 @@
 //!   te1 / te2, by block), module count, base model version and the `ss_*` metadata.
 //! - `loft lora resize FILE --rank R [--dynamic sv_fro=0.9] --out FILE`: SVD rank reduction
 //!   as sd-scripts' `resize_lora.py`, reporting the retained Frobenius energy per module.
+//! - `loft lora merge --base MODEL --lora FILE[:weight] … --out PATH`: merges networks into a
+//!   diffusers folder or a single-file checkpoint, writing the same layout
+//!   ([`loft_worker::lora_file::merge`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
+use loft_worker::lora_file::merge::{merge, parse_lora_arg, MergeInput};
 use loft_worker::lora_file::resize::{resize, DynamicMethod};
 use loft_worker::lora_file::{
     module_group, parse_save_precision, py_float, save_tensors, LoraFile,
@@ -43,6 +47,26 @@ pub enum LoraCommand {
         #[arg(long, default_value = "float")]
         save_precision: String,
         /// Print the per-module report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge LoRA / LyCORIS files into a model's UNet and text encoder weights.
+    Merge {
+        /// The base model: a diffusers folder or a single-file .safetensors checkpoint.
+        #[arg(long)]
+        base: PathBuf,
+        /// A network file, optionally with its weight (FILE:0.7); repeat for several.
+        #[arg(long = "lora", required = true)]
+        loras: Vec<String>,
+        /// Where to write the merged model (a folder for a diffusers base, a .safetensors
+        /// file for a single file); must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// For a single-file base whose sizes break the family rules: a diffusers folder
+        /// whose config.json files describe it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -109,6 +133,36 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
                     println!("average Frobenius norm retained: {:.2}%", 100.0 * mean);
                 }
                 println!("wrote {}", out.display());
+            }
+            Ok(())
+        }
+        LoraCommand::Merge { base, loras, out, config, json } => {
+            let inputs = loras
+                .iter()
+                .map(|arg| {
+                    let (path, multiplier) = parse_lora_arg(arg);
+                    Ok(MergeInput { file: LoraFile::load(&path)?, multiplier })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let r = merge(&base, &inputs, &out, config.as_deref())?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("base:    {} ({}, {})", base.display(), r.family.name(), r.layout.replace('_', "-"));
+                for f in &r.files {
+                    println!(
+                        "merged:  {} × {} ({} modules{})",
+                        f.path.display(),
+                        py_float(f.multiplier),
+                        f.matched,
+                        if f.unmatched.is_empty() { String::new() } else { format!(", {} skipped", f.unmatched.len()) }
+                    );
+                }
+                println!("changed: {} tensors", r.tensors_changed);
+                println!("wrote {}", r.out.display());
             }
             Ok(())
         }

@@ -295,3 +295,70 @@ fn bad_paths_and_corrupt_files_fail_clearly() {
         );
     }
 }
+
+fn model_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+}
+
+/// `loft lora merge` on the tiny SD1.5 pipeline, both layouts, two LyCORIS files with
+/// weights; the merged values are checked against the Python reference in
+/// worker/tests/lora_merge.rs, here the command line, report and output layout.
+#[test]
+fn merge_writes_the_layout_it_read() {
+    let dir = tmp("merge");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = model_fixtures();
+    let locon = m.join("merge/tiny-sd15-locon.safetensors");
+    let lokr = format!("{}:0.5", m.join("merge/tiny-sd15-lokr.safetensors").display());
+    let reference = loft_worker::candle_core::safetensors::load(
+        m.join("merge/tiny-sd15-merge-ref.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    let want = &reference[&format!("unet.{key}")];
+    let close = |got: &Tensor| {
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() < 1e-5
+    };
+
+    let out = dir.join("merged");
+    let (ok, stdout, err) = loft(&[
+        "lora", "merge", "--base", m.join("tiny-sd15").to_str().unwrap(),
+        "--lora", locon.to_str().unwrap(), "--lora", &lokr, "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("sd15, diffusers") && stdout.contains("× 0.5 (95 modules)") && stdout.contains("changed: 95 tensors"), "{stdout}");
+    let unet = loft_worker::candle_core::safetensors::load(out.join("unet/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    assert!(close(&unet[key]));
+    assert!(out.join("model_index.json").is_file() && out.join("scheduler/scheduler_config.json").is_file());
+
+    let out = dir.join("merged.safetensors");
+    let (ok, stdout, err) = loft(&[
+        "lora", "merge", "--base", m.join("tiny-sd15.safetensors").to_str().unwrap(),
+        "--config", m.join("tiny-sd15").to_str().unwrap(),
+        "--lora", locon.to_str().unwrap(), "--lora", &lokr, "--out", out.to_str().unwrap(), "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["layout"], "single_file");
+    assert_eq!(report["family"], "sd15");
+    assert_eq!(report["tensors_changed"], 95);
+    let merged = loft_worker::candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(close(&merged["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"]));
+
+    // The same output again: refused, nothing overwritten.
+    let (ok, _, err) = loft(&[
+        "lora", "merge", "--base", m.join("tiny-sd15.safetensors").to_str().unwrap(),
+        "--lora", locon.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    // A LoRA file given as the base.
+    let (ok, _, err) = loft(&[
+        "lora", "merge", "--base", locon.to_str().unwrap(), "--lora", locon.to_str().unwrap(),
+        "--out", dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("LoRA/LyCORIS network file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,496 @@
+//! Merging network files into a base model (`loft lora merge`): W′ = W + Σ mᵢ·ΔWᵢ for every
+//! adapted UNet / text-encoder layer, written in the layout that was read.
+//!
+//! - **Layouts.** A diffusers folder gives a diffusers folder (everything copied, the changed
+//!   `unet` / `text_encoder[_2]` weight files rewritten); a single-file checkpoint gives a
+//!   single file with every key, the metadata and each tensor's dtype kept.
+//! - **Names.** A module is found by the names the tools write: kohya / LyCORIS
+//!   `lora_unet_` + the diffusers path with `.` → `_` (SD1.x/2.x; LyCORIS on a diffusers
+//!   SDXL UNet too), `lora_unet_` + the LDM path (sd-scripts' SDXL trainer, see
+//!   [`crate::models::ldm_names`]), LyCORIS's own `lycoris_` + the diffusers path, and
+//!   `lora_te_` (one text encoder) or `lora_te1_` / `lora_te2_` (SDXL) + the transformers path.
+//!   The layers and their kinds come from building each model on a weightless skeleton
+//!   ([`skeleton_var_builder`]), so the merge knows exactly the layers training would adapt.
+//! - **ΔW** comes from [`LoadedModule::delta`] against the original base weight (every
+//!   algorithm, DoRA and the base-dependent ones included); with several files each ΔW is
+//!   taken against the original weight and the scaled deltas are summed, so the order of the
+//!   files does not matter. A file's `:weight` is the multiplier `m` of its ΔW. OpenCLIP's
+//!   fused q/k/v in a single file receive each projection's ΔW in their rows.
+//! - **Memory.** One tensor at a time: base tensors are read from the memory-mapped file,
+//!   merged in f32, cast back to the stored dtype and streamed to the output; unchanged
+//!   tensors are copied byte for byte.
+//!
+//! Modules no layer matches are reported (a warning per file, listing them); a file of which
+//! no module matches is an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+use super::{LoadedModule, LoraFile, ModuleDelta};
+use crate::models::config::{read_json, ClipTextConfig, UNetConfig};
+use crate::models::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
+use crate::models::safetensors_io::{candle_dtype, tensor_bytes, write_streaming, MappedFile, OutEntry};
+use crate::models::single_file::{skeleton_var_builder, Checkpoint, Component, Stored};
+use crate::models::{kohya_name, weight_files, ClipTextModel, ModelFamily, ModelLayers, UNet2DConditionModel};
+use crate::networks::{BaseLayer, LayerKind};
+
+/// One network file and its multiplier.
+pub struct MergeInput {
+    pub file: LoraFile,
+    pub multiplier: f64,
+}
+
+/// What one file contributed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub multiplier: f64,
+    pub matched: usize,
+    /// Module names no layer of the base model has.
+    pub unmatched: Vec<String>,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeReport {
+    /// `single_file` or `diffusers`.
+    pub layout: &'static str,
+    pub family: ModelFamily,
+    pub out: PathBuf,
+    pub files: Vec<FileReport>,
+    /// Stored tensors whose values changed.
+    pub tensors_changed: usize,
+    /// Anything the user should know (unmatched modules, dropped bias deltas, …).
+    pub warnings: Vec<String>,
+}
+
+/// A layer a module can adapt.
+#[derive(Clone, Debug)]
+struct Target {
+    component: Component,
+    /// The diffusers / transformers module path.
+    module: String,
+    kind: LayerKind,
+    has_bias: bool,
+}
+
+/// Where a diffusers-named tensor is stored: which file, under which key, in which layout.
+type Locate = dyn Fn(Component, &str) -> Option<(usize, Stored)>;
+
+/// A base model opened for merging, whatever its layout.
+struct Base {
+    family: ModelFamily,
+    /// The files that hold UNet / text encoder weights.
+    files: Vec<Arc<MappedFile>>,
+    locate: Box<Locate>,
+    targets: HashMap<String, Target>,
+}
+
+/// The layers of a model built on a weightless skeleton.
+fn layers_of(build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<Vec<Arc<crate::models::Layer>>>) -> Result<Vec<(String, LayerKind, bool)>> {
+    let (vb, _) = skeleton_var_builder();
+    Ok(build(vb)?.iter().map(|l| (l.name().to_string(), l.kind().clone(), l.base().bias.is_some())).collect())
+}
+
+fn unet_layers(cfg: &UNetConfig) -> Result<Vec<(String, LayerKind, bool)>> {
+    layers_of(|vb| Ok(UNet2DConditionModel::new(cfg, vb)?.layers().to_vec()))
+}
+
+fn te_layers(cfg: &ClipTextConfig, with_projection: bool) -> Result<Vec<(String, LayerKind, bool)>> {
+    layers_of(|vb| Ok(ClipTextModel::new(cfg, vb, with_projection)?.layers().to_vec()))
+}
+
+/// Every kohya-style name of every adaptable layer.
+fn targets(family: ModelFamily, unet: &UNetConfig, tes: &[ClipTextConfig]) -> Result<HashMap<String, Target>> {
+    let mut out = HashMap::new();
+    let layout = UNetLayout::from_config(unet);
+    for (module, kind, has_bias) in unet_layers(unet)? {
+        let t = Target { component: Component::Unet, module: module.clone(), kind, has_bias };
+        out.insert(kohya_name("lora_unet", &module), t.clone());
+        out.insert(kohya_name("lycoris", &module), t.clone());
+        if let Some(ldm) = sdxl_kohya_unet_name(&module, &layout) {
+            out.insert(ldm, t);
+        }
+    }
+    for (i, cfg) in tes.iter().enumerate() {
+        let prefix = if tes.len() == 1 { "lora_te".to_string() } else { format!("lora_te{}", i + 1) };
+        let with_projection = family == ModelFamily::Sdxl && i == 1;
+        for (module, kind, has_bias) in te_layers(cfg, with_projection)? {
+            let t = Target { component: Component::TextEncoder(i), module: module.clone(), kind, has_bias };
+            out.insert(kohya_name(&prefix, &module), t);
+        }
+    }
+    Ok(out)
+}
+
+impl Base {
+    fn single_file(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
+        let ckpt = match config_dir {
+            Some(d) => Checkpoint::open_with_config_dir(path, d),
+            None => Checkpoint::open(path),
+        }?;
+        let targets = targets(ckpt.family, &ckpt.unet_config, &ckpt.text_encoder_configs)?;
+        let keys = ckpt.key_map().clone();
+        let file = Arc::new(MappedFile::open(path)?);
+        let f2 = file.clone();
+        let locate = Box::new(move |c: Component, name: &str| keys.stored(c, name).filter(|s| f2.contains(s.key())).map(|s| (0, s)));
+        Ok(Self { family: ckpt.family, files: vec![file], locate, targets })
+    }
+
+    fn diffusers(dir: &Path) -> Result<Self> {
+        let unet: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let mut tes: Vec<ClipTextConfig> = vec![read_json(&dir.join("text_encoder/config.json"))?];
+        if dir.join("text_encoder_2/config.json").is_file() {
+            tes.push(read_json(&dir.join("text_encoder_2/config.json"))?);
+        }
+        let family = if tes.len() == 2 {
+            ModelFamily::Sdxl
+        } else if tes[0].hidden_act == "gelu" {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd15
+        };
+        let targets = targets(family, &unet, &tes)?;
+        let mut files = Vec::new();
+        let mut owner: HashMap<(Component, String), usize> = HashMap::new();
+        let mut components = vec![(Component::Unet, "diffusion_pytorch_model")];
+        for i in 0..tes.len() {
+            components.push((Component::TextEncoder(i), "model"));
+        }
+        for (c, stem) in components {
+            for p in weight_files(&dir.join(c.folder()), stem)? {
+                let f = MappedFile::open(&p)?;
+                for n in f.names() {
+                    owner.insert((c, n.clone()), files.len());
+                }
+                files.push(Arc::new(f));
+            }
+        }
+        let locate = Box::new(move |c: Component, name: &str| owner.get(&(c, name.to_string())).map(|&i| (i, Stored::Same(name.to_string()))));
+        Ok(Self { family, files, locate, targets })
+    }
+}
+
+/// One contribution to a stored tensor.
+#[derive(Clone, Debug)]
+struct Contribution {
+    input: usize,
+    module: usize,
+    /// The weight (false) or the bias (true) part of the module's delta.
+    bias: bool,
+    stored: Stored,
+}
+
+/// Merges `inputs` into the model at `base` (a diffusers folder or a single-file checkpoint)
+/// and writes the result, in the same layout, to `out` (which must not exist yet).
+/// `config_dir` gives a single file's configs (as [`Checkpoint::open_with_config_dir`]).
+pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<&Path>) -> Result<MergeReport> {
+    if inputs.is_empty() {
+        bail!("nothing to merge: give at least one --lora file");
+    }
+    if out.exists() {
+        bail!("{} already exists; merge writes a new file or folder", out.display());
+    }
+    let is_dir = base.is_dir();
+    let b = if is_dir {
+        if !base.join("unet/config.json").is_file() {
+            bail!("{} is a folder but not a diffusers pipeline (no unet/config.json)", base.display());
+        }
+        Base::diffusers(base)?
+    } else {
+        Base::single_file(base, config_dir)?
+    };
+
+    // Plan: which stored tensors change, and from which modules.
+    let mut warnings = Vec::new();
+    let mut reports = Vec::new();
+    let mut plan: BTreeMap<(usize, String), Vec<Contribution>> = BTreeMap::new();
+    let mut targets_of: HashMap<(usize, usize), Target> = HashMap::new();
+    let mut misfits = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        if let Some(v) = input.file.base_model_version() {
+            let made_for = if v.starts_with("sdxl") {
+                Some(ModelFamily::Sdxl)
+            } else if v.starts_with("sd_v2") {
+                Some(ModelFamily::Sd2)
+            } else if v.starts_with("sd_v1") {
+                Some(ModelFamily::Sd15)
+            } else {
+                None
+            };
+            if made_for.is_some_and(|f| f != b.family) {
+                warnings.push(format!("{} was made for {v}, the base model is {}", input.file.path.display(), b.family.name()));
+            }
+        }
+        let mut unmatched = Vec::new();
+        let mut matched = 0;
+        for (j, m) in input.file.modules.iter().enumerate() {
+            let Some(t) = b.targets.get(&m.name) else {
+                unmatched.push(m.name.clone());
+                continue;
+            };
+            if let Some(why) = misfit(m, t) {
+                misfits.push(format!("{} ({}): {why}", m.name, input.file.path.display()));
+                continue;
+            }
+            matched += 1;
+            let weight = format!("{}.weight", t.module);
+            let Some((fw, sw)) = (b.locate)(t.component, &weight) else {
+                bail!("{}: the base model has no tensor {weight} for module {}", base.display(), m.name);
+            };
+            plan.entry((fw, sw.key().to_string())).or_default().push(Contribution { input: i, module: j, bias: false, stored: sw });
+            if t.has_bias {
+                let bias = format!("{}.bias", t.module);
+                if let Some((fb, sb)) = (b.locate)(t.component, &bias) {
+                    plan.entry((fb, sb.key().to_string())).or_default().push(Contribution { input: i, module: j, bias: true, stored: sb });
+                }
+            }
+            targets_of.insert((i, j), t.clone());
+        }
+        if matched == 0 {
+            let version = input.file.base_model_version().map(|v| format!(" (made for {v})")).unwrap_or_default();
+            bail!(
+                "{}{version}: none of its {} modules matches a layer of this {} model (e.g. {})",
+                input.file.path.display(),
+                input.file.modules.len(),
+                b.family.name(),
+                input.file.modules.first().map(|m| m.name.as_str()).unwrap_or("-")
+            );
+        }
+        if !unmatched.is_empty() {
+            let shown: Vec<&str> = unmatched.iter().take(8).map(|s| s.as_str()).collect();
+            warnings.push(format!(
+                "{}: {} of {} modules match no layer and were skipped: {}{}",
+                input.file.path.display(),
+                unmatched.len(),
+                input.file.modules.len(),
+                shown.join(", "),
+                if unmatched.len() > shown.len() { ", …" } else { "" }
+            ));
+        }
+        reports.push(FileReport { path: input.file.path.clone(), multiplier: input.multiplier, matched, unmatched });
+    }
+    if !misfits.is_empty() {
+        let shown: Vec<&str> = misfits.iter().take(5).map(|s| s.as_str()).collect();
+        bail!(
+            "{} module(s) do not fit the base model's layers (a network made for another model?): {}{}",
+            misfits.len(),
+            shown.join("; "),
+            if misfits.len() > shown.len() { "; …" } else { "" }
+        );
+    }
+
+    // Deltas are computed once per module and kept only until both its weight and its bias
+    // have been written.
+    let mut cache: HashMap<(usize, usize), (ModuleDelta, usize)> = HashMap::new();
+    let mut uses: HashMap<(usize, usize), usize> = HashMap::new();
+    for cs in plan.values() {
+        for c in cs {
+            *uses.entry((c.input, c.module)).or_default() += 1;
+        }
+    }
+    let mut delta_for = |c: &Contribution, warnings: &mut Vec<String>| -> Result<Option<Tensor>> {
+        let key = (c.input, c.module);
+        if !cache.contains_key(&key) {
+            let t = &targets_of[&key];
+            let m = &inputs[c.input].file.modules[c.module];
+            let d = module_delta(&b, t, m)?;
+            if d.db.is_some() && !t.has_bias {
+                warnings.push(format!("{}: a bias delta for {}, which has no bias, was dropped", m.name, t.module));
+            }
+            cache.insert(key, (d, uses[&key]));
+        }
+        let (d, left) = cache.get_mut(&key).expect("just inserted");
+        let part = if c.bias { d.db.clone() } else { Some(d.dw.clone()) };
+        *left -= 1;
+        if *left == 0 {
+            cache.remove(&key);
+        }
+        Ok(part.map(|p| p * inputs[c.input].multiplier).transpose()?)
+    };
+
+    let mut merged_meta: Vec<String> = inputs
+        .iter()
+        .map(|i| format!("{}:{}", i.file.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), i.multiplier))
+        .collect();
+    merged_meta.dedup();
+
+    // Write.
+    let changed_files: Vec<usize> = {
+        let mut v: Vec<usize> = plan.keys().map(|(f, _)| *f).collect();
+        v.dedup();
+        v
+    };
+    let dest_of = |f: usize| -> Result<PathBuf> {
+        if is_dir {
+            let rel = b.files[f].path().strip_prefix(base).context("weight file outside the base folder")?;
+            Ok(out.join(rel))
+        } else {
+            Ok(out.to_path_buf())
+        }
+    };
+    if is_dir {
+        let skip: Vec<PathBuf> = changed_files.iter().map(|&f| b.files[f].path().to_path_buf()).collect();
+        copy_tree(base, out, &skip)?;
+    }
+    let mut tensors_changed = 0;
+    for &fi in &changed_files {
+        let file = &b.files[fi];
+        let dest = dest_of(fi)?;
+        let entries: Vec<OutEntry> = file
+            .names()
+            .iter()
+            .map(|n| {
+                let e = file.entry(n).expect("listed");
+                OutEntry { name: n.clone(), dtype: e.dtype, shape: e.shape.clone() }
+            })
+            .collect();
+        let mut meta = file.metadata().clone();
+        meta.insert("loft_merged_networks".into(), serde_json::to_string(&merged_meta)?);
+        let result = write_streaming(&dest, &entries, &meta, |i, w| {
+            let name = &entries[i].name;
+            match plan.get(&(fi, name.clone())) {
+                None => {
+                    w.write_all(file.bytes(name).expect("listed"))?;
+                    Ok(())
+                }
+                Some(cs) => {
+                    let Some(stored_dtype) = candle_dtype(entries[i].dtype) else {
+                        candle_core::bail!("{name}: dtype {:?} cannot be merged into", entries[i].dtype);
+                    };
+                    let mut acc = file.read(name, Some(DType::F32))?;
+                    let mut changed = false;
+                    for c in cs {
+                        let d = delta_for(c, &mut warnings).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+                        if let Some(d) = d {
+                            let d = c.stored.to_stored_layout(&fit(&d, c, &acc)?, acc.dims())?;
+                            acc = (acc + d)?;
+                            changed = true;
+                        }
+                    }
+                    if changed {
+                        tensors_changed += 1;
+                        w.write_all(&tensor_bytes(&acc.to_dtype(stored_dtype)?)?)?;
+                    } else {
+                        // Only bias slots were planned and no module had a bias delta.
+                        w.write_all(file.bytes(name).expect("listed"))?;
+                    }
+                    Ok(())
+                }
+            }
+        });
+        if let Err(e) = result {
+            if is_dir {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            return Err(anyhow!("writing {}: {e}", dest.display()));
+        }
+    }
+    Ok(MergeReport {
+        layout: if is_dir { "diffusers" } else { "single_file" },
+        family: b.family,
+        out: out.to_path_buf(),
+        files: reports,
+        tensors_changed,
+        warnings,
+    })
+}
+
+/// Why module `m` cannot adapt layer `t`, judged from the shapes its tensors give: the
+/// weight's element count where the file tells the whole shape, its output width for
+/// DIAG-OFT / BOFT, nothing for IA3 (which tells one width only, and `delta` checks it).
+fn misfit(m: &LoadedModule, t: &Target) -> Option<String> {
+    use super::FileAlgo;
+    let want = t.kind.weight_shape();
+    let got = &m.weight_shape;
+    let bad = match m.algo {
+        FileAlgo::Ia3 => false,
+        FileAlgo::DiagOft | FileAlgo::Boft => got.first() != want.first(),
+        _ => got.iter().product::<usize>() != want.iter().product::<usize>(),
+    };
+    bad.then(|| format!("its weight is {got:?}, the layer {} is {want:?}", t.module))
+}
+
+/// A delta shaped like the diffusers tensor the contribution targets: ΔW of a LoRA on a
+/// 1×1 conv may come as a matrix (and vice versa); same element count, same values.
+fn fit(d: &Tensor, c: &Contribution, stored: &Tensor) -> candle_core::Result<Tensor> {
+    let want: Vec<usize> = match &c.stored {
+        Stored::Same(_) => stored.dims().to_vec(),
+        Stored::Transposed(_) => stored.dims().iter().rev().copied().collect(),
+        Stored::Conv1x1(_) => stored.dims()[..2].to_vec(),
+        Stored::Rows { parts, .. } => {
+            let mut s = stored.dims().to_vec();
+            s[0] /= parts;
+            s
+        }
+    };
+    if d.dims() == want.as_slice() {
+        Ok(d.clone())
+    } else if d.elem_count() == want.iter().product::<usize>() {
+        d.reshape(want)
+    } else {
+        candle_core::bail!("{}: a delta of shape {:?} does not fit {:?}", c.stored.key(), d.dims(), want)
+    }
+}
+
+/// ΔW (and Δb) of module `m` on the base layer `t`, at multiplier 1.
+fn module_delta(b: &Base, t: &Target, m: &LoadedModule) -> Result<ModuleDelta> {
+    let read = |suffix: &str| -> Result<Option<Tensor>> {
+        let name = format!("{}.{suffix}", t.module);
+        match (b.locate)(t.component, &name) {
+            Some((f, s)) => Ok(Some(s.read(&b.files[f], Some(DType::F32))?)),
+            None => Ok(None),
+        }
+    };
+    let weight = read("weight")?.ok_or_else(|| anyhow!("no weight for {}", t.module))?;
+    let bias = if t.has_bias { read("bias")? } else { None };
+    let base = BaseLayer { kind: t.kind.clone(), weight, bias };
+    base.check().map_err(|e| anyhow!("{}: {e}", t.module))?;
+    m.delta(Some(&base)).with_context(|| format!("merging module {} into {}", m.name, t.module))
+}
+
+/// Copies a folder tree, leaving out the files in `skip`.
+fn copy_tree(src: &Path, dst: &Path, skip: &[PathBuf]) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let p = e.path();
+        let to = dst.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &to, skip)?;
+        } else if !skip.contains(&p) {
+            std::fs::copy(&p, &to).with_context(|| format!("cannot copy {} to {}", p.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses `FILE[:weight]` (the weight defaults to 1; a `:` not followed by a number is part
+/// of the path).
+pub fn parse_lora_arg(arg: &str) -> (PathBuf, f64) {
+    if let Some((path, w)) = arg.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !path.is_empty() {
+                return (PathBuf::from(path), w);
+            }
+        }
+    }
+    (PathBuf::from(arg), 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_args_split_off_a_numeric_weight_only() {
+        assert_eq!(parse_lora_arg("a.safetensors"), (PathBuf::from("a.safetensors"), 1.0));
+        assert_eq!(parse_lora_arg("a.safetensors:0.7"), (PathBuf::from("a.safetensors"), 0.7));
+        assert_eq!(parse_lora_arg("dir/a.safetensors:-1"), (PathBuf::from("dir/a.safetensors"), -1.0));
+        assert_eq!(parse_lora_arg("C:\\x\\a.safetensors"), (PathBuf::from("C:\\x\\a.safetensors"), 1.0));
+    }
+}
