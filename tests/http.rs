@@ -121,10 +121,10 @@ async fn changing_the_algorithm_rerenders_the_network_section() {
 #[tokio::test]
 async fn bad_form_values_show_next_to_their_field_and_block_saving() {
     let app = app();
-    let (_, html) = post_form(&app, "/ui/tab/dataset", "resolution=100&train_data_dir=%2Fdata%2Fimgs").await;
+    let (_, html) = post_form(&app, "/ui/tab/dataset", "resolution=16&train_data_dir=%2Fdata%2Fimgs").await;
     let res = row(&html, "resolution").unwrap();
-    assert!(res.contains("class=\"error\"") && res.contains("at least 256"), "{res}");
-    assert!(res.contains("value=\"100\""), "the bad value is shown back");
+    assert!(res.contains("class=\"error\"") && res.contains("at least 32"), "{res}");
+    assert!(res.contains("value=\"16\""), "the bad value is shown back");
     assert!(html.contains("class=\"badge\""), "the tab shows a problem count");
     let (_, html) = post_form(&app, "/ui/tab/dataset", "resolution=abc").await;
     assert!(row(&html, "resolution").unwrap().contains("whole number"));

@@ -252,3 +252,25 @@ fn bad_images_are_skipped_by_name_or_fatal() {
     let err = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap_err();
     assert!(format!("{err:#}").contains("broken.png"), "{err:#}");
 }
+
+#[test]
+fn trains_from_a_single_file_checkpoint() {
+    // The tiny SD1.5 pipeline as one LDM-keyed file; its tokenizer is the `tiny-sd15/` folder
+    // named like the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(tmp.path(), NetworkAlgo::Lora);
+    cfg.pretrained_model_name_or_path = fixture("tiny-sd15.safetensors");
+    cfg.max_train_steps = 3;
+    let out = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let lora = LoraFile::load(&out.network_file.unwrap()).unwrap();
+    // Same module names as when training from the diffusers folder.
+    let folder = StableDiffusion::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu).unwrap();
+    let names: std::collections::HashSet<String> = folder.named_layers().into_iter().map(|n| n.kohya_name).collect();
+    assert!(lora.modules.iter().all(|m| names.contains(&m.name)));
+    // Both layouts encode prompts alike.
+    let single = StableDiffusion::load(&fixture("tiny-sd15.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    let p = vec!["a photo of a cat".to_string()];
+    let (a, b) = (folder.encode_prompts(&p, 1, 75).unwrap().hidden, single.encode_prompts(&p, 1, 75).unwrap().hidden);
+    let diff: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -165,9 +165,56 @@ impl StableDiffusion {
         Ok(Self { family, unet, text_encoders, tokenizers, vae, scheduler, source: dir.to_path_buf() })
     }
 
-    /// A single-file checkpoint with the original LDM key names.
-    pub fn from_single_file(path: &Path, _dtype: DType, _device: &Device) -> Result<Self> {
-        bail!("{}: single-file checkpoints are not supported yet; use a diffusers folder", path.display())
+    /// A single-file checkpoint with the original LDM key names. Such files carry no
+    /// tokenizer: a `tokenizer/` (and `tokenizer_2/`) folder beside the file is used when
+    /// present, else Loft's built-in CLIP tokenizer. The schedule is Stable Diffusion's
+    /// (epsilon prediction unless the caller says v).
+    pub fn from_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        // A diffusers folder named like the file (`model/` beside `model.safetensors`) may give
+        // the configs (needed for architectures the shapes alone do not pin down).
+        let config_dir = path.with_extension("");
+        let checkpoint = if config_dir.join("unet/config.json").is_file() {
+            super::single_file::Checkpoint::open_with_config_dir(path, &config_dir)?
+        } else {
+            super::single_file::Checkpoint::open(path)?
+        };
+        let parts = checkpoint.load(dtype, device)?;
+        let beside = path.parent().unwrap_or(Path::new("."));
+        // A diffusers-style folder named like the file (`model/` for `model.safetensors`), or
+        // the file's own folder, may hold the tokenizer files.
+        let roots = [path.with_extension(""), beside.to_path_buf()];
+        let n = parts.text_encoders.len();
+        let mut tokenizers = vec![];
+        for (i, te) in parts.text_encoders.iter().enumerate() {
+            let name = if i == 0 { "tokenizer" } else { "tokenizer_2" };
+            let folder = roots.iter().map(|r| r.join(name)).find(|f| f.join("vocab.json").is_file() || f.join("tokenizer.json").is_file());
+            // OpenCLIP encoders (SD 2.x, SDXL's second) pad with "!".
+            let openclip = parts.family == ModelFamily::Sd2 || i == 1;
+            let tok = match folder {
+                Some(f) => ClipTokenizer::from_dir(&f)?,
+                None => ClipTokenizer::embedded_clip(openclip)?,
+            };
+            if tok.eos as usize >= te.config.vocab_size {
+                bail!(
+                    "{}: text encoder {} has {} tokens but the tokenizer uses ids up to {}: put the model's {name}/ folder beside the file",
+                    path.display(),
+                    i + 1,
+                    te.config.vocab_size,
+                    tok.eos
+                );
+            }
+            tokenizers.push(tok);
+        }
+        debug_assert_eq!(tokenizers.len(), n);
+        Ok(Self {
+            family: parts.family,
+            unet: parts.unet,
+            text_encoders: parts.text_encoders,
+            tokenizers,
+            vae: parts.vae,
+            scheduler: SchedulerConfig::default(),
+            source: path.to_path_buf(),
+        })
     }
 
     pub fn device(&self) -> &Device {

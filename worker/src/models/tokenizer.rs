@@ -118,6 +118,27 @@ impl ClipTokenizer {
         Self::with_tokenizer(inner, pad_text, source)
     }
 
+    /// CLIP's own BPE (OpenAI CLIP / OpenCLIP share it), built into Loft for single-file
+    /// checkpoints, which carry no tokenizer files. `openclip_padding` pads with `!` as
+    /// SD 2.x and SDXL's second encoder do; otherwise with end-of-text (SD 1.x).
+    pub fn embedded_clip(openclip_padding: bool) -> Result<Self> {
+        // The first 48 894 merges of CLIP's `bpe_simple_vocab_16e6.txt` (MIT licence), the
+        // ones its 49 408-token vocabulary uses.
+        const MERGES: &str = include_str!("../../assets/clip-bpe-merges.txt");
+        // The vocabulary is derived from the merges, as CLIP's `SimpleTokenizer` builds it:
+        // the 256 byte symbols (GPT-2's byte-to-unicode order), the same with `</w>`, one
+        // token per merge, then the two special tokens.
+        let mut tokens: Vec<String> = byte_symbols().into_iter().map(|c| c.to_string()).collect();
+        let with_end: Vec<String> = tokens.iter().map(|t| format!("{t}</w>")).collect();
+        tokens.extend(with_end);
+        tokens.extend(MERGES.lines().filter(|l| !l.is_empty()).map(|l| l.replace(' ', "")));
+        tokens.push("<|startoftext|>".into());
+        tokens.push("<|endoftext|>".into());
+        let vocab: serde_json::Map<String, Value> = tokens.into_iter().enumerate().map(|(i, t)| (t, json!(i))).collect();
+        let pad = if openclip_padding { "!" } else { "<|endoftext|>" };
+        Self::from_vocab_merges(Value::Object(vocab), MERGES, pad, "Loft's built-in CLIP tokenizer")
+    }
+
     fn with_tokenizer(inner: tokenizers::Tokenizer, pad_text: &str, source: &str) -> Result<Self> {
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| candle_core::Error::Msg(format!("{source}: no {t:?} token")));
         Ok(Self { bos: id("<|startoftext|>")?, eos: id("<|endoftext|>")?, pad: id(pad_text)?, inner })
@@ -177,6 +198,21 @@ impl ClipTokenizer {
     }
 }
 
+/// GPT-2's reversible byte → printable character table, in its order: the printable
+/// bytes keep their character, the rest map to U+0100 onwards.
+fn byte_symbols() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut out: Vec<char> = (0..256u32).filter(|&b| printable(b)).map(|b| char::from_u32(b).expect("latin-1")).collect();
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        if !printable(b) {
+            out.push(char::from_u32(next).expect("valid"));
+            next += 1;
+        }
+    }
+    out
+}
+
 /// Stitches the encoder states of `n` windows `(B·n, 77, D)` (window-major per sample) into
 /// `(B, 75·n + 2, D)`: the first window's begin state, every window's 75 inner states, the
 /// last window's end state — sd-scripts' `get_hidden_states`. One window passes through.
@@ -220,6 +256,21 @@ mod tests {
                 assert_eq!(got, w, "{dir}: {p:?}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_built_in_tokenizer_is_clips() -> Result<()> {
+        let tok = ClipTokenizer::embedded_clip(false)?;
+        // CLIP's well-known ids.
+        assert_eq!((tok.bos, tok.eos), (49406, 49407));
+        assert_eq!(tok.encode("a photo of a cat")?, vec![320, 1125, 539, 320, 2368]);
+        // The byte symbols agree with the fixture vocabulary (built by transformers).
+        let small = ClipTokenizer::from_dir(&fixture("tiny-sd15/tokenizer"))?;
+        for s in ["!", "#", "~"] {
+            assert_eq!(tok.encode(s)?, small.encode(s)?, "{s}");
+        }
+        assert_eq!(ClipTokenizer::embedded_clip(true)?.pad, 0);
         Ok(())
     }
 
