@@ -135,7 +135,7 @@ impl Base {
         }?;
         let targets = targets(ckpt.family, &ckpt.unet_config, &ckpt.text_encoder_configs)?;
         let keys = ckpt.key_map().clone();
-        let file = Arc::new(MappedFile::open(path)?);
+        let file = ckpt.shared_file();
         let f2 = file.clone();
         let locate = Box::new(move |c: Component, name: &str| keys.stored(c, name).filter(|s| f2.contains(s.key())).map(|s| (0, s)));
         Ok(Self { family: ckpt.family, files: vec![file], locate, targets })
@@ -295,14 +295,14 @@ pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<
     }
     let mut delta_for = |c: &Contribution, warnings: &mut Vec<String>| -> Result<Option<Tensor>> {
         let key = (c.input, c.module);
-        if !cache.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(key) {
             let t = &targets_of[&key];
             let m = &inputs[c.input].file.modules[c.module];
             let d = module_delta(&b, t, m)?;
             if d.db.is_some() && !t.has_bias {
                 warnings.push(format!("{}: a bias delta for {}, which has no bias, was dropped", m.name, t.module));
             }
-            cache.insert(key, (d, uses[&key]));
+            slot.insert((d, uses[&key]));
         }
         let (d, left) = cache.get_mut(&key).expect("just inserted");
         let part = if c.bias { d.db.clone() } else { Some(d.dw.clone()) };

@@ -32,7 +32,7 @@
 //! diffusers' `from_single_file(config=…)`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Result, Shape, Tensor};
@@ -397,7 +397,7 @@ fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
 
 /// Head count with 64-wide heads, as SD2.x, SDXL and CLIP use.
 fn heads64(width: usize, what: &str) -> Result<usize> {
-    if width % 64 != 0 || width == 0 {
+    if !width.is_multiple_of(64) || width == 0 {
         bail!("{what} is {width} wide, not a multiple of the 64-wide attention heads every released model uses; pass a diffusers config folder");
     }
     Ok(width / 64)
@@ -503,7 +503,7 @@ pub fn infer_unet_config(family: ModelFamily, file: &MappedFile) -> Result<UNetC
         // projection width.
         let input = s[1];
         let pooled = file.shape(&format!("{SDXL_OPENCLIP}text_projection")).map(|p| p[1]).unwrap_or(1280);
-        if input <= pooled || (input - pooled) % 6 != 0 {
+        if input <= pooled || !(input - pooled).is_multiple_of(6) {
             bail!("{}: label_emb takes {input} inputs, which is not {pooled} + 6 time ids", file.path().display());
         }
         cfg["addition_embed_type"] = "text_time".into();
@@ -664,6 +664,11 @@ impl Checkpoint {
 
     pub fn file(&self) -> &MappedFile {
         &self.file
+    }
+
+    /// The mapped file, shared.
+    pub fn shared_file(&self) -> Arc<MappedFile> {
+        self.file.clone()
     }
 
     pub fn key_map(&self) -> &KeyMap {
@@ -857,11 +862,6 @@ pub fn save(path: &Path, w: &PipelineWeights, metadata: &BTreeMap<String, String
         out.write_all(&super::safetensors_io::tensor_bytes(&tensors[i])?)?;
         Ok(())
     })
-}
-
-/// The diffusers folder a path names, if it is one (`model_index.json` or a `unet/` folder).
-pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
-    (path.is_dir() && (path.join("model_index.json").is_file() || path.join("unet").is_dir())).then(|| path.to_path_buf())
 }
 
 #[cfg(test)]
