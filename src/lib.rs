@@ -2,6 +2,7 @@
 
 pub mod db;
 pub mod drafts;
+pub mod jobs;
 pub mod lora_cli;
 pub mod presets;
 pub mod registry;

@@ -30,6 +30,15 @@ enum Command {
         /// Access token required on every request (needed when binding beyond loopback).
         #[arg(long, env = "LOFT_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        jobs: loft::jobs::cli::ServeJobArgs,
+    },
+    /// Run queued jobs: from this machine's data folder (--data-dir) or for a hub (--hub URL --token T).
+    Worker(loft::jobs::cli::WorkerArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: loft::jobs::cli::BenchCommand,
     },
     /// Print every option in the field registry as a Markdown reference.
     Fields,
@@ -48,9 +57,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve { port, data_dir, bind, token } => tokio::runtime::Runtime::new()
+        Command::Serve { port, data_dir, bind, token, jobs } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token }))),
+            .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token, jobs }))),
+        Command::Worker(args) => loft::jobs::cli::worker(args),
+        Command::Bench { command } => loft::jobs::cli::bench(command),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
         Command::Lora { command } => loft::lora_cli::run(command),
     };

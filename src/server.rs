@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
 
 use crate::db::Db;
+use crate::jobs::cli::ServeJobArgs;
+use crate::jobs::worker::{default_worker_name, run_worker, LocalQueue};
+use crate::jobs::Jobs;
 use crate::registry::Registry;
 use crate::web::{router, AppState};
 
@@ -15,6 +19,8 @@ pub struct ServeOptions {
     pub port: u16,
     pub data_dir: PathBuf,
     pub access_token: Option<String>,
+    /// The queue: in-process worker or not, worker token, lease.
+    pub jobs: ServeJobArgs,
 }
 
 /// Creates the data directory and proves it is writable, so the user gets one clear error up front
@@ -32,7 +38,9 @@ pub fn open_state(data_dir: &Path, access_token: Option<String>) -> Result<AppSt
     let registry = Registry::embedded()?;
     prepare_data_dir(data_dir)?;
     let db = Db::open(&data_dir.join("loft.db"))?;
-    Ok(AppState { registry: Arc::new(registry), db, access_token: access_token.map(Arc::new) })
+    let registry = Arc::new(registry);
+    let jobs = Jobs::new(db.clone(), registry.clone(), data_dir);
+    Ok(AppState { registry, db, access_token: access_token.map(Arc::new), jobs, worker_in_process: false })
 }
 
 pub async fn serve(options: ServeOptions) -> Result<()> {
@@ -42,7 +50,12 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             options.bind
         );
     }
-    let state = open_state(&options.data_dir, options.access_token.clone())?;
+    let mut state = open_state(&options.data_dir, options.access_token.clone())?;
+    let worker_token = crate::jobs::hub::worker_token(&state.db, options.jobs.worker_token.clone())?;
+    state.jobs.worker_token = Some(Arc::new(worker_token.clone()));
+    state.jobs.lease = std::time::Duration::from_secs(options.jobs.lease_secs);
+    state.worker_in_process = !options.jobs.no_worker;
+    let runner = crate::jobs::cli::runner(state.registry.clone(), options.jobs.simulate.as_deref())?;
     let addr = SocketAddr::new(options.bind, options.port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -53,9 +66,45 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     };
     let local = listener.local_addr()?;
     println!("Loft is listening on http://{local}/  (data: {})", options.data_dir.display());
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let jobs = state.jobs.clone();
+    jobs.watch_other_processes()?;
+    tokio::spawn(sweep_expired_leases(jobs.clone()));
+    let (stop_worker, worker_stop) = watch::channel(false);
+    let worker = if options.jobs.no_worker {
+        println!("No worker in this process: start `loft worker --data-dir {}` to run the queue.", options.data_dir.display());
+        None
+    } else {
+        let queue = Arc::new(LocalQueue { jobs: jobs.clone(), lease: jobs.lease });
+        Some(tokio::spawn(run_worker(queue, runner, default_worker_name("serve "), worker_stop)))
+    };
+    println!("Trainer-only workers on other machines: loft worker --hub http://{local} --token {worker_token}");
+    let stopping = jobs.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Endless event streams end now, so the server can finish its open requests.
+            stopping.shut_down();
+            let _ = stop_worker.send(true);
+        })
+        .await?;
+    if let Some(worker) = worker {
+        println!("Waiting for the running job to save its state…");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(120), worker).await;
+    }
     println!("Loft stopped.");
     Ok(())
+}
+
+/// Every few seconds, returns jobs whose worker stopped renewing its lease to the queue, so the
+/// dashboard never shows a dead worker's job as running.
+async fn sweep_expired_leases(jobs: Jobs) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let j = jobs.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || j.sweep()).await {
+            tracing::warn!("lease sweep: {e}");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -279,6 +279,7 @@ fn start_up_errors_are_clear() {
             port,
             data_dir: dir.path().join("d"),
             access_token: None,
+            jobs: Default::default(),
         }))
         .unwrap_err();
     assert!(err.to_string().contains(&format!("port {port}")) && err.to_string().contains("already in use"), "{err}");
@@ -288,6 +289,7 @@ fn start_up_errors_are_clear() {
             port: 0,
             data_dir: dir.path().join("d"),
             access_token: None,
+            jobs: Default::default(),
         }))
         .unwrap_err();
     assert!(err.to_string().contains("--token"), "{err}");

@@ -1,7 +1,10 @@
 //! The web shell: router, shared state, access control and embedded static files. Routes are thin:
-//! they parse the request, call a service (registry, presets, drafts) and render JSON or HTML.
+//! they parse the request, call a service (registry, presets, drafts, jobs) and render JSON or HTML.
 
 mod api;
+mod dashboard;
+mod hub;
+mod jobs;
 mod ui;
 
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use axum::Router;
 use include_dir::{include_dir, Dir};
 
 use crate::db::Db;
+use crate::jobs::Jobs;
 use crate::registry::Registry;
 
 static STATIC_FILES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/static");
@@ -29,6 +33,10 @@ pub struct AppState {
     pub db: Db,
     /// When set (the server binds beyond loopback), every request must present this token.
     pub access_token: Option<Arc<String>>,
+    /// The queue and its files.
+    pub jobs: Jobs,
+    /// This process runs a worker (unified mode), shown on the queue page.
+    pub worker_in_process: bool,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,12 +50,31 @@ pub fn router(state: AppState) -> Router {
         .route("/api/validate", post(api::validate))
         .route("/api/presets", get(api::list_presets).post(api::create_preset))
         .route("/api/presets/{name}", get(api::get_preset).put(api::put_preset).delete(api::delete_preset))
+        .route("/api/jobs", get(jobs::api_list).post(jobs::api_create))
+        .route("/api/jobs/{id}", get(jobs::api_get).delete(jobs::api_delete))
+        .route("/api/jobs/{id}/cancel", post(jobs::api_cancel))
+        .route("/api/jobs/{id}/retry", post(jobs::api_retry))
+        .route("/api/jobs/{id}/priority", post(jobs::api_priority))
+        .route("/api/jobs/{id}/move", post(jobs::api_move))
+        .route("/api/jobs/{id}/files/{file}/keep", post(jobs::api_keep))
+        .route("/api/demo", post(jobs::api_demo))
+        .route("/jobs", get(jobs::queue_page))
+        .route("/jobs/events", get(jobs::all_events))
+        .route("/jobs/{id}", get(jobs::job_page))
+        .route("/jobs/{id}/events", get(jobs::job_events))
+        .route("/jobs/{id}/files/{file}", get(jobs::download))
+        .route("/ui/queue", post(jobs::ui_queue))
+        .route("/ui/demo", post(jobs::ui_demo))
+        .route("/ui/jobs/{id}/files/{file}/keep", post(jobs::ui_keep))
+        .route("/ui/jobs/{id}/{action}", post(jobs::ui_action))
         .route("/static/{*path}", get(static_file))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Forms and JSON configs are small; anything larger is refused with 413 before parsing.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // Worker endpoints: their own token, and uploads of network files larger than a form.
+        .merge(hub::routes(state.clone()))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -70,7 +97,7 @@ async fn static_file(Path(path): Path<String>) -> Response {
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from response times.
-fn same_secret(a: &str, b: &str) -> bool {
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

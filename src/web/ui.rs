@@ -203,14 +203,14 @@ fn presets_template(state: &AppState, config: &Config, message: String, problem:
 }
 
 /// The browser's draft id, from its cookie, and whether the cookie must be set.
-fn draft_id(headers: &HeaderMap) -> (String, bool) {
+pub(super) fn draft_id(headers: &HeaderMap) -> (String, bool) {
     match cookie(headers, DRAFT_COOKIE).filter(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit())) {
         Some(id) => (id.to_string(), false),
         None => (drafts::new_id(), true),
     }
 }
 
-fn with_cookie(mut response: Response, id: &str, set: bool) -> Response {
+pub(super) fn with_cookie(mut response: Response, id: &str, set: bool) -> Response {
     if set {
         let value = format!("{DRAFT_COOKIE}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000");
         response.headers_mut().append(header::SET_COOKIE, HeaderValue::from_str(&value).expect("hex cookie"));

@@ -1,0 +1,153 @@
+//! The command-line side of jobs: `loft serve`'s queue options, `loft worker` and `loft bench`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use loft_worker::candle_core::Device;
+use tokio::sync::watch;
+
+use super::hub::HubQueue;
+use super::runner::{EngineRunner, JobRunner, SimulatedRunner};
+use super::worker::{default_worker_name, run_worker, LocalQueue};
+use super::Jobs;
+use crate::db::Db;
+use crate::registry::Registry;
+
+/// `loft serve` options for the queue.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeJobArgs {
+    /// Run no worker in this process; start `loft worker --data-dir DIR` beside it instead.
+    #[arg(long)]
+    pub no_worker: bool,
+    /// The token trainer-only workers must present (`loft worker --hub URL --token T`), at least
+    /// 16 characters. Default: one generated on first start and kept in the database.
+    #[arg(long, env = "LOFT_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// Seconds a worker's lease lasts without renewal; a job whose worker stops for this long
+    /// goes back to the queue and resumes from its last checkpoint.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_secs: u64,
+    /// Test aid: run jobs with a simulated training loop (STEPS:STEP_MS[:EPOCHS]) instead of the engine.
+    #[arg(long, hide = true)]
+    pub simulate: Option<String>,
+}
+
+impl Default for ServeJobArgs {
+    fn default() -> Self {
+        ServeJobArgs { no_worker: false, worker_token: None, lease_secs: super::DEFAULT_LEASE.as_secs(), simulate: None }
+    }
+}
+
+/// `loft worker`: runs queued jobs, from this machine's data folder or from a hub.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WorkerArgs {
+    /// The data folder of a `loft serve --no-worker` on this machine (its database and job folders).
+    #[arg(long, conflicts_with = "hub")]
+    pub data_dir: Option<PathBuf>,
+    /// A Loft server's URL, to train for it from another machine (trainer-only), e.g. http://192.168.1.10:7860.
+    #[arg(long, requires = "token")]
+    pub hub: Option<String>,
+    /// The hub's worker token (printed by `loft serve`).
+    #[arg(long, env = "LOFT_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Trainer-only: where downloaded datasets, cached models and outputs go.
+    #[arg(long, default_value = "loft-worker-data")]
+    pub work_dir: PathBuf,
+    /// The name this worker shows in the queue (default: host/pid).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Seconds a lease lasts without renewal (with --data-dir; a hub sets its own).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_secs: u64,
+    /// Test aid: run jobs with a simulated training loop (STEPS:STEP_MS[:EPOCHS]) instead of the engine.
+    #[arg(long, hide = true)]
+    pub simulate: Option<String>,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum BenchCommand {
+    /// Enqueue + claim + complete throughput of Loft's queue against Huey's SqliteHuey.
+    Queue {
+        /// How many jobs.
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        /// The Python that has `huey` (default: .venv-bench/bin/python).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+}
+
+/// The job runner: the real engine, or the simulated loop the fault tests use.
+pub fn runner(registry: Arc<Registry>, simulate: Option<&str>) -> Result<Arc<dyn JobRunner>> {
+    Ok(match simulate {
+        Some(spec) => Arc::new(SimulatedRunner::parse(spec)?),
+        None => Arc::new(EngineRunner { registry, device: Device::Cpu }),
+    })
+}
+
+/// Stops on Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    let ctrl_c = async {
+        tokio::signal::ctrl_c().await.ok();
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+/// `loft worker`.
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let registry = Arc::new(Registry::embedded()?);
+        let runner = runner(registry.clone(), args.simulate.as_deref())?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            stop_signal().await;
+            println!("Stopping: the running job (if any) saves its state and goes back to the queue…");
+            let _ = stop_tx.send(true);
+        });
+        match (args.hub, args.data_dir) {
+            (Some(hub), _) => {
+                let token = args.token.unwrap_or_default();
+                let queue = HubQueue::new(&hub, &token, &args.work_dir)?;
+                let name = args.name.unwrap_or_else(|| default_worker_name(""));
+                println!("Loft worker {name}: training for the hub {hub} (files under {})", args.work_dir.display());
+                run_worker(Arc::new(queue), runner, name, stop_rx).await;
+            }
+            (None, Some(dir)) => {
+                if !dir.join("loft.db").is_file() {
+                    bail!("no Loft database in {}: give the --data-dir of `loft serve`", dir.display());
+                }
+                let db = Db::open(&dir.join("loft.db"))?;
+                let mut jobs = Jobs::new(db, registry, &dir);
+                jobs.lease = Duration::from_secs(args.lease_secs);
+                jobs.watch_other_processes()?;
+                let name = args.name.unwrap_or_else(|| default_worker_name(""));
+                println!("Loft worker {name}: running jobs from {}", dir.display());
+                let lease = jobs.lease;
+                run_worker(Arc::new(LocalQueue { jobs, lease }), runner, name, stop_rx).await;
+            }
+            (None, None) => bail!("give --data-dir DIR (the folder of `loft serve --no-worker --data-dir DIR` on this machine) or --hub URL --token T"),
+        }
+        Ok(())
+    })
+}
+
+/// `loft bench …`.
+pub fn bench(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Queue { jobs, python } => super::bench::run(jobs.max(1), python),
+    }
+}
