@@ -32,6 +32,8 @@ CREATE TABLE jobs (
     finished_at      TEXT
 );
 CREATE INDEX jobs_in_order ON jobs (state, priority DESC, seq);
+-- New jobs go after MAX(seq): an index keeps that a lookup, not a scan.
+CREATE INDEX jobs_by_seq ON jobs (seq);
 
 -- Everything a job reports, in order: the engine's events and the queue's state changes.
 -- The row id is the SSE event id, so a reconnecting browser resumes exactly where it stopped.

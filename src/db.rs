@@ -43,6 +43,8 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db> {
         let mut conn = Connection::open(path).with_context(|| format!("cannot open the database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // The queue runs a few dozen distinct statements over and over; keep them all prepared.
+        conn.set_prepared_statement_cache_capacity(64);
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             anyhow::bail!("the database {} could not be switched to WAL mode (got {mode})", path.display());

@@ -321,7 +321,6 @@ async fn queue_from_the_form_and_watch_it_live() {
 /// The built-in demo on the real engine: Try the demo → progress to 100 % over SSE → a sample
 /// image → the epoch file downloads as a safetensors file.
 #[tokio::test]
-#[ignore = "needs the training engine (loft_worker::train::run), which is still being written"]
 async fn demo_trains_on_the_real_engine_and_its_epoch_downloads() {
     let data = tempfile::tempdir().unwrap();
     let b = browser(&data.path().join("data"), &[]).await;

@@ -503,7 +503,6 @@ async fn killed_detached_worker_resumes_from_its_checkpoint() {
 
 /// The same with the real engine on the built-in demo (tiny model, 4 pictures, 3 epochs).
 #[tokio::test]
-#[ignore = "needs the training engine (loft_worker::train::run), which is still being written"]
 async fn killed_worker_resumes_the_real_engine() {
     kill_worker_mid_job_and_resume(&["--lease-secs", "2"], None, 5, 600).await;
 }

@@ -68,6 +68,22 @@ pub fn short(v: f64) -> String {
     }
 }
 
+/// An axis label precise enough to tell the ticks of a narrow range apart (0.00495 vs 0.00505).
+fn tick(v: f64, range: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || range <= 0.0 || !range.is_finite() {
+        return short(v);
+    }
+    // Significant digits: enough for the step between ticks (half the range).
+    let digits = ((a / (range / 2.0)).log10().ceil().max(0.0) as usize + 1).min(6);
+    if !(1e-3..1e5).contains(&a) {
+        format!("{v:.*e}", digits.saturating_sub(1).max(1))
+    } else {
+        let decimals = (digits as i32 - 1 - a.log10().floor() as i32).clamp(0, 8) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -118,7 +134,7 @@ pub fn line_chart(title: &str, lines: &[Line]) -> String {
             W - RIGHT,
             LEFT - 4.0,
             py(y) + 4.0,
-            short(y),
+            tick(y, y1 - y0),
             py = py(y)
         );
     }
@@ -160,6 +176,8 @@ mod tests {
         let long: Vec<(f64, f64)> = (0..5000).map(|i| (i as f64, (i as f64).sin())).collect();
         let svg = line_chart("Loss", &[Line { points: &long, class: "raw", label: "loss" }]);
         assert!(svg.matches(" L").count() < MAX_POINTS, "downsampled");
+        assert_ne!(tick(0.00495, 0.0001), tick(0.00505, 0.0001), "narrow ranges get more digits");
+        assert_eq!(tick(0.25, 0.1), "0.25");
         let s = smooth(&[(0.0, 1.0), (1.0, 1.0)], 0.9);
         assert!((s[0].1 - 1.0).abs() < 1e-12 && (s[1].1 - 1.0).abs() < 1e-12, "debiased: {s:?}");
     }

@@ -98,6 +98,8 @@ pub fn config(files: &DemoFiles) -> Config {
         "network_dim": 4,
         "network_alpha": 4.0,
         "learning_rate": 0.005,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 3,
         "seed": 42,
         "save_every_n_epochs": 1,
         "save_state": true,

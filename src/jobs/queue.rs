@@ -196,6 +196,16 @@ fn new_lease() -> String {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// Statements are prepared once per connection and cached: the queue runs the same few
+/// statements thousands of times (every training step records an event).
+fn exec<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+fn qrow<T, P: rusqlite::Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(conn: &Connection, sql: &str, params: P, f: F) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
@@ -203,7 +213,7 @@ fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
 /// Appends a queue event (a state change or a note) to a job's stream.
 fn queue_event(tx: &Transaction, job_id: i64, kind: &str, mut payload: Value) -> rusqlite::Result<()> {
     payload["kind"] = json!(kind);
-    tx.execute("INSERT INTO job_events (job_id, kind, payload) VALUES (?1, ?2, ?3)", params![job_id, kind, payload.to_string()])?;
+    exec(&*tx, "INSERT INTO job_events (job_id, kind, payload) VALUES (?1, ?2, ?3)", params![job_id, kind, payload.to_string()])?;
     Ok(())
 }
 
@@ -218,7 +228,7 @@ fn state_event(tx: &Transaction, job_id: i64, state: JobState, message: &str, ex
 /// Adds a job at the end of its priority class. `config` is the resolved, validated snapshot.
 pub fn enqueue(conn: &mut Connection, name: &str, config: &Config, priority: i64, max_attempts: i64) -> rusqlite::Result<i64> {
     let tx = immediate(conn)?;
-    tx.execute(
+    exec(&*tx, 
         "INSERT INTO jobs (name, config, priority, max_attempts, seq)
          VALUES (?1, ?2, ?3, ?4, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
         params![name, serde_json::to_string(config).expect("JSON"), priority, max_attempts.max(1)],
@@ -240,7 +250,7 @@ pub fn sweep(conn: &mut Connection) -> rusqlite::Result<usize> {
 
 fn sweep_in(tx: &Transaction, now: i64) -> rusqlite::Result<usize> {
     let expired: Vec<(i64, i64, i64, bool, String)> = {
-        let mut stmt = tx.prepare(
+        let mut stmt = tx.prepare_cached(
             "SELECT id, attempts, max_attempts, cancel_requested, worker FROM jobs
              WHERE state = 'running' AND lease_expires_ms < ?1",
         )?;
@@ -257,7 +267,7 @@ fn sweep_in(tx: &Transaction, now: i64) -> rusqlite::Result<usize> {
         } else {
             (JobState::Queued, String::new(), format!("{lost}; the job will resume from its last checkpoint"))
         };
-        tx.execute(
+        exec(&*tx, 
             &format!(
                 "UPDATE jobs SET state = ?2, lease = NULL, lease_expires_ms = NULL, error = ?3,
                  finished_at = CASE WHEN ?4 THEN {NOW} ELSE NULL END WHERE id = ?1"
@@ -275,7 +285,7 @@ fn sweep_in(tx: &Transaction, now: i64) -> rusqlite::Result<usize> {
 pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Result<Option<Claim>> {
     let now = now_ms();
     // A cheap look first, so idle workers woken by unrelated commits do not take the write lock.
-    let anything: bool = conn.query_row(
+    let anything: bool = qrow(&*conn, 
         "SELECT EXISTS(SELECT 1 FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_expires_ms < ?1))",
         params![now],
         |r| r.get(0),
@@ -307,7 +317,7 @@ pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Re
         return Ok(None);
     };
     let lease = new_lease();
-    tx.execute(
+    exec(&*tx, 
         &format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, runs = runs + 1, worker = ?2, lease = ?3,
              lease_expires_ms = ?4, cancel_requested = 0, error = '', started_at = COALESCE(started_at, {NOW})
@@ -350,7 +360,7 @@ pub fn renew(conn: &mut Connection, job_id: i64, lease: &str, lease_ms: i64) -> 
     let Some(cancel) = ownership(&tx, job_id, lease)? else {
         return Ok(Control::Lost);
     };
-    tx.execute("UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
+    exec(&*tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
     tx.commit()?;
     Ok(if cancel { Control::Cancel } else { Control::Continue })
 }
@@ -381,12 +391,12 @@ fn checkpoint_kind(kind: CheckpointKind) -> &'static str {
 
 /// Records a file the job produced (a file saved again under the same path updates its row).
 fn upsert_artifact(tx: &Transaction, job_id: i64, kind: &str, path: &str, step: u64, epoch: u64, label: &str) -> rusqlite::Result<()> {
-    let updated = tx.execute(
+    let updated = exec(&*tx, 
         "UPDATE artifacts SET kind = ?3, step = ?4, epoch = ?5, label = ?6, pruned = 0 WHERE job_id = ?1 AND path = ?2",
         params![job_id, path, kind, step as i64, epoch as i64, label],
     )?;
     if updated == 0 {
-        tx.execute(
+        exec(&*tx, 
             "INSERT INTO artifacts (job_id, kind, path, step, epoch, label) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![job_id, kind, path, step as i64, epoch as i64, label],
         )?;
@@ -398,19 +408,19 @@ fn upsert_artifact(tx: &Transaction, job_id: i64, kind: &str, path: &str, step: 
 fn apply(tx: &Transaction, job_id: i64, event: &TrainEvent) -> rusqlite::Result<()> {
     match event {
         TrainEvent::Started { total_steps, total_epochs, start_step, .. } => {
-            tx.execute(
+            exec(&*tx, 
                 "UPDATE jobs SET total_steps = ?2, total_epochs = ?3, step = ?4 WHERE id = ?1",
                 params![job_id, *total_steps as i64, *total_epochs as i64, *start_step as i64],
             )?;
         }
         TrainEvent::Step { step, total_steps, epoch, avg_loss, it_per_sec, eta_secs, .. } => {
-            tx.execute(
+            exec(&*tx, 
                 "UPDATE jobs SET step = ?2, total_steps = ?3, epoch = ?4, loss = ?5, it_per_sec = ?6, eta_secs = ?7 WHERE id = ?1",
                 params![job_id, *step as i64, *total_steps as i64, *epoch as i64, finite(*avg_loss), finite(*it_per_sec), finite(*eta_secs)],
             )?;
         }
         TrainEvent::Epoch { epoch, total_epochs, .. } => {
-            tx.execute("UPDATE jobs SET epoch = ?2, total_epochs = ?3 WHERE id = ?1", params![job_id, *epoch as i64, *total_epochs as i64])?;
+            exec(&*tx, "UPDATE jobs SET epoch = ?2, total_epochs = ?3 WHERE id = ?1", params![job_id, *epoch as i64, *total_epochs as i64])?;
         }
         TrainEvent::Checkpoint { step, epoch, checkpoint, path } => {
             upsert_artifact(tx, job_id, checkpoint_kind(*checkpoint), &path.to_string_lossy(), *step, *epoch, "")?;
@@ -419,7 +429,7 @@ fn apply(tx: &Transaction, job_id: i64, event: &TrainEvent) -> rusqlite::Result<
             upsert_artifact(tx, job_id, "sample", &path.to_string_lossy(), *step, *epoch, prompt)?;
         }
         TrainEvent::Pruned { path } => {
-            tx.execute("UPDATE artifacts SET pruned = 1 WHERE job_id = ?1 AND path = ?2", params![job_id, path.to_string_lossy()])?;
+            exec(&*tx, "UPDATE artifacts SET pruned = 1 WHERE job_id = ?1 AND path = ?2", params![job_id, path.to_string_lossy()])?;
         }
         TrainEvent::Log { .. } | TrainEvent::Finished { .. } | TrainEvent::Failed { .. } => {}
     }
@@ -439,7 +449,7 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
     };
     for e in events {
         let payload = serde_json::to_string(&e.event).expect("events serialize");
-        let inserted = tx.execute(
+        let inserted = exec(&*tx, 
             "INSERT OR IGNORE INTO job_events (job_id, kind, payload, lease, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![job_id, event_kind(&e.event), payload, lease, e.seq],
         )?;
@@ -447,7 +457,7 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
             apply(&tx, job_id, &e.event)?;
         }
     }
-    tx.execute("UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
+    exec(&*tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
     tx.commit()?;
     Ok(if cancel { Control::Cancel } else { Control::Continue })
 }
@@ -456,19 +466,25 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
 /// (nothing is written then).
 pub fn finish(conn: &mut Connection, job_id: i64, lease: &str, end: &RunEnd) -> rusqlite::Result<Option<JobState>> {
     let tx = immediate(conn)?;
-    let Some(cancel_requested) = ownership(&tx, job_id, lease)? else {
+    let row: Option<(bool, i64, i64, i64)> = qrow(
+        &*tx,
+        "SELECT cancel_requested, attempts, max_attempts, step FROM jobs WHERE id = ?1 AND state = 'running' AND lease = ?2",
+        params![job_id, lease],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+    .optional()?;
+    // Only the lease holder may end the run.
+    let Some((cancel_requested, attempts, max_attempts, step)) = row else {
         return Ok(None);
     };
-    let (attempts, max_attempts, step): (i64, i64, i64) =
-        tx.query_row("SELECT attempts, max_attempts, step FROM jobs WHERE id = ?1", params![job_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     let (state, error, message) = match end {
         RunEnd::Done { cancelled: true, final_step, .. } => {
             (JobState::Cancelled, String::new(), format!("cancelled at step {final_step}; the files saved so far are kept"))
         }
         RunEnd::Done { network_file, final_step, .. } => {
             if let Some(path) = network_file {
-                let epoch: i64 = tx.query_row("SELECT epoch FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0))?;
-                let known: bool = tx.query_row(
+                let epoch: i64 = qrow(&*tx, "SELECT epoch FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0))?;
+                let known: bool = qrow(&*tx, 
                     "SELECT EXISTS(SELECT 1 FROM artifacts WHERE job_id = ?1 AND path = ?2)",
                     params![job_id, path],
                     |r| r.get(0),
@@ -492,7 +508,7 @@ pub fn finish(conn: &mut Connection, job_id: i64, lease: &str, end: &RunEnd) -> 
     };
     // A release is not the job's fault: it does not use up an attempt.
     let refund = matches!(end, RunEnd::Released { .. }) as i64;
-    tx.execute(
+    exec(&*tx, 
         &format!(
             "UPDATE jobs SET state = ?2, error = ?3, lease = NULL, lease_expires_ms = NULL, attempts = attempts - ?4,
              finished_at = CASE WHEN ?5 THEN {NOW} ELSE NULL END WHERE id = ?1"
@@ -518,12 +534,12 @@ pub fn cancel(conn: &mut Connection, job_id: i64) -> Result<Cancelled, JobError>
     let state = job_state(&tx, job_id)?;
     let outcome = match state {
         JobState::Queued => {
-            tx.execute(&format!("UPDATE jobs SET state = 'cancelled', finished_at = {NOW} WHERE id = ?1"), params![job_id])?;
+            exec(&*tx, &format!("UPDATE jobs SET state = 'cancelled', finished_at = {NOW} WHERE id = ?1"), params![job_id])?;
             state_event(&tx, job_id, JobState::Cancelled, "cancelled before it started", json!({}))?;
             Cancelled::Now
         }
         JobState::Running => {
-            tx.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", params![job_id])?;
+            exec(&*tx, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", params![job_id])?;
             queue_event(
                 &tx,
                 job_id,
@@ -539,7 +555,7 @@ pub fn cancel(conn: &mut Connection, job_id: i64) -> Result<Cancelled, JobError>
 }
 
 fn job_state(tx: &Transaction, job_id: i64) -> Result<JobState, JobError> {
-    tx.query_row("SELECT state FROM jobs WHERE id = ?1", params![job_id], |r| r.get::<_, String>(0))
+    qrow(&*tx, "SELECT state FROM jobs WHERE id = ?1", params![job_id], |r| r.get::<_, String>(0))
         .optional()?
         .map(|s| JobState::parse(&s))
         .ok_or(JobError::NotFound(job_id))
@@ -553,7 +569,7 @@ pub fn retry(conn: &mut Connection, job_id: i64) -> Result<(), JobError> {
         JobState::Failed | JobState::Cancelled => {}
         s => return Err(JobError::Conflict(format!("only failed or cancelled jobs can be retried; job {job_id} is {}", s.as_str()))),
     }
-    tx.execute(
+    exec(&*tx, 
         "UPDATE jobs SET state = 'queued', attempts = 0, error = '', cancel_requested = 0, finished_at = NULL,
          seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs) WHERE id = ?1",
         params![job_id],
@@ -571,13 +587,13 @@ pub fn delete(conn: &mut Connection, job_id: i64) -> Result<Vec<Artifact>, JobEr
         return Err(JobError::Conflict(format!("job {job_id} is running: cancel it first, then delete it")));
     }
     let artifacts = artifacts_in(&tx, job_id)?;
-    tx.execute("DELETE FROM jobs WHERE id = ?1", params![job_id])?;
+    exec(&*tx, "DELETE FROM jobs WHERE id = ?1", params![job_id])?;
     tx.commit()?;
     Ok(artifacts)
 }
 
 pub fn set_priority(conn: &mut Connection, job_id: i64, priority: i64) -> Result<(), JobError> {
-    let n = conn.execute("UPDATE jobs SET priority = ?2 WHERE id = ?1", params![job_id, priority])?;
+    let n = exec(&*conn, "UPDATE jobs SET priority = ?2 WHERE id = ?1", params![job_id, priority])?;
     if n == 0 {
         return Err(JobError::NotFound(job_id));
     }
@@ -593,7 +609,7 @@ pub fn move_job(conn: &mut Connection, job_id: i64, to: Move) -> Result<(), JobE
         return Err(JobError::Conflict(format!("only queued jobs can be moved; job {job_id} is {}", state.as_str())));
     }
     let order: Vec<(i64, i64, i64)> = {
-        let mut stmt = tx.prepare("SELECT id, priority, seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq")?;
+        let mut stmt = tx.prepare_cached("SELECT id, priority, seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
@@ -617,7 +633,7 @@ pub fn move_job(conn: &mut Connection, job_id: i64, to: Move) -> Result<(), JobE
     let priority = if to_index < from { ids[to_index + 1].1 } else { ids[to_index - 1].1 };
     ids[to_index].1 = priority;
     for ((id, priority), seq) in ids.iter().zip(seqs) {
-        tx.execute("UPDATE jobs SET priority = ?2, seq = ?3 WHERE id = ?1", params![id, priority, seq])?;
+        exec(&*tx, "UPDATE jobs SET priority = ?2, seq = ?3 WHERE id = ?1", params![id, priority, seq])?;
     }
     tx.commit()?;
     Ok(())
@@ -665,7 +681,7 @@ fn summary(r: &Row) -> rusqlite::Result<JobSummary> {
 /// Every job: running first, then the queue in claim order (with positions), then finished jobs,
 /// newest first.
 pub fn list(conn: &Connection) -> rusqlite::Result<Vec<JobSummary>> {
-    let mut stmt = conn.prepare(&format!(
+    let mut stmt = conn.prepare_cached(&format!(
         "SELECT {SUMMARY_COLUMNS} FROM jobs ORDER BY
            CASE state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 ELSE 2 END,
            CASE WHEN state = 'queued' THEN -priority ELSE 0 END,
@@ -691,7 +707,7 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<JobSummary, JobError> {
         return Err(JobError::NotFound(job_id));
     };
     if job.state == JobState::Queued {
-        let ahead: i64 = conn.query_row(
+        let ahead: i64 = qrow(&*conn, 
             "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
             params![job.priority, seq],
             |r| r.get(0),
@@ -703,14 +719,14 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<JobSummary, JobError> {
 
 /// The snapshotted configuration of a job.
 pub fn config(conn: &Connection, job_id: i64) -> Result<Config, JobError> {
-    let text: Option<String> = conn.query_row("SELECT config FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0)).optional()?;
+    let text: Option<String> = qrow(&*conn, "SELECT config FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0)).optional()?;
     let text = text.ok_or(JobError::NotFound(job_id))?;
     Ok(serde_json::from_str(&text).unwrap_or_default())
 }
 
 /// Whether `lease` is the current lease of running job `job_id`.
 pub fn owns(conn: &Connection, job_id: i64, lease: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
+    qrow(&*conn, 
         "SELECT EXISTS(SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running' AND lease = ?2)",
         params![job_id, lease],
         |r| r.get(0),
@@ -738,7 +754,7 @@ pub fn events_after(conn: &Connection, job_id: Option<i64>, after: i64, limit: i
 
 /// The newest event id (0 when there is none).
 pub fn last_event_id(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM job_events", [], |r| r.get(0))
+    qrow(&*conn, "SELECT COALESCE(MAX(id), 0) FROM job_events", [], |r| r.get(0))
 }
 
 fn artifact_row(r: &Row) -> rusqlite::Result<Artifact> {
@@ -758,7 +774,7 @@ fn artifact_row(r: &Row) -> rusqlite::Result<Artifact> {
 const ARTIFACT_COLUMNS: &str = "id, job_id, kind, path, step, epoch, label, pruned, kept";
 
 fn artifacts_in(conn: &Connection, job_id: i64) -> rusqlite::Result<Vec<Artifact>> {
-    let mut stmt = conn.prepare(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ?1 ORDER BY id"))?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ?1 ORDER BY id"))?;
     let rows = stmt.query_map(params![job_id], artifact_row)?;
     rows.collect()
 }
@@ -768,7 +784,7 @@ pub fn artifacts(conn: &Connection, job_id: i64) -> rusqlite::Result<Vec<Artifac
 }
 
 pub fn artifact(conn: &Connection, job_id: i64, artifact_id: i64) -> Result<Artifact, JobError> {
-    conn.query_row(
+    qrow(&*conn, 
         &format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE id = ?1 AND job_id = ?2"),
         params![artifact_id, job_id],
         artifact_row,
@@ -778,6 +794,6 @@ pub fn artifact(conn: &Connection, job_id: i64, artifact_id: i64) -> Result<Arti
 }
 
 pub fn set_kept(conn: &Connection, artifact_id: i64, kept: &str) -> rusqlite::Result<()> {
-    conn.execute("UPDATE artifacts SET kept = ?2 WHERE id = ?1", params![artifact_id, kept])?;
+    exec(&*conn, "UPDATE artifacts SET kept = ?2 WHERE id = ?1", params![artifact_id, kept])?;
     Ok(())
 }
