@@ -108,3 +108,22 @@ pub fn config(files: &DemoFiles) -> Config {
     });
     v.as_object().expect("an object").clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_is_written_once_and_its_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ensure(dir.path()).unwrap();
+        assert!(files.model.join("unet/diffusion_pytorch_model.safetensors").is_file());
+        assert_eq!(std::fs::read_dir(files.dataset.join("2_demo")).unwrap().count(), 2 * PICTURES.len());
+        ensure(dir.path()).unwrap(); // a second time: nothing to do
+        let mut c = config(&files);
+        c.insert("output_dir".into(), json!(dir.path().join("out")));
+        let registry = crate::registry::Registry::embedded().unwrap();
+        let engine = super::super::config::engine_config(&registry, &c).unwrap();
+        assert_eq!((engine.resolution, engine.max_train_epochs, engine.lr_scheduler.as_str()), (SIZE, 6, "cosine"));
+    }
+}
