@@ -7,4 +7,5 @@ pub mod lora_cli;
 pub mod presets;
 pub mod registry;
 pub mod server;
+pub mod train_cli;
 pub mod web;

@@ -40,6 +40,10 @@ enum Command {
         #[command(subcommand)]
         command: loft::jobs::cli::BenchCommand,
     },
+    /// Train a network from a TOML config with the registry's keys (Ctrl-C stops with a state).
+    Train(loft::train_cli::TrainArgs),
+    /// Render an image with a model and optional networks (Euler or DDIM, with CFG).
+    Sample(loft::train_cli::SampleArgs),
     /// Print every option in the field registry as a Markdown reference.
     Fields,
     /// Inspect or resize LoRA / LyCORIS files.
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token, jobs }))),
         Command::Worker(args) => loft::jobs::cli::worker(args),
         Command::Bench { command } => loft::jobs::cli::bench(command),
+        Command::Train(args) => loft::train_cli::train(args),
+        Command::Sample(args) => loft::train_cli::sample(args),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
         Command::Lora { command } => loft::lora_cli::run(command),
     };

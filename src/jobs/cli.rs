@@ -77,6 +77,8 @@ pub enum BenchCommand {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// Training steps of Loft's engine against PyTorch + LyCORIS with the same shapes.
+    Train(crate::train_cli::BenchTrainArgs),
 }
 
 /// The job runner: the real engine, or the simulated loop the fault tests use.
@@ -149,5 +151,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 pub fn bench(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Queue { jobs, python } => super::bench::run(jobs.max(1), python),
+        BenchCommand::Train(args) => crate::train_cli::bench_train(args),
     }
 }

@@ -1,0 +1,306 @@
+//! `loft train CONFIG.toml [--resume]` and `loft sample …`: the engine from the terminal.
+//!
+//! `loft train` reads a TOML file with the field registry's keys (the same keys the web form
+//! and `/api/validate` use), validates it exactly as the form does, and runs the training loop
+//! with a progress bar. Ctrl-C stops after the current step and saves a state that `--resume`
+//! continues from.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use loft_worker::candle_core::{DType, Device};
+use loft_worker::lora_file::merge::parse_lora_arg;
+use loft_worker::lora_file::LoraFile;
+use loft_worker::models::pipeline::StableDiffusion;
+use loft_worker::noise::NoiseSchedule;
+use loft_worker::sample::{sample_image, save_png, SampleRequest, Sampler};
+use loft_worker::train::{run, CancelToken, RunOptions, TrainConfig, TrainEvent};
+
+use crate::jobs::config::engine_config;
+use crate::registry::{Config, Registry};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A TOML file with the registry's keys (`loft fields` lists them), e.g.
+    /// `pretrained_model_name_or_path = "models/sd15"`.
+    pub config: PathBuf,
+    /// Continue from the newest training state in the config's output_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Where to cache VAE latents across runs (default: OUTPUT_DIR/.cache/latents when
+    /// cache_latents_to_disk is on).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Reads a TOML config into a registry configuration (key → JSON value).
+pub fn read_config_file(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let value = serde_json::to_value(table).context("config to JSON")?;
+    match value {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => bail!("{}: expected key = value pairs", path.display()),
+    }
+}
+
+/// Validates a config file with the registry and the engine; every problem names its key.
+pub fn load_train_config(path: &Path) -> Result<TrainConfig> {
+    let registry = Registry::embedded()?;
+    let config = read_config_file(path)?;
+    engine_config(&registry, &config).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  {}: {}", e.field, e.message)).collect();
+        anyhow::anyhow!("{} has {} problem(s); nothing was run:\n{}", path.display(), errors.len(), lines.join("\n"))
+    })
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let config = load_train_config(&args.config)?;
+    let cancel = CancelToken::new();
+    let on_signal = cancel.clone();
+    // Ctrl-C: finish the current step, save a state, stop.
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\nstopping after this step (a state is saved; continue with --resume)…");
+                    on_signal.cancel();
+                }
+            });
+        }
+    });
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} steps [{elapsed}<{eta}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let printer = bar.clone();
+    // Without a terminal (a log file, a service) the bar is hidden: print plain lines instead,
+    // a step line every 5 % of the run.
+    let say = move |p: &ProgressBar, line: String| {
+        if p.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            p.println(line);
+        }
+    };
+    let mut total_epochs_seen = 0;
+    let mut sink = move |event: TrainEvent| match event {
+        TrainEvent::Started { total_steps, total_epochs, start_step, images, .. } => {
+            total_epochs_seen = total_epochs;
+            printer.set_length(total_steps);
+            printer.set_position(start_step);
+            printer.set_prefix(format!("1/{total_epochs}"));
+            say(&printer, format!("training on {images} images for {total_steps} steps ({total_epochs} epochs), from step {start_step}"));
+        }
+        TrainEvent::Step { step, total_steps, epoch, loss, avg_loss, lr, it_per_sec, eta_secs } => {
+            printer.set_position(step);
+            printer.set_prefix(format!("{epoch}/{total_epochs_seen}"));
+            let stats = format!("loss {loss:.4} avg {avg_loss:.4} lr {lr:.2e} {it_per_sec:.2} it/s");
+            if printer.is_hidden() && (step % (total_steps / 20).max(1) == 0 || step == total_steps) {
+                eprintln!("step {step}/{total_steps} epoch {epoch}/{total_epochs_seen} {stats} eta {eta_secs:.0}s");
+            }
+            printer.set_message(stats);
+        }
+        TrainEvent::Epoch { epoch, total_epochs, avg_loss } => say(&printer, format!("epoch {epoch}/{total_epochs} done, average loss {avg_loss:.4}")),
+        TrainEvent::Sample { path, prompt, .. } => say(&printer, format!("sample  {} ({prompt})", path.display())),
+        TrainEvent::Checkpoint { path, checkpoint, .. } => say(&printer, format!("saved   {} ({checkpoint:?})", path.display())),
+        TrainEvent::Pruned { path } => say(&printer, format!("removed {}", path.display())),
+        TrainEvent::Log { level, message } => say(&printer, format!("{level}: {message}")),
+        TrainEvent::Finished { path: Some(p), .. } => say(&printer, format!("done: {}", p.display())),
+        TrainEvent::Finished { step, .. } => say(&printer, format!("stopped at step {step}")),
+        TrainEvent::Failed { error } => say(&printer, format!("failed: {error}")),
+    };
+    let options = RunOptions { resume: args.resume, cache_dir: args.cache_dir, ..RunOptions::default() };
+    let result = run(&config, &options, &mut sink, &cancel);
+    bar.finish_and_clear();
+    let outcome = result?;
+    if outcome.cancelled {
+        println!("Stopped at step {}. Continue with: loft train {} --resume", outcome.final_step, args.config.display());
+    } else if let Some(p) = outcome.network_file {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// A diffusers folder or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A network file to apply, optionally with a weight: `my.safetensors:0.8` (repeatable).
+    #[arg(long = "lora")]
+    pub loras: Vec<String>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Defaults to the family's resolution (512, 768 for SD 2.x, 1024 for SDXL).
+    #[arg(long)]
+    pub width: Option<u32>,
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// `euler` or `ddim`.
+    #[arg(long, default_value = "euler")]
+    pub sampler: String,
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// The model predicts v (SD 2.x 768-v models loaded from a single file).
+    #[arg(long)]
+    pub v_prediction: bool,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn sample(args: SampleArgs) -> Result<()> {
+    let sampler = Sampler::parse(&args.sampler)?;
+    let model = StableDiffusion::load(&args.model, DType::F32, &Device::Cpu).with_context(|| format!("--model {}", args.model.display()))?;
+    let mut files = vec![];
+    for arg in &args.loras {
+        let (path, weight) = parse_lora_arg(arg);
+        files.push((LoraFile::load(&path)?, weight));
+    }
+    let refs: Vec<(&LoraFile, f64)> = files.iter().map(|(f, w)| (f, *w)).collect();
+    let unmatched = model.apply_networks(&refs)?;
+    if !unmatched.is_empty() {
+        eprintln!("warning: {} network modules match no layer of this model, e.g. {}", unmatched.len(), unmatched[0]);
+    }
+    let default_size = match model.family {
+        loft_worker::models::ModelFamily::Sd15 => 512,
+        loft_worker::models::ModelFamily::Sd2 => 768,
+        loft_worker::models::ModelFamily::Sdxl => 1024,
+    };
+    let request = SampleRequest {
+        prompt: args.prompt.clone(),
+        negative: args.negative.clone(),
+        width: args.width.unwrap_or(default_size),
+        height: args.height.unwrap_or(default_size),
+        steps: args.steps,
+        cfg: args.cfg,
+        seed: args.seed,
+    };
+    if request.width % 8 != 0 || request.height % 8 != 0 {
+        bail!("--width and --height must be multiples of 8");
+    }
+    let schedule = NoiseSchedule::new(&model.scheduler, args.v_prediction || model.scheduler.v_prediction(), false)?;
+    let image = sample_image(&model, &schedule, sampler, &request, args.clip_skip)?;
+    save_png(&image, &args.out)?;
+    println!("{}", args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchTrainArgs {
+    /// A diffusers SD1.x folder (default: the tiny fixture model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Timed training steps (after 3 warm-up steps).
+    #[arg(long, default_value_t = 20)]
+    pub steps: u64,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub resolution: u32,
+    /// Python with torch, diffusers and lycoris-lora for the reference run (default:
+    /// `.venv-parity/bin/python` if present, else `python3`).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+/// `loft bench train`: Loft's training steps against PyTorch + LyCORIS with the same shapes,
+/// in the same run on the same machine.
+pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = args.model.clone().unwrap_or_else(|| repo.join("tests/fixtures/models/tiny-sd15"));
+    let tmp = tempfile_dir()?;
+    let data = tmp.join("data/100_bench");
+    std::fs::create_dir_all(&data)?;
+    let side = args.resolution;
+    let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 255 / side) as u8, (y * 255 / side) as u8, 128]));
+    img.save(data.join("0.png"))?;
+    std::fs::write(data.join("0.txt"), "a photo of a shape")?;
+    let warmup = 3;
+    let config = TrainConfig {
+        pretrained_model_name_or_path: model.clone(),
+        train_data_dir: tmp.join("data"),
+        output_dir: tmp.join("out"),
+        resolution: side,
+        min_bucket_reso: 16.min(side),
+        max_bucket_reso: side.max(64),
+        bucket_reso_steps: 8,
+        network_dim: 4,
+        network_alpha: 4.0,
+        network_train_unet_only: true,
+        learning_rate: 1e-4,
+        max_train_epochs: 0,
+        max_train_steps: args.steps + warmup,
+        save_every_n_epochs: 0,
+        ..TrainConfig::default()
+    };
+    let mut stamps: Vec<std::time::Instant> = vec![];
+    let mut modules = String::new();
+    let mut sink = |e: TrainEvent| match e {
+        TrainEvent::Step { .. } => stamps.push(std::time::Instant::now()),
+        TrainEvent::Log { message, .. } if message.contains("modules") => modules = message,
+        _ => {}
+    };
+    println!("Loft: {} training steps on {} at {side}×{side}…", args.steps, model.display());
+    run(&config, &RunOptions::default(), &mut sink, &CancelToken::new())?;
+    let loft_secs = stamps[stamps.len() - 1].duration_since(stamps[warmup as usize - 1]).as_secs_f64();
+    let loft_rate = args.steps as f64 / loft_secs;
+    println!("  {modules}");
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = repo.join(".venv-parity/bin/python");
+        if venv.is_file() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    // The fixture VAE halves each side per down block after the first.
+    let (latent_h, latent_w) = {
+        let m = StableDiffusion::load(&model, DType::F32, &Device::Cpu)?;
+        let f = 2usize.pow(m.vae.config.block_out_channels.len().saturating_sub(1) as u32);
+        (side as usize / f, side as usize / f)
+    };
+    println!("PyTorch + LyCORIS: the same steps with {}…", python.display());
+    let reference = std::process::Command::new(&python)
+        .arg(repo.join("tests/parity/bench_train.py"))
+        .args([model.to_string_lossy().into_owned(), args.steps.to_string(), latent_h.to_string(), latent_w.to_string(), threads.to_string()])
+        .output();
+    println!();
+    println!("| engine            | steps | seconds | it/s   |");
+    println!("|-------------------|-------|---------|--------|");
+    println!("| Loft (candle CPU) | {:>5} | {:>7.2} | {:>6.2} |", args.steps, loft_secs, loft_rate);
+    match reference {
+        Ok(out) if out.status.success() => {
+            let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("reference output: {line}"))?;
+            let rate = v["it_per_sec"].as_f64().unwrap_or(0.0);
+            println!("| PyTorch + LyCORIS | {:>5} | {:>7.2} | {:>6.2} |", args.steps, v["seconds"].as_f64().unwrap_or(0.0), rate);
+            println!();
+            println!("Loft / PyTorch speed ratio: {:.2}× (torch {}, {threads} threads)", loft_rate / rate, v["torch"].as_str().unwrap_or("?"));
+        }
+        Ok(out) => println!("\n(reference not run: {} failed: {})", python.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")),
+        Err(e) => println!("\n(reference not run: cannot start {}: {e}; install torch, diffusers and lycoris-lora)", python.display()),
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("loft-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
