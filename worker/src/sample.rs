@@ -98,6 +98,24 @@ fn leading_timesteps(num_train: usize, steps: usize, offset: usize) -> Vec<usize
 
 /// Renders one image; returns it as `(3, H, W)` f32 in [0, 1].
 pub fn sample_image(model: &StableDiffusion, schedule: &NoiseSchedule, sampler: Sampler, req: &SampleRequest, clip_skip: usize) -> Result<Tensor> {
+    let factor = 2usize.pow(model.vae.config.block_out_channels.len().saturating_sub(1) as u32);
+    let (h, w) = (req.height as usize / factor, req.width as usize / factor);
+    let channels = model.unet.config.in_channels;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
+    let noise = randn(&mut rng, &[1, channels, h, w], model.device())?;
+    sample_image_from_noise(model, schedule, sampler, req, clip_skip, noise)
+}
+
+/// [`sample_image`] from given initial noise `(1, C, H/f, W/f)` (unit variance; the Euler
+/// sampler scales it to its first σ) instead of the request's seed.
+pub fn sample_image_from_noise(
+    model: &StableDiffusion,
+    schedule: &NoiseSchedule,
+    sampler: Sampler,
+    req: &SampleRequest,
+    clip_skip: usize,
+    noise: Tensor,
+) -> Result<Tensor> {
     let device = model.device().clone();
     let dtype = model.dtype();
     let guided = req.cfg != 1.0;
@@ -107,12 +125,7 @@ pub fn sample_image(model: &StableDiffusion, schedule: &NoiseSchedule, sampler: 
     let size = [[req.height as f32, req.width as f32, 0.0, 0.0, req.height as f32, req.width as f32]];
     let added = model.added_cond(embeds.pooled.as_ref(), &vec![size[0]; n])?;
 
-    let factor = 2usize.pow(model.vae.config.block_out_channels.len().saturating_sub(1) as u32);
-    let (h, w) = (req.height as usize / factor, req.width as usize / factor);
-    let channels = model.unet.config.in_channels;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
-    let noise = randn(&mut rng, &[1, channels, h, w], &device)?;
-
+    let noise = noise.to_dtype(DType::F32)?;
     let num_train = schedule.num_timesteps();
     let timesteps = leading_timesteps(num_train, req.steps, model.scheduler.steps_offset);
     let ac = &schedule.alphas_cumprod;
