@@ -68,6 +68,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     println!("Loft is listening on http://{local}/  (data: {})", options.data_dir.display());
     let jobs = state.jobs.clone();
     jobs.watch_other_processes()?;
+    // Jobs this server's previous run (or a killed worker on this machine) held resume first.
+    if let Err(e) = jobs.expire_dead_local_workers() {
+        tracing::warn!("checking for dead workers: {e}");
+    }
     tokio::spawn(sweep_expired_leases(jobs.clone()));
     let (stop_worker, worker_stop) = watch::channel(false);
     let worker = if options.jobs.no_worker {
@@ -99,11 +103,11 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
 /// dashboard never shows a dead worker's job as running.
 async fn sweep_expired_leases(jobs: Jobs) {
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         let j = jobs.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || j.sweep()).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || j.expire_dead_local_workers().and_then(|_| j.sweep())).await {
             tracing::warn!("lease sweep: {e}");
         }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }
 

@@ -117,7 +117,7 @@ pub fn measure_huey(python: &Path, dir: &Path, jobs: usize, sync: &str) -> Resul
         .output()
         .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("python failed").to_string());
+        bail!("{}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("python failed"));
     }
     let v: Value = serde_json::from_slice(&out.stdout).context("reading the Huey benchmark's output")?;
     let m = Measured { jobs, enqueue_s: v["enqueue_s"].as_f64().unwrap_or(f64::NAN), consume_s: v["consume_s"].as_f64().unwrap_or(f64::NAN) };

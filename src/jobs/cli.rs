@@ -136,6 +136,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 let mut jobs = Jobs::new(db, registry, &dir);
                 jobs.lease = Duration::from_secs(args.lease_secs);
                 jobs.watch_other_processes()?;
+                jobs.expire_dead_local_workers()?;
                 let name = args.name.unwrap_or_else(|| default_worker_name(""));
                 println!("Loft worker {name}: running jobs from {}", dir.display());
                 let lease = jobs.lease;

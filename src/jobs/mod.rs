@@ -364,6 +364,31 @@ impl Jobs {
         Ok(n)
     }
 
+    /// A worker on this machine whose process is gone (killed, crashed, the server restarted)
+    /// cannot renew its lease: end the lease now instead of waiting for it to run out, so its job
+    /// resumes at once and in its place in the queue. Only a worker named by
+    /// [`worker::default_worker_name`] on this host is checked, and only where `/proc` tells
+    /// which processes live; anything else waits for its lease, which still decides ownership.
+    pub fn expire_dead_local_workers(&self) -> Result<usize, JobError> {
+        if !Path::new("/proc/self").exists() {
+            return Ok(0);
+        }
+        let host = worker::host_name();
+        let running = queue::running_workers(&self.db.conn())?;
+        let mut expired = 0;
+        for (job, name) in running {
+            let Some((h, pid)) = worker::parse_worker_name(&name) else { continue };
+            if h == host && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && queue::expire_lease(&self.db.conn(), job, &name)? {
+                tracing::info!("job {job}: worker {name} is gone; the job resumes without waiting for its lease");
+                expired += 1;
+            }
+        }
+        if expired > 0 {
+            self.sweep()?;
+        }
+        Ok(expired)
+    }
+
     pub fn owns(&self, job: i64, lease: &str) -> Result<bool, JobError> {
         Ok(queue::owns(&self.db.conn(), job, lease)?)
     }

@@ -213,7 +213,7 @@ fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
 /// Appends a queue event (a state change or a note) to a job's stream.
 fn queue_event(tx: &Transaction, job_id: i64, kind: &str, mut payload: Value) -> rusqlite::Result<()> {
     payload["kind"] = json!(kind);
-    exec(&*tx, "INSERT INTO job_events (job_id, kind, payload) VALUES (?1, ?2, ?3)", params![job_id, kind, payload.to_string()])?;
+    exec(tx, "INSERT INTO job_events (job_id, kind, payload) VALUES (?1, ?2, ?3)", params![job_id, kind, payload.to_string()])?;
     Ok(())
 }
 
@@ -228,7 +228,7 @@ fn state_event(tx: &Transaction, job_id: i64, state: JobState, message: &str, ex
 /// Adds a job at the end of its priority class. `config` is the resolved, validated snapshot.
 pub fn enqueue(conn: &mut Connection, name: &str, config: &Config, priority: i64, max_attempts: i64) -> rusqlite::Result<i64> {
     let tx = immediate(conn)?;
-    exec(&*tx, 
+    exec(&tx, 
         "INSERT INTO jobs (name, config, priority, max_attempts, seq)
          VALUES (?1, ?2, ?3, ?4, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
         params![name, serde_json::to_string(config).expect("JSON"), priority, max_attempts.max(1)],
@@ -267,7 +267,7 @@ fn sweep_in(tx: &Transaction, now: i64) -> rusqlite::Result<usize> {
         } else {
             (JobState::Queued, String::new(), format!("{lost}; the job will resume from its last checkpoint"))
         };
-        exec(&*tx, 
+        exec(tx, 
             &format!(
                 "UPDATE jobs SET state = ?2, lease = NULL, lease_expires_ms = NULL, error = ?3,
                  finished_at = CASE WHEN ?4 THEN {NOW} ELSE NULL END WHERE id = ?1"
@@ -279,13 +279,26 @@ fn sweep_in(tx: &Transaction, now: i64) -> rusqlite::Result<usize> {
     Ok(expired.len())
 }
 
+/// Running jobs and the workers holding them.
+pub fn running_workers(conn: &Connection) -> rusqlite::Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare_cached("SELECT id, worker FROM jobs WHERE state = 'running'")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Ends the lease of `worker` on running job `job_id` now (its process is known to be gone), so
+/// the next sweep or claim takes the job back without waiting for the lease to run out.
+pub fn expire_lease(conn: &Connection, job_id: i64, worker: &str) -> rusqlite::Result<bool> {
+    Ok(exec(conn, "UPDATE jobs SET lease_expires_ms = 0 WHERE id = ?1 AND worker = ?2 AND state = 'running'", params![job_id, worker])? == 1)
+}
+
 /// Takes the next job for `worker`, in one `BEGIN IMMEDIATE` transaction: expired leases are
 /// swept first, then the first queued job (highest priority, then oldest) becomes running with a
 /// fresh lease that expires `lease_ms` from now.
 pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Result<Option<Claim>> {
     let now = now_ms();
     // A cheap look first, so idle workers woken by unrelated commits do not take the write lock.
-    let anything: bool = qrow(&*conn, 
+    let anything: bool = qrow(conn, 
         "SELECT EXISTS(SELECT 1 FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_expires_ms < ?1))",
         params![now],
         |r| r.get(0),
@@ -317,7 +330,7 @@ pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Re
         return Ok(None);
     };
     let lease = new_lease();
-    exec(&*tx, 
+    exec(&tx, 
         &format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, runs = runs + 1, worker = ?2, lease = ?3,
              lease_expires_ms = ?4, cancel_requested = 0, error = '', started_at = COALESCE(started_at, {NOW})
@@ -360,7 +373,7 @@ pub fn renew(conn: &mut Connection, job_id: i64, lease: &str, lease_ms: i64) -> 
     let Some(cancel) = ownership(&tx, job_id, lease)? else {
         return Ok(Control::Lost);
     };
-    exec(&*tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
+    exec(&tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
     tx.commit()?;
     Ok(if cancel { Control::Cancel } else { Control::Continue })
 }
@@ -391,12 +404,12 @@ fn checkpoint_kind(kind: CheckpointKind) -> &'static str {
 
 /// Records a file the job produced (a file saved again under the same path updates its row).
 fn upsert_artifact(tx: &Transaction, job_id: i64, kind: &str, path: &str, step: u64, epoch: u64, label: &str) -> rusqlite::Result<()> {
-    let updated = exec(&*tx, 
+    let updated = exec(tx, 
         "UPDATE artifacts SET kind = ?3, step = ?4, epoch = ?5, label = ?6, pruned = 0 WHERE job_id = ?1 AND path = ?2",
         params![job_id, path, kind, step as i64, epoch as i64, label],
     )?;
     if updated == 0 {
-        exec(&*tx, 
+        exec(tx, 
             "INSERT INTO artifacts (job_id, kind, path, step, epoch, label) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![job_id, kind, path, step as i64, epoch as i64, label],
         )?;
@@ -408,19 +421,19 @@ fn upsert_artifact(tx: &Transaction, job_id: i64, kind: &str, path: &str, step: 
 fn apply(tx: &Transaction, job_id: i64, event: &TrainEvent) -> rusqlite::Result<()> {
     match event {
         TrainEvent::Started { total_steps, total_epochs, start_step, .. } => {
-            exec(&*tx, 
+            exec(tx, 
                 "UPDATE jobs SET total_steps = ?2, total_epochs = ?3, step = ?4 WHERE id = ?1",
                 params![job_id, *total_steps as i64, *total_epochs as i64, *start_step as i64],
             )?;
         }
         TrainEvent::Step { step, total_steps, epoch, avg_loss, it_per_sec, eta_secs, .. } => {
-            exec(&*tx, 
+            exec(tx, 
                 "UPDATE jobs SET step = ?2, total_steps = ?3, epoch = ?4, loss = ?5, it_per_sec = ?6, eta_secs = ?7 WHERE id = ?1",
                 params![job_id, *step as i64, *total_steps as i64, *epoch as i64, finite(*avg_loss), finite(*it_per_sec), finite(*eta_secs)],
             )?;
         }
         TrainEvent::Epoch { epoch, total_epochs, .. } => {
-            exec(&*tx, "UPDATE jobs SET epoch = ?2, total_epochs = ?3 WHERE id = ?1", params![job_id, *epoch as i64, *total_epochs as i64])?;
+            exec(tx, "UPDATE jobs SET epoch = ?2, total_epochs = ?3 WHERE id = ?1", params![job_id, *epoch as i64, *total_epochs as i64])?;
         }
         TrainEvent::Checkpoint { step, epoch, checkpoint, path } => {
             upsert_artifact(tx, job_id, checkpoint_kind(*checkpoint), &path.to_string_lossy(), *step, *epoch, "")?;
@@ -429,7 +442,7 @@ fn apply(tx: &Transaction, job_id: i64, event: &TrainEvent) -> rusqlite::Result<
             upsert_artifact(tx, job_id, "sample", &path.to_string_lossy(), *step, *epoch, prompt)?;
         }
         TrainEvent::Pruned { path } => {
-            exec(&*tx, "UPDATE artifacts SET pruned = 1 WHERE job_id = ?1 AND path = ?2", params![job_id, path.to_string_lossy()])?;
+            exec(tx, "UPDATE artifacts SET pruned = 1 WHERE job_id = ?1 AND path = ?2", params![job_id, path.to_string_lossy()])?;
         }
         TrainEvent::Log { .. } | TrainEvent::Finished { .. } | TrainEvent::Failed { .. } => {}
     }
@@ -449,7 +462,7 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
     };
     for e in events {
         let payload = serde_json::to_string(&e.event).expect("events serialize");
-        let inserted = exec(&*tx, 
+        let inserted = exec(&tx, 
             "INSERT OR IGNORE INTO job_events (job_id, kind, payload, lease, seq) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![job_id, event_kind(&e.event), payload, lease, e.seq],
         )?;
@@ -457,7 +470,7 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
             apply(&tx, job_id, &e.event)?;
         }
     }
-    exec(&*tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
+    exec(&tx, "UPDATE jobs SET lease_expires_ms = ?2 WHERE id = ?1", params![job_id, now_ms() + lease_ms])?;
     tx.commit()?;
     Ok(if cancel { Control::Cancel } else { Control::Continue })
 }
@@ -467,7 +480,7 @@ pub fn record(conn: &mut Connection, job_id: i64, lease: &str, events: &[PostedE
 pub fn finish(conn: &mut Connection, job_id: i64, lease: &str, end: &RunEnd) -> rusqlite::Result<Option<JobState>> {
     let tx = immediate(conn)?;
     let row: Option<(bool, i64, i64, i64)> = qrow(
-        &*tx,
+        &tx,
         "SELECT cancel_requested, attempts, max_attempts, step FROM jobs WHERE id = ?1 AND state = 'running' AND lease = ?2",
         params![job_id, lease],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -483,8 +496,8 @@ pub fn finish(conn: &mut Connection, job_id: i64, lease: &str, end: &RunEnd) -> 
         }
         RunEnd::Done { network_file, final_step, .. } => {
             if let Some(path) = network_file {
-                let epoch: i64 = qrow(&*tx, "SELECT epoch FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0))?;
-                let known: bool = qrow(&*tx, 
+                let epoch: i64 = qrow(&tx, "SELECT epoch FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0))?;
+                let known: bool = qrow(&tx, 
                     "SELECT EXISTS(SELECT 1 FROM artifacts WHERE job_id = ?1 AND path = ?2)",
                     params![job_id, path],
                     |r| r.get(0),
@@ -508,7 +521,7 @@ pub fn finish(conn: &mut Connection, job_id: i64, lease: &str, end: &RunEnd) -> 
     };
     // A release is not the job's fault: it does not use up an attempt.
     let refund = matches!(end, RunEnd::Released { .. }) as i64;
-    exec(&*tx, 
+    exec(&tx, 
         &format!(
             "UPDATE jobs SET state = ?2, error = ?3, lease = NULL, lease_expires_ms = NULL, attempts = attempts - ?4,
              finished_at = CASE WHEN ?5 THEN {NOW} ELSE NULL END WHERE id = ?1"
@@ -534,12 +547,12 @@ pub fn cancel(conn: &mut Connection, job_id: i64) -> Result<Cancelled, JobError>
     let state = job_state(&tx, job_id)?;
     let outcome = match state {
         JobState::Queued => {
-            exec(&*tx, &format!("UPDATE jobs SET state = 'cancelled', finished_at = {NOW} WHERE id = ?1"), params![job_id])?;
+            exec(&tx, &format!("UPDATE jobs SET state = 'cancelled', finished_at = {NOW} WHERE id = ?1"), params![job_id])?;
             state_event(&tx, job_id, JobState::Cancelled, "cancelled before it started", json!({}))?;
             Cancelled::Now
         }
         JobState::Running => {
-            exec(&*tx, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", params![job_id])?;
+            exec(&tx, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1", params![job_id])?;
             queue_event(
                 &tx,
                 job_id,
@@ -555,7 +568,7 @@ pub fn cancel(conn: &mut Connection, job_id: i64) -> Result<Cancelled, JobError>
 }
 
 fn job_state(tx: &Transaction, job_id: i64) -> Result<JobState, JobError> {
-    qrow(&*tx, "SELECT state FROM jobs WHERE id = ?1", params![job_id], |r| r.get::<_, String>(0))
+    qrow(tx, "SELECT state FROM jobs WHERE id = ?1", params![job_id], |r| r.get::<_, String>(0))
         .optional()?
         .map(|s| JobState::parse(&s))
         .ok_or(JobError::NotFound(job_id))
@@ -569,7 +582,7 @@ pub fn retry(conn: &mut Connection, job_id: i64) -> Result<(), JobError> {
         JobState::Failed | JobState::Cancelled => {}
         s => return Err(JobError::Conflict(format!("only failed or cancelled jobs can be retried; job {job_id} is {}", s.as_str()))),
     }
-    exec(&*tx, 
+    exec(&tx, 
         "UPDATE jobs SET state = 'queued', attempts = 0, error = '', cancel_requested = 0, finished_at = NULL,
          seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs) WHERE id = ?1",
         params![job_id],
@@ -587,13 +600,13 @@ pub fn delete(conn: &mut Connection, job_id: i64) -> Result<Vec<Artifact>, JobEr
         return Err(JobError::Conflict(format!("job {job_id} is running: cancel it first, then delete it")));
     }
     let artifacts = artifacts_in(&tx, job_id)?;
-    exec(&*tx, "DELETE FROM jobs WHERE id = ?1", params![job_id])?;
+    exec(&tx, "DELETE FROM jobs WHERE id = ?1", params![job_id])?;
     tx.commit()?;
     Ok(artifacts)
 }
 
 pub fn set_priority(conn: &mut Connection, job_id: i64, priority: i64) -> Result<(), JobError> {
-    let n = exec(&*conn, "UPDATE jobs SET priority = ?2 WHERE id = ?1", params![job_id, priority])?;
+    let n = exec(conn, "UPDATE jobs SET priority = ?2 WHERE id = ?1", params![job_id, priority])?;
     if n == 0 {
         return Err(JobError::NotFound(job_id));
     }
@@ -633,7 +646,7 @@ pub fn move_job(conn: &mut Connection, job_id: i64, to: Move) -> Result<(), JobE
     let priority = if to_index < from { ids[to_index + 1].1 } else { ids[to_index - 1].1 };
     ids[to_index].1 = priority;
     for ((id, priority), seq) in ids.iter().zip(seqs) {
-        exec(&*tx, "UPDATE jobs SET priority = ?2, seq = ?3 WHERE id = ?1", params![id, priority, seq])?;
+        exec(&tx, "UPDATE jobs SET priority = ?2, seq = ?3 WHERE id = ?1", params![id, priority, seq])?;
     }
     tx.commit()?;
     Ok(())
@@ -707,7 +720,7 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<JobSummary, JobError> {
         return Err(JobError::NotFound(job_id));
     };
     if job.state == JobState::Queued {
-        let ahead: i64 = qrow(&*conn, 
+        let ahead: i64 = qrow(conn, 
             "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority > ?1 OR (priority = ?1 AND seq < ?2))",
             params![job.priority, seq],
             |r| r.get(0),
@@ -719,14 +732,14 @@ pub fn get(conn: &Connection, job_id: i64) -> Result<JobSummary, JobError> {
 
 /// The snapshotted configuration of a job.
 pub fn config(conn: &Connection, job_id: i64) -> Result<Config, JobError> {
-    let text: Option<String> = qrow(&*conn, "SELECT config FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0)).optional()?;
+    let text: Option<String> = qrow(conn, "SELECT config FROM jobs WHERE id = ?1", params![job_id], |r| r.get(0)).optional()?;
     let text = text.ok_or(JobError::NotFound(job_id))?;
     Ok(serde_json::from_str(&text).unwrap_or_default())
 }
 
 /// Whether `lease` is the current lease of running job `job_id`.
 pub fn owns(conn: &Connection, job_id: i64, lease: &str) -> rusqlite::Result<bool> {
-    qrow(&*conn, 
+    qrow(conn, 
         "SELECT EXISTS(SELECT 1 FROM jobs WHERE id = ?1 AND state = 'running' AND lease = ?2)",
         params![job_id, lease],
         |r| r.get(0),
@@ -754,7 +767,7 @@ pub fn events_after(conn: &Connection, job_id: Option<i64>, after: i64, limit: i
 
 /// The newest event id (0 when there is none).
 pub fn last_event_id(conn: &Connection) -> rusqlite::Result<i64> {
-    qrow(&*conn, "SELECT COALESCE(MAX(id), 0) FROM job_events", [], |r| r.get(0))
+    qrow(conn, "SELECT COALESCE(MAX(id), 0) FROM job_events", [], |r| r.get(0))
 }
 
 fn artifact_row(r: &Row) -> rusqlite::Result<Artifact> {
@@ -784,7 +797,7 @@ pub fn artifacts(conn: &Connection, job_id: i64) -> rusqlite::Result<Vec<Artifac
 }
 
 pub fn artifact(conn: &Connection, job_id: i64, artifact_id: i64) -> Result<Artifact, JobError> {
-    qrow(&*conn, 
+    qrow(conn, 
         &format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE id = ?1 AND job_id = ?2"),
         params![artifact_id, job_id],
         artifact_row,
@@ -794,6 +807,6 @@ pub fn artifact(conn: &Connection, job_id: i64, artifact_id: i64) -> Result<Arti
 }
 
 pub fn set_kept(conn: &Connection, artifact_id: i64, kept: &str) -> rusqlite::Result<()> {
-    exec(&*conn, "UPDATE artifacts SET kept = ?2 WHERE id = ?1", params![artifact_id, kept])?;
+    exec(conn, "UPDATE artifacts SET kept = ?2 WHERE id = ?1", params![artifact_id, kept])?;
     Ok(())
 }

@@ -78,15 +78,26 @@ impl Stop {
     }
 }
 
-/// A name for this worker in the queue ("host/pid123").
-pub fn default_worker_name(prefix: &str) -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+/// This machine's name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{prefix}{host}/pid{}", std::process::id())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A name for this worker in the queue ("serve host/pid123", "host/pid123").
+pub fn default_worker_name(prefix: &str) -> String {
+    format!("{prefix}{}/pid{}", host_name(), std::process::id())
+}
+
+/// The host and process id in a name made by [`default_worker_name`].
+pub fn parse_worker_name(name: &str) -> Option<(String, u32)> {
+    let name = name.strip_prefix("serve ").unwrap_or(name);
+    let (host, pid) = name.rsplit_once("/pid")?;
+    Some((host.to_string(), pid.parse().ok()?))
 }
 
 /// Runs jobs until `shutdown` becomes true. A job running at shutdown is stopped (the engine

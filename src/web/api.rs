@@ -34,7 +34,7 @@ fn preset_error(e: PresetError) -> Response {
     }
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
     body.map(|Json(v)| v).map_err(|rejection| {
         // Too large stays 413; every other problem with the body is the client's malformed JSON.
         let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { rejection.status() } else { StatusCode::BAD_REQUEST };

@@ -18,6 +18,7 @@ use loft_worker::train::TrainEvent;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::api::json_body;
 use super::{same_secret, AppState};
 use crate::jobs::hub::{manifest, resolve_file, upload_target, ClaimRequest, ClaimResponse, ControlResponse, EventsRequest, FinishRequest, LeaseRequest};
 use crate::jobs::{Control, JobError, Jobs};
@@ -62,10 +63,6 @@ async fn require_worker_token(State(state): State<AppState>, request: Request, n
         return error(StatusCode::UNAUTHORIZED, format!("worker token {why}: start the worker with --token (the token `loft serve` printed)"));
     }
     next.run(request).await
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
-    body.map(|Json(v)| v).map_err(|r| error(StatusCode::BAD_REQUEST, format!("request body: {}", r.body_text())))
 }
 
 async fn blocking<T: Send + 'static>(jobs: &Jobs, f: impl FnOnce(&Jobs) -> T + Send + 'static) -> T {

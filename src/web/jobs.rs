@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::dashboard::{self, JobLive};
 use super::ui::{draft_id, with_cookie, ErrorLine};
+use super::api::json_body;
 use super::{render, AppState};
 use crate::drafts;
 use crate::jobs::{demo, queue, JobError, JobSource, Jobs, Move};
@@ -38,13 +39,6 @@ fn job_error(e: JobError) -> Response {
         }
         JobError::Db(_) | JobError::Io(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
-    body.map(|Json(v)| v).map_err(|rejection| {
-        let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE { rejection.status() } else { StatusCode::BAD_REQUEST };
-        error(status, format!("request body: {}", rejection.body_text()))
-    })
 }
 
 /// Runs a (short, blocking) database call off the async threads.
