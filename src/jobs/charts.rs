@@ -122,7 +122,8 @@ pub fn line_chart(title: &str, lines: &[Line]) -> String {
         (y0, y1) = (y0 - pad, y1 + pad);
     } else {
         let pad = (y1 - y0) * 0.05;
-        (y0, y1) = (y0 - pad, y1 + pad);
+        // Padding never takes a non-negative series (a learning rate, a loss) below zero.
+        (y0, y1) = (if y0 >= 0.0 { (y0 - pad).max(0.0) } else { y0 - pad }, y1 + pad);
     }
     let px = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
     let py = |y: f64| TOP + (1.0 - (y - y0) / (y1 - y0)) * (H - TOP - BOTTOM);
