@@ -242,9 +242,17 @@ impl Jobs {
     /// Deletes a job that is not running, and its files: the job's folder and every file it
     /// reported (also those in a chosen output folder). Copies the user kept stay.
     pub fn delete(&self, id: i64) -> Result<(), JobError> {
+        let output_dir = self.config(id)?.get("output_dir").and_then(Value::as_str).map(str::trim).unwrap_or("").to_string();
         let artifacts = queue::delete(&mut self.db.conn(), id)?;
+        let dir = self.job_dir(id);
         for a in artifacts {
             let path = Path::new(&a.path);
+            // Only what lies where this job writes: its folder or its chosen output folder (a
+            // remote worker's own paths, recorded for its training states, are not ours).
+            let ours = path.starts_with(&dir) || (!output_dir.is_empty() && path.starts_with(&output_dir));
+            if !ours || path.components().any(|c| c == std::path::Component::ParentDir) {
+                continue;
+            }
             let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
             if let Err(e) = removed {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -252,7 +260,6 @@ impl Jobs {
                 }
             }
         }
-        let dir = self.job_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| JobError::Io(format!("job {id} was deleted but its folder {} could not be removed: {e}", dir.display())))?;
         }
