@@ -50,7 +50,12 @@ impl JobRunner for EngineRunner {
             let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
             anyhow!(Permanent(format!("the configuration is not valid: {}", list.join("; "))))
         })?;
-        let options = RunOptions { resume: job.resume, device: self.device.clone(), cache_dir: Some(job.job_dir.join("cache")), ..RunOptions::default() };
+        // Latents are keyed by image content and every setting that changes them, so one cache
+        // for all jobs (`DATA/cache/latents`, beside `DATA/jobs/<id>`) lets a re-run or a second
+        // job on the same pictures skip the VAE.
+        let shared = job.job_dir.parent().and_then(|jobs| jobs.parent()).map(|root| root.join("cache").join("latents"));
+        let cache_dir = shared.unwrap_or_else(|| job.job_dir.join("cache"));
+        let options = RunOptions { resume: job.resume, device: self.device.clone(), cache_dir: Some(cache_dir), ..RunOptions::default() };
         loft_worker::train::run(&config, &options, sink, cancel)
     }
 }
