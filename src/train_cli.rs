@@ -159,13 +159,18 @@ pub struct SampleArgs {
     /// The model predicts v (SD 2.x 768-v models loaded from a single file).
     #[arg(long)]
     pub v_prediction: bool,
+    /// Keep the weights in f16 (half the memory of f32) and compute in f32.
+    #[arg(long)]
+    pub half_weights: bool,
     #[arg(long)]
     pub out: PathBuf,
 }
 
 pub fn sample(args: SampleArgs) -> Result<()> {
     let sampler = Sampler::parse(&args.sampler)?;
-    let model = StableDiffusion::load(&args.model, DType::F32, &Device::Cpu).with_context(|| format!("--model {}", args.model.display()))?;
+    let storage = if args.half_weights { DType::F16 } else { DType::F32 };
+    let mut model = StableDiffusion::load(&args.model, storage, &Device::Cpu).with_context(|| format!("--model {}", args.model.display()))?;
+    model.set_compute_dtype(DType::F32);
     let mut files = vec![];
     for arg in &args.loras {
         let (path, weight) = parse_lora_arg(arg);

@@ -23,3 +23,20 @@ fn ddim_and_euler_match_diffusers() {
         assert!(err < 1e-4, "{name}: max abs difference {err}");
     }
 }
+
+/// f16 weights computed in f32 (half the memory): the same pictures within f16 rounding.
+#[test]
+fn half_weights_computed_in_f32_match() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    let refs = candle_core::safetensors::load(root.join("sampler-ref.safetensors"), &Device::Cpu).unwrap();
+    let mut model = StableDiffusion::load(&root.join("tiny-sd15"), DType::F16, &Device::Cpu).unwrap();
+    model.set_compute_dtype(DType::F32);
+    assert_eq!(model.unet.dtype(), DType::F16, "weights stay f16");
+    let schedule = NoiseSchedule::new(&model.scheduler, false, false).unwrap();
+    let req = SampleRequest { prompt: "a photo of a cat".into(), negative: String::new(), width: 32, height: 32, steps: 5, cfg: 7.0, seed: 0 };
+    let image = sample_image_from_noise(&model, &schedule, Sampler::Euler, &req, 1, refs["noise"].clone()).unwrap();
+    assert_eq!(image.dtype(), DType::F32);
+    let want = refs["euler.image"].squeeze(0).unwrap();
+    let err: f32 = (image - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(err < 2e-2, "max abs difference {err}");
+}

@@ -541,7 +541,7 @@ fn bench_load_full_size_sd15_f16_into_f32() {
     println!("wrote {} ({:.2} GB) in {:.1?}", path.display(), file_size as f64 / 1e9, t0.elapsed());
     // Each load in a fresh process, so that no freed-but-kept heap of an earlier one hides
     // its allocations.
-    for case in ["loft-f32", "loft-f16", "candle-f32"] {
+    for case in ["loft-f32", "loft-f16", "loft-f16-compute-f32", "candle-f32"] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", "bench_child", "--nocapture", "--test-threads=1"])
             .env("LOFT_BENCH_FILE", &path)
@@ -580,6 +580,22 @@ fn bench_child() {
             let emb = (te.vocab_size + te.max_position_embeddings) * te.hidden_size;
             let n = count(m.unet.layers()) + count(m.text_encoders[0].layers()) + emb + count(m.vae.layers());
             (format!("Loft single-file load into {dtype:?} (UNet + CLIP-L + VAE)"), n, dtype.size_in_bytes())
+        }
+        "loft-f16-compute-f32" => {
+            // f16 weights, computed in f32: the whole pipeline (built-in CLIP tokenizer), one
+            // prompt encoded and one UNet step at 64×64 pixels, each layer casting its weight
+            // for the call.
+            let mut m = loft_worker::models::pipeline::StableDiffusion::load(&path, DType::F16, &cpu()).unwrap();
+            m.set_compute_dtype(DType::F32);
+            let e = m.encode_prompts(&["a photo of a cat".to_string()], 1, 75).unwrap();
+            let x = candle_core::Tensor::zeros((1, 4, 8, 8), DType::F32, &cpu()).unwrap();
+            let t = candle_core::Tensor::new(&[500f32], &cpu()).unwrap();
+            let out = m.unet.forward(&x, &t, &e.hidden, None).unwrap();
+            assert_eq!(out.dtype(), DType::F32);
+            let te = &m.text_encoders[0].config;
+            let emb = (te.vocab_size + te.max_position_embeddings) * te.hidden_size;
+            let n = count(m.unet.layers()) + count(m.text_encoders[0].layers()) + emb + count(m.vae.layers());
+            ("Loft f16 weights computed in f32 (load + encode + one UNet step)".to_string(), n, 2)
         }
         "candle-f32" => {
             // candle's own mmap backend, renamed to the LDM keys (UNet and text encoder; the

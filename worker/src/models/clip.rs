@@ -48,6 +48,9 @@ pub struct ClipTextModel {
     final_layer_norm: Arc<Layer>,
     text_projection: Option<Arc<Layer>>,
     layers: Vec<Arc<Layer>>,
+    /// Computes in this dtype when it differs from the stored weights' (see
+    /// [`ClipTextModel::set_compute_dtype`]).
+    compute_dtype: Option<DType>,
 }
 
 impl ClipTextModel {
@@ -95,6 +98,7 @@ impl ClipTextModel {
             final_layer_norm,
             text_projection,
             layers: root.registry.to_vec(),
+            compute_dtype: None,
         })
     }
 
@@ -106,6 +110,11 @@ impl ClipTextModel {
         let vb = var_builder(dir, "model", dtype, device)?;
         let with_projection = config.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
         Self::new(&config, vb, with_projection)
+    }
+
+    /// Computes in `dtype` (e.g. f32) whatever dtype the weights are stored in (e.g. f16).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = Some(dtype);
     }
 
     /// The final layer norm (what SD1.x clip skip applies to an earlier layer's output).
@@ -125,6 +134,9 @@ impl ClipTextModel {
         let tok = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, n, ()))?;
         let pos = self.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?;
         let mut x = tok.broadcast_add(&pos)?;
+        if let Some(dt) = self.compute_dtype {
+            x = x.to_dtype(dt)?;
+        }
         let mask = causal_mask(n, device)?;
         let heads = self.config.num_attention_heads;
         let mut hidden_states = vec![x.clone()];

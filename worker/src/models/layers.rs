@@ -96,11 +96,26 @@ impl Layer {
         if let Some(h) = self.hook() {
             return h.forward(&self.base, x);
         }
-        if self.base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
-            return self.base.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
-        }
-        self.base.forward(x)
+        forward_in_dtype(&self.base, x)
     }
+}
+
+/// A frozen layer's output for `x`. Weights stored in another dtype than `x` (f16 weights
+/// computed in f32, to halve a model's memory) are cast for this call only; norms compute their
+/// statistics in f32 when `x` is f16/bf16.
+pub fn forward_in_dtype(base: &BaseLayer, x: &Tensor) -> Result<Tensor> {
+    if base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
+        return forward_in_dtype(base, &x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+    }
+    if base.weight.dtype() != x.dtype() && x.dtype().is_float() {
+        let cast = BaseLayer {
+            kind: base.kind.clone(),
+            weight: base.weight.to_dtype(x.dtype())?,
+            bias: base.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?,
+        };
+        return cast.forward(x);
+    }
+    base.forward(x)
 }
 
 /// The layers of a model in build order, shared by its builders.

@@ -108,6 +108,9 @@ pub struct StableDiffusion {
     pub scheduler: SchedulerConfig,
     /// Where it was loaded from.
     pub source: PathBuf,
+    /// The dtype activations are computed in (the weights' dtype unless
+    /// [`StableDiffusion::set_compute_dtype`] says otherwise).
+    compute_dtype: Option<DType>,
 }
 
 impl std::fmt::Debug for StableDiffusion {
@@ -162,7 +165,7 @@ impl StableDiffusion {
         }
         let sched_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if sched_path.is_file() { read_json(&sched_path)? } else { SchedulerConfig::default() };
-        Ok(Self { family, unet, text_encoders, tokenizers, vae, scheduler, source: dir.to_path_buf() })
+        Ok(Self { family, unet, text_encoders, tokenizers, vae, scheduler, source: dir.to_path_buf(), compute_dtype: None })
     }
 
     /// A single-file checkpoint with the original LDM key names. Such files carry no
@@ -214,6 +217,7 @@ impl StableDiffusion {
             vae: parts.vae,
             scheduler: SchedulerConfig::default(),
             source: path.to_path_buf(),
+            compute_dtype: None,
         })
     }
 
@@ -221,8 +225,18 @@ impl StableDiffusion {
         self.unet.device()
     }
 
+    /// The dtype the model computes in.
     pub fn dtype(&self) -> DType {
-        self.unet.dtype()
+        self.compute_dtype.unwrap_or_else(|| self.unet.dtype())
+    }
+
+    /// Keeps the weights in the dtype they were loaded in (e.g. f16, half the memory) and
+    /// computes in `dtype` (e.g. f32): each layer casts its weight for the call.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = Some(dtype);
+        for te in &mut self.text_encoders {
+            te.set_compute_dtype(dtype);
+        }
     }
 
     /// Encodes prompts as the family's trainer does (sd-scripts): SD 1.x/2.x use the last
@@ -355,7 +369,7 @@ impl StableDiffusion {
                 (b0, None) => b0.clone(),
             };
             let merged = BaseLayer { kind: base.kind.clone(), weight: w, bias: b };
-            layer.set_hook(Some(Arc::new(move |_: &BaseLayer, x: &Tensor| merged.forward(x))));
+            layer.set_hook(Some(Arc::new(move |_: &BaseLayer, x: &Tensor| super::layers::forward_in_dtype(&merged, x))));
         }
         Ok(unmatched)
     }
