@@ -61,14 +61,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let config = load_train_config(&args.config)?;
     let cancel = CancelToken::new();
     let on_signal = cancel.clone();
-    // Ctrl-C: finish the current step, save a state, stop.
+    // Ctrl-C or SIGTERM: finish the current step, save a state, stop.
     std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
             rt.block_on(async {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("\nstopping after this step (a state is saved; continue with --resume)…");
-                    on_signal.cancel();
-                }
+                crate::jobs::cli::stop_signal().await;
+                eprintln!("\nstopping after this step (a state is saved; continue with --resume)…");
+                on_signal.cancel();
             });
         }
     });

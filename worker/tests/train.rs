@@ -233,6 +233,10 @@ fn sdxl_trains_with_both_text_encoders() {
     assert!(names.iter().any(|n| n.starts_with("lora_te2_")));
     assert!(names.iter().any(|n| n.starts_with("lora_unet_input_blocks_")), "SDXL uses LDM names");
     assert_eq!(lora.metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    // The file applies to a fresh SDXL model: every module (te1, te2 and the LDM-named UNet
+    // layers) finds its layer.
+    let fresh = StableDiffusion::load(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap();
+    assert!(fresh.apply_networks(&[(&lora, 1.0)]).unwrap().is_empty());
     // Wrong family is refused before any work, naming the key.
     cfg.model_family = ModelFamily::Sd15;
     let err = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap_err();

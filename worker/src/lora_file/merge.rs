@@ -32,10 +32,10 @@ use candle_core::{DType, Tensor};
 
 use super::{LoadedModule, LoraFile, ModuleDelta};
 use crate::models::config::{read_json, ClipTextConfig, UNetConfig};
-use crate::models::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
+use crate::models::ldm_names::UNetLayout;
 use crate::models::safetensors_io::{candle_dtype, tensor_bytes, write_streaming, MappedFile, OutEntry};
 use crate::models::single_file::{skeleton_var_builder, Checkpoint, Component, Stored};
-use crate::models::{kohya_name, weight_files, ClipTextModel, ModelFamily, ModelLayers, UNet2DConditionModel};
+use crate::models::{kohya_name, text_encoder_prefix, unet_module_names, weight_files, ClipTextModel, ModelFamily, ModelLayers, UNet2DConditionModel};
 use crate::networks::{BaseLayer, LayerKind};
 
 /// One network file and its multiplier.
@@ -110,14 +110,12 @@ fn targets(family: ModelFamily, unet: &UNetConfig, tes: &[ClipTextConfig]) -> Re
     let layout = UNetLayout::from_config(unet);
     for (module, kind, has_bias) in unet_layers(unet)? {
         let t = Target { component: Component::Unet, module: module.clone(), kind, has_bias };
-        out.insert(kohya_name("lora_unet", &module), t.clone());
-        out.insert(kohya_name("lycoris", &module), t.clone());
-        if let Some(ldm) = sdxl_kohya_unet_name(&module, &layout) {
-            out.insert(ldm, t);
+        for name in unet_module_names(family, &layout, &module) {
+            out.insert(name, t.clone());
         }
     }
     for (i, cfg) in tes.iter().enumerate() {
-        let prefix = if tes.len() == 1 { "lora_te".to_string() } else { format!("lora_te{}", i + 1) };
+        let prefix = text_encoder_prefix(i, tes.len());
         let with_projection = family == ModelFamily::Sdxl && i == 1;
         for (module, kind, has_bias) in te_layers(cfg, with_projection)? {
             let t = Target { component: Component::TextEncoder(i), module: module.clone(), kind, has_bias };
@@ -147,13 +145,7 @@ impl Base {
         if dir.join("text_encoder_2/config.json").is_file() {
             tes.push(read_json(&dir.join("text_encoder_2/config.json"))?);
         }
-        let family = if tes.len() == 2 {
-            ModelFamily::Sdxl
-        } else if tes[0].hidden_act == "gelu" {
-            ModelFamily::Sd2
-        } else {
-            ModelFamily::Sd15
-        };
+        let family = ModelFamily::of_diffusers(tes.len(), &tes[0].hidden_act);
         let targets = targets(family, &unet, &tes)?;
         let mut files = Vec::new();
         let mut owner: HashMap<(Component, String), usize> = HashMap::new();

@@ -64,6 +64,18 @@ impl ModelFamily {
         }
     }
 
+    /// The family of a diffusers pipeline from its text encoders: two means SDXL; OpenCLIP's
+    /// `gelu` (CLIP-L uses `quick_gelu`) means SD 2.x.
+    pub fn of_diffusers(text_encoders: usize, first_hidden_act: &str) -> Self {
+        if text_encoders >= 2 {
+            ModelFamily::Sdxl
+        } else if first_hidden_act == "gelu" {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd15
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "sd15" | "sd1" | "sd1.5" | "v1" => Some(ModelFamily::Sd15),
@@ -96,6 +108,30 @@ pub trait ModelLayers {
 /// the module path with `.` replaced by `_`.
 pub fn kohya_name(prefix: &str, module_path: &str) -> String {
     format!("{prefix}_{}", module_path.replace('.', "_"))
+}
+
+/// Every kohya module name a network file may use for a UNet layer, the one sd-scripts writes
+/// for this family first: SDXL files use the LDM names (`lora_unet_input_blocks_4_1_…`), SD 1.x/2.x
+/// the diffusers paths; both spellings and LyCORIS's `lycoris_` prefix are accepted on reading.
+pub fn unet_module_names(family: ModelFamily, layout: &ldm_names::UNetLayout, path: &str) -> Vec<String> {
+    let diffusers = kohya_name("lora_unet", path);
+    let ldm = ldm_names::sdxl_kohya_unet_name(path, layout);
+    let mut names = match (family, ldm) {
+        (ModelFamily::Sdxl, Some(ldm)) => vec![ldm, diffusers],
+        (_, Some(ldm)) => vec![diffusers, ldm],
+        (_, None) => vec![diffusers],
+    };
+    names.push(kohya_name("lycoris", path));
+    names
+}
+
+/// The kohya prefix of text encoder `index` of `count` (`lora_te`, or `lora_te1`/`lora_te2`).
+pub fn text_encoder_prefix(index: usize, count: usize) -> String {
+    if count == 1 {
+        "lora_te".to_string()
+    } else {
+        format!("lora_te{}", index + 1)
+    }
 }
 
 /// The safetensors file(s) of a diffusers / transformers model folder for weight file stem

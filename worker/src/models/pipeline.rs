@@ -14,11 +14,11 @@ use serde::Deserialize;
 use super::clip::ClipTextModel;
 use super::config::read_json;
 use super::layers::Layer;
-use super::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
+use super::ldm_names::UNetLayout;
 use super::tokenizer::{join_chunks, ClipTokenizer};
 use super::unet::{AddedCond, UNet2DConditionModel};
 use super::vae::AutoencoderKL;
-use super::{kohya_name, ModelFamily, ModelLayers};
+use super::{kohya_name, text_encoder_prefix, unet_module_names, ModelFamily, ModelLayers};
 use crate::lora_file::LoraFile;
 use crate::networks::BaseLayer;
 
@@ -119,19 +119,6 @@ impl std::fmt::Debug for StableDiffusion {
     }
 }
 
-/// The family of a diffusers folder: the pipeline class says SDXL; OpenCLIP's `gelu` text
-/// encoder (CLIP-L uses `quick_gelu`) says SD 2.x.
-fn diffusers_family(index: &serde_json::Value, te_config: &super::ClipTextConfig) -> ModelFamily {
-    let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
-    if class.contains("XL") || index.get("text_encoder_2").is_some_and(|v| v.is_array() && !v[0].is_null()) {
-        ModelFamily::Sdxl
-    } else if te_config.hidden_act == "gelu" {
-        ModelFamily::Sd2
-    } else {
-        ModelFamily::Sd15
-    }
-}
-
 impl StableDiffusion {
     /// Loads a model from a diffusers folder or a single-file checkpoint, its weights
     /// memory-mapped and cast to `dtype`.
@@ -154,7 +141,9 @@ impl StableDiffusion {
         }
         let index: serde_json::Value = read_json(&index_path)?;
         let te_config: super::ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
-        let family = diffusers_family(&index, &te_config);
+        let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+        let has_second = class.contains("XL") || index.get("text_encoder_2").is_some_and(|v| v.is_array() && !v[0].is_null());
+        let family = ModelFamily::of_diffusers(if has_second { 2 } else { 1 }, &te_config.hidden_act);
         let unet = UNet2DConditionModel::from_diffusers_dir(&dir.join("unet"), dtype, device)?;
         let vae = AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, device)?;
         let mut text_encoders = vec![ClipTextModel::from_transformers_dir(&dir.join("text_encoder"), dtype, device)?];
@@ -292,26 +281,26 @@ impl StableDiffusion {
         UNetLayout::from_config(&self.unet.config)
     }
 
-    /// Every UNet and text-encoder layer under its kohya module name: SD 1.x/2.x use the
-    /// diffusers paths (`lora_unet_down_blocks_…`, `lora_te_text_model_…`), SDXL the LDM
-    /// UNet names (`lora_unet_input_blocks_4_1_…`) and `lora_te1_` / `lora_te2_`.
+    /// Every UNet and text-encoder layer under the kohya module name sd-scripts writes for it:
+    /// SD 1.x/2.x use the diffusers paths (`lora_unet_down_blocks_…`, `lora_te_text_model_…`),
+    /// SDXL the LDM UNet names (`lora_unet_input_blocks_4_1_…`) and `lora_te1_` / `lora_te2_`.
     pub fn named_layers(&self) -> Vec<NamedLayer> {
+        self.layer_names().into_iter().map(|(mut names, part, layer)| NamedLayer { kohya_name: names.remove(0), part, layer }).collect()
+    }
+
+    /// Each layer with every name a file may use for it (the written one first; see
+    /// [`super::unet_module_names`]).
+    fn layer_names(&self) -> Vec<(Vec<String>, Part, Arc<Layer>)> {
         let mut out = vec![];
         let layout = self.unet_layout();
         for l in self.unet.layers() {
-            let name = match self.family {
-                ModelFamily::Sdxl => sdxl_kohya_unet_name(l.name(), &layout),
-                _ => Some(kohya_name("lora_unet", l.name())),
-            };
-            if let Some(kohya_name) = name {
-                out.push(NamedLayer { kohya_name, part: Part::Unet, layer: l.clone() });
-            }
+            out.push((unet_module_names(self.family, &layout, l.name()), Part::Unet, l.clone()));
         }
         let n_te = self.text_encoders.len();
         for (i, te) in self.text_encoders.iter().enumerate() {
-            let prefix = if n_te == 1 { "lora_te".to_string() } else { format!("lora_te{}", i + 1) };
+            let prefix = text_encoder_prefix(i, n_te);
             for l in te.layers() {
-                out.push(NamedLayer { kohya_name: kohya_name(&prefix, l.name()), part: Part::TextEncoder(i), layer: l.clone() });
+                out.push((vec![kohya_name(&prefix, l.name())], Part::TextEncoder(i), l.clone()));
             }
         }
         out
@@ -321,10 +310,13 @@ impl StableDiffusion {
     /// to the layers it names, through a hook on the layer (the model files stay untouched).
     /// Returns the module names no layer matched; fails when a file matches nothing.
     pub fn apply_networks(&self, networks: &[(&LoraFile, f64)]) -> Result<Vec<String>> {
-        let layers: HashMap<String, Arc<Layer>> =
-            self.named_layers().into_iter().map(|n| (n.kohya_name, n.layer)).collect();
+        let layers: HashMap<String, Arc<Layer>> = self
+            .layer_names()
+            .into_iter()
+            .flat_map(|(names, _, layer)| names.into_iter().map(move |n| (n, layer.clone())))
+            .collect();
         // Accumulate per layer so several files stack.
-        let mut deltas: HashMap<String, (Arc<Layer>, Tensor, Option<Tensor>)> = HashMap::new();
+        let mut deltas: HashMap<usize, (Arc<Layer>, Tensor, Option<Tensor>)> = HashMap::new();
         let mut unmatched = vec![];
         for (file, weight) in networks {
             let mut matched = 0;
@@ -337,7 +329,10 @@ impl StableDiffusion {
                 let d = m.delta(Some(layer.base())).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
                 let dw = (d.dw.to_dtype(DType::F32)? * *weight)?;
                 let db = d.db.map(|b| b.to_dtype(DType::F32)? * *weight).transpose()?;
-                match deltas.get_mut(&m.name) {
+                // Keyed by the layer itself (SDXL's two text encoders share module paths), so two
+                // spellings of one layer's name stack.
+                let key = Arc::as_ptr(layer) as usize;
+                match deltas.get_mut(&key) {
                     Some((_, w, b)) => {
                         *w = (&*w + dw)?;
                         *b = match (b.take(), db) {
@@ -346,7 +341,7 @@ impl StableDiffusion {
                         };
                     }
                     None => {
-                        deltas.insert(m.name.clone(), (layer.clone(), dw, db));
+                        deltas.insert(key, (layer.clone(), dw, db));
                     }
                 }
             }

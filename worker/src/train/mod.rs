@@ -278,7 +278,8 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     let captions_vary = cfg.shuffle_caption || cfg.caption_dropout_rate > 0.0 || cfg.caption_tag_dropout_rate > 0.0 || cfg.caption_dropout_every_n_epochs > 0;
     let cache_text = !train_te && !captions_vary;
     let mut text_cache: HashMap<String, (Tensor, Option<Tensor>)> = HashMap::new();
-    let mut accumulator = GradAccumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
+    let trained_vars: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut accumulator = GradAccumulator::new(trained_vars.clone());
     let mut recent: VecDeque<f64> = progress.recent_losses.iter().copied().collect();
     let window = (steps_per_epoch as usize).max(1);
     let run_start = Instant::now();
@@ -331,7 +332,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             }
             let mut grads = accumulator.take(true)?;
             if cfg.max_grad_norm > 0.0 {
-                clip_grad_norm(&accumulator_vars(&vars), &mut grads, cfg.max_grad_norm)?;
+                clip_grad_norm(&trained_vars, &mut grads, cfg.max_grad_norm)?;
             }
             let lr_scale = lr_schedule.lr_at(progress.step);
             optimizer.step(&grads, lr_scale)?;
@@ -408,10 +409,6 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     }
     sink.emit(TrainEvent::Finished { step: progress.step, path: Some(final_path.clone()), cancelled: false });
     Ok(TrainOutcome { final_step: progress.step, network_file: Some(final_path), cancelled: false })
-}
-
-fn accumulator_vars(vars: &[(String, candle_core::Var)]) -> Vec<candle_core::Var> {
-    vars.iter().map(|(_, v)| v.clone()).collect()
 }
 
 /// The optimizer arguments: `optimizer_args` text plus the registry's dedicated fields that
@@ -596,10 +593,7 @@ impl RunContext<'_> {
             _ => format!("{}.safetensors", cfg.output_name),
         };
         let path = cfg.output_dir.join(name);
-        let was_training = true;
-        self.network.set_training(false);
         self.network.save(&path, &self.metadata(progress.step, epoch), parse_save_precision(&cfg.save_precision)?)?;
-        self.network.set_training(was_training);
         sink.emit(TrainEvent::Checkpoint { step: progress.step, epoch, checkpoint: kind, path: path.clone() });
         let (list, keep) = match kind {
             CheckpointKind::Epoch => (&mut progress.saved_epoch_files, cfg.save_last_n_epochs),
@@ -625,13 +619,13 @@ impl RunContext<'_> {
         let before = state::list(&cfg.output_dir);
         let dir = state::save(&cfg.output_dir, progress, vars, &optimizer.state()?)?;
         sink.emit(TrainEvent::Checkpoint { step: progress.step, epoch: progress.epoch, checkpoint: CheckpointKind::State, path: dir.clone() });
+        // 0 = keep every kept state; an automatic state replaces all earlier ones.
         let keep = if kept { cfg.save_last_n_epochs_state.max(cfg.save_last_n_steps_state) } else { 1 };
-        if keep > 0 || !kept {
+        if keep > 0 {
             let mut all: Vec<PathBuf> = before.into_iter().filter(|d| d != &dir).collect();
             all.push(dir);
-            while all.len() as u64 > keep.max(1) {
-                let old = all.remove(0);
-                std::fs::remove_dir_all(&old).ok();
+            while all.len() as u64 > keep {
+                std::fs::remove_dir_all(all.remove(0)).ok();
             }
         }
         Ok(())
@@ -652,11 +646,6 @@ impl RunContext<'_> {
         self.network.set_training(true);
         Ok(())
     }
-}
-
-/// The run's output folder and final file for a config (what `loft train` prints).
-pub fn final_file(cfg: &TrainConfig) -> PathBuf {
-    cfg.output_dir.join(format!("{}.safetensors", cfg.output_name))
 }
 
 /// Whether `output_dir` holds a state to resume from.
