@@ -1,4 +1,5 @@
 pub mod data;
+pub mod grad_checkpoint;
 pub mod linalg;
 pub mod lora_file;
 pub mod models;

@@ -21,13 +21,19 @@ fn fixture(name: &str) -> PathBuf {
 /// A dataset in the kohya layout: `4_shapes/` with `n` 32×32 images (a coloured square on a
 /// coloured background, each different) and captions.
 fn make_dataset(root: &Path, n: usize) -> PathBuf {
+    make_dataset_sized(root, n, 32)
+}
+
+/// [`make_dataset`] with `size`×`size` pictures.
+fn make_dataset_sized(root: &Path, n: usize, size: u32) -> PathBuf {
     let dir = root.join("data");
     let sub = dir.join("4_shapes");
     std::fs::create_dir_all(&sub).unwrap();
     for i in 0..n {
         let bg = [(i * 60 % 255) as u8, 40, (200 - i * 30 % 200) as u8];
         let fg = [230, (i * 90 % 255) as u8, 20];
-        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+        let img = image::RgbImage::from_fn(size, size, |x, y| {
+            let (x, y) = (x * 32 / size, y * 32 / size);
             let inside = x >= 8 + i as u32 && x < 20 + i as u32 && y >= 10 && y < 24;
             image::Rgb(if inside { fg } else { bg })
         });
@@ -277,4 +283,164 @@ fn trains_from_a_single_file_checkpoint() {
     let (a, b) = (folder.encode_prompts(&p, 1, 75).unwrap().hidden, single.encode_prompts(&p, 1, 75).unwrap().hidden);
     let diff: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
     assert!(diff < 1e-5, "{diff}");
+}
+
+/// The gradients of every trained variable (LoRA on the UNet and every text encoder, random
+/// non-zero factors) with gradient checkpointing equal the plain ones, for SD1.5 and SDXL.
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() {
+    use loft_worker::grad_checkpoint::GradientCheckpointing;
+    use loft_worker::train::network::Network;
+    for (name, family) in [("tiny-sd15", ModelFamily::Sd15), ("tiny-sdxl", ModelFamily::Sdxl)] {
+        let dev = Device::Cpu;
+        let model = StableDiffusion::load(&fixture(name), DType::F32, &dev).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = base_config(tmp.path(), NetworkAlgo::Locon);
+        configure(&mut cfg, NetworkAlgo::Locon);
+        let network = Network::attach(&model, NetworkAlgo::Locon, &cfg.network_options(), "full", true, true).unwrap();
+        network.set_training(true);
+        let vars: Vec<candle_core::Var> = network.all_trainable().into_iter().map(|(_, v)| v).collect();
+        // Non-zero factors everywhere, so no gradient is zero by construction.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for v in &vars {
+            let dims = v.dims().to_vec();
+            v.set(&(randn(&mut rng, &dims, &dev).unwrap() * 0.1).unwrap()).unwrap();
+        }
+        let captions = vec!["a red square".to_string(), "a blue circle".to_string()];
+        let latents = randn(&mut rng, &[2, 4, 16, 16], &dev).unwrap();
+        let t = Tensor::new(&[300f32, 700.], &dev).unwrap();
+        let time_ids = [[128f32, 128., 0., 0., 128., 128.]; 2];
+        let loss_of = || -> Tensor {
+            let e = model.encode_prompts(&captions, 1, 75).unwrap();
+            let added = model.added_cond(e.pooled.as_ref(), &time_ids).unwrap();
+            let pred = model.unet.forward(&latents, &t, &e.hidden, added.as_ref()).unwrap();
+            pred.sqr().unwrap().mean_all().unwrap()
+        };
+        let checkpointing = GradientCheckpointing::new(&dev, &vars).unwrap();
+        let plain = loss_of().backward().unwrap();
+        let recomputed = checkpointing.backward(&checkpointing.forward(|| Ok::<_, ()>(loss_of())).unwrap()).unwrap();
+        let mut worst = 0f32;
+        for (v, (layer, _)) in vars.iter().zip(network.all_trainable()) {
+            // SDXL reads the penultimate layer of its encoders: their last layer gets none.
+            let Some(a) = plain.get(v) else {
+                assert!(recomputed.get(v).is_none(), "{name}: {layer} has a gradient only when recomputed");
+                assert!(layer.contains("encoder_layers_"), "{name}: no gradient for {layer}");
+                continue;
+            };
+            let b = recomputed.get(v).unwrap_or_else(|| panic!("{name}: {layer} lost its gradient"));
+            let scale: f32 = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let diff: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            assert!(scale > 0.0, "{name}: {layer} has a zero gradient");
+            worst = worst.max(diff / scale);
+            assert!(diff <= 1e-4 * scale, "{name}: {layer} gradient differs by {diff} (scale {scale})");
+        }
+        eprintln!("{name} ({family:?}): {} gradients, worst relative difference {worst:.2e}", vars.len());
+    }
+}
+
+/// Gradient checkpointing recomputes each UNet resnet / transformer block and each CLIP layer
+/// in the backward instead of keeping its activations. The trained weights must come out the
+/// same as without it — with the text encoder trained, conv adapters inside the resnets, and
+/// the random rank and module dropouts (recorded in the forward, replayed by the recompute).
+#[test]
+fn gradient_checkpointing_trains_the_same_weights() {
+    for (algo, te) in [(NetworkAlgo::Locon, true), (NetworkAlgo::Dylora, false)] {
+        let run_with = |checkpointing: bool| {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cfg = base_config(tmp.path(), algo);
+            configure(&mut cfg, algo);
+            cfg.max_train_steps = 5;
+            cfg.train_batch_size = 2;
+            cfg.network_train_unet_only = !te;
+            cfg.rank_dropout = 0.3;
+            cfg.module_dropout = 0.2;
+            cfg.gradient_checkpointing = checkpointing;
+            let out = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new())
+                .unwrap_or_else(|e| panic!("{} checkpointing={checkpointing}: {e:#}", algo.name()));
+            final_tensors(&out.network_file.unwrap())
+        };
+        let (plain, checkpointed) = (run_with(false), run_with(true));
+        assert_eq!(plain.len(), checkpointed.len());
+        if te {
+            assert!(plain.keys().any(|k| k.starts_with("lora_te_")), "the text encoder was trained");
+            assert!(plain.keys().any(|k| k.contains("_resnets_") && k.contains("_conv1.")), "conv adapters sit inside the resnets");
+        }
+        for (k, a) in &plain {
+            let scale: f32 = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            let diff: f32 = (a - &checkpointed[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{}: {k} differs by {diff} (scale {scale})", algo.name());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory benchmark (ignored): gradient checkpointing on and off
+// ---------------------------------------------------------------------------------------------
+
+fn vm_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).map(|r| r.trim().trim_end_matches("kB").trim().parse().unwrap()))
+        .unwrap()
+}
+
+/// Peak resident memory and time of LoCon training steps (UNet + text encoder) on the tiny
+/// SD1.5 at 64×64 pixels (32×32 latents: its VAE downsamples twice), batch 4, with and without gradient checkpointing, each in a fresh
+/// child process. The VAE latents are cached first, so the peak is the training step's.
+/// `cargo test --release -p loft-worker --test train -- --ignored --nocapture --exact bench_gradient_checkpointing_memory`
+#[test]
+#[ignore]
+fn bench_gradient_checkpointing_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let child = |case: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "bench_checkpointing_child", "--nocapture", "--test-threads=1"])
+            .env("LOFT_BENCH_DIR", tmp.path())
+            .env("LOFT_BENCH_CASE", case)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().filter_map(|l| l.find("bench: ").map(|i| l[i + 7..].to_string())).collect::<Vec<_>>()
+    };
+    child("warm-cache");
+    let off = child("off");
+    let on = child("on");
+    let field = |lines: &[String], key: &str| -> f64 {
+        lines.iter().find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<f64>().unwrap())).unwrap()
+    };
+    let (peak_off, peak_on) = (field(&off, "peak_mb"), field(&on, "peak_mb"));
+    let (time_off, time_on) = (field(&off, "step_s"), field(&on, "step_s"));
+    println!("bench: gradient checkpointing, tiny SD1.5, LoCon UNet+TE, 64x64 pixels (32x32 latents), batch 4:");
+    println!("bench:   off: peak RSS over the start {peak_off:.0} MB, {time_off:.2} s/step");
+    println!("bench:   on:  peak RSS over the start {peak_on:.0} MB, {time_on:.2} s/step");
+    println!("bench:   on/off: memory {:.2}x, time {:.2}x", peak_on / peak_off, time_on / time_off);
+}
+
+/// One measured run of the benchmark above (run by it in a child process; does nothing alone).
+#[test]
+#[ignore]
+fn bench_checkpointing_child() {
+    let (Some(dir), Ok(case)) = (std::env::var_os("LOFT_BENCH_DIR").map(PathBuf::from), std::env::var("LOFT_BENCH_CASE")) else {
+        return;
+    };
+    let mut cfg = base_config(&dir, NetworkAlgo::Locon);
+    configure(&mut cfg, NetworkAlgo::Locon);
+    cfg.train_data_dir = make_dataset_sized(&dir, 4, 64);
+    cfg.output_dir = dir.join(format!("out-{case}"));
+    cfg.resolution = 64;
+    cfg.max_bucket_reso = 64;
+    cfg.min_bucket_reso = 32;
+    cfg.train_batch_size = 4;
+    cfg.cache_latents = true;
+    cfg.max_train_steps = if case == "warm-cache" { 1 } else { 3 };
+    cfg.gradient_checkpointing = case == "on";
+    let options = RunOptions { cache_dir: Some(dir.join("latents")), ..Default::default() };
+    let base = vm_kib("VmRSS:");
+    let t0 = std::time::Instant::now();
+    let out = run(&cfg, &options, &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let seconds = t0.elapsed().as_secs_f64();
+    let peak_mb = (vm_kib("VmHWM:") - base) as f64 / 1024.0;
+    println!("bench: peak_mb {peak_mb:.1}");
+    println!("bench: step_s {:.3}", seconds / out.final_step as f64);
 }

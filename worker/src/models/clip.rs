@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, ClipTextConfig};
+use crate::grad_checkpoint::checkpointed;
 use super::layers::{activation, attention, Builder, Layer};
 use super::{var_builder, ModelLayers};
 
@@ -22,6 +23,21 @@ struct EncoderLayer {
     layer_norm2: Arc<Layer>,
     fc1: Arc<Layer>,
     fc2: Arc<Layer>,
+}
+
+impl EncoderLayer {
+    /// Pre-norm self-attention (with the causal `mask`) and MLP, each with its residual.
+    fn forward(&self, x: &Tensor, mask: &Tensor, heads: usize, act: &str) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(x)?;
+        let q = self.q_proj.forward(&h)?;
+        let k = self.k_proj.forward(&h)?;
+        let v = self.v_proj.forward(&h)?;
+        let a = self.out_proj.forward(&attention(&q, &k, &v, heads, Some(mask))?)?;
+        let x = (x + a)?;
+        let h = self.layer_norm2.forward(&x)?;
+        let h = self.fc2.forward(&activation(act, &self.fc1.forward(&h)?)?)?;
+        x + h
+    }
 }
 
 /// What the text encoder returns.
@@ -44,7 +60,7 @@ pub struct ClipTextModel {
     pub config: ClipTextConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers_: Vec<EncoderLayer>,
+    layers_: Vec<Arc<EncoderLayer>>,
     final_layer_norm: Arc<Layer>,
     text_projection: Option<Arc<Layer>>,
     layers: Vec<Arc<Layer>>,
@@ -72,7 +88,7 @@ impl ClipTextModel {
         for i in 0..cfg.num_hidden_layers {
             let l = b.pp("encoder").pp("layers").pp(i);
             let sa = l.pp("self_attn");
-            layers_.push(EncoderLayer {
+            layers_.push(Arc::new(EncoderLayer {
                 layer_norm1: l.pp("layer_norm1").layer_norm(h, eps)?,
                 q_proj: sa.pp("q_proj").linear(h, h, true)?,
                 k_proj: sa.pp("k_proj").linear(h, h, true)?,
@@ -81,7 +97,7 @@ impl ClipTextModel {
                 layer_norm2: l.pp("layer_norm2").layer_norm(h, eps)?,
                 fc1: l.pp("mlp").pp("fc1").linear(h, cfg.intermediate_size, true)?,
                 fc2: l.pp("mlp").pp("fc2").linear(cfg.intermediate_size, h, true)?,
-            });
+            }));
         }
         let final_layer_norm = b.pp("final_layer_norm").layer_norm(h, eps)?;
         let text_projection = if with_projection {
@@ -140,16 +156,10 @@ impl ClipTextModel {
         let mask = causal_mask(n, device)?;
         let heads = self.config.num_attention_heads;
         let mut hidden_states = vec![x.clone()];
+        // Each encoder layer is one gradient-checkpointing unit (when the encoder is trained).
         for l in &self.layers_ {
-            let h = l.layer_norm1.forward(&x)?;
-            let q = l.q_proj.forward(&h)?;
-            let k = l.k_proj.forward(&h)?;
-            let v = l.v_proj.forward(&h)?;
-            let a = l.out_proj.forward(&attention(&q, &k, &v, heads, Some(&mask))?)?;
-            x = (x + a)?;
-            let h = l.layer_norm2.forward(&x)?;
-            let h = l.fc2.forward(&activation(&self.config.hidden_act, &l.fc1.forward(&h)?)?)?;
-            x = (x + h)?;
+            let (l, mask, act) = (l.clone(), mask.clone(), self.config.hidden_act.clone());
+            x = checkpointed(&[&x], Arc::new(move |xs: &[Tensor]| l.forward(&xs[0], &mask, heads, &act)))?;
             hidden_states.push(x.clone());
         }
         let last = self.final_layer_norm.forward(&x)?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, UNetConfig};
+use crate::grad_checkpoint::checkpointed;
 use super::layers::{activation, attention, upsample_nearest, Builder, Layer};
 use super::{var_builder, ModelLayers};
 
@@ -74,6 +75,13 @@ impl ResnetBlock2D {
             Ok(out)
         }
     }
+}
+
+/// `block.forward(x, Some(temb))` as one gradient-checkpointing unit (diffusers checkpoints
+/// each resnet of the UNet).
+fn resnet_checkpointed(block: &Arc<ResnetBlock2D>, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    let block = block.clone();
+    checkpointed(&[x, temb], Arc::new(move |xs: &[Tensor]| block.forward(&xs[0], Some(&xs[1]))))
 }
 
 /// diffusers `Attention` as used by `BasicTransformerBlock` (no bias on q/k/v, bias on out).
@@ -153,7 +161,7 @@ impl BasicTransformerBlock {
 struct Transformer2D {
     norm: Arc<Layer>,
     proj_in: Arc<Layer>,
-    blocks: Vec<BasicTransformerBlock>,
+    blocks: Vec<Arc<BasicTransformerBlock>>,
     proj_out: Arc<Layer>,
     linear: bool,
 }
@@ -182,7 +190,7 @@ impl Transformer2D {
             }
         };
         let blocks = (0..layers)
-            .map(|i| BasicTransformerBlock::new(&b.pp("transformer_blocks").pp(i), inner, heads, head_dim, context_dim))
+            .map(|i| BasicTransformerBlock::new(&b.pp("transformer_blocks").pp(i), inner, heads, head_dim, context_dim).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: b.pp("norm").group_norm(groups, channels, 1e-6)?,
@@ -206,8 +214,10 @@ impl Transformer2D {
             t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
         };
         let mut s = if self.linear { self.proj_in.forward(&to_seq(&x)?)? } else { to_seq(&self.proj_in.forward(&x)?)? };
+        // Each transformer block is one gradient-checkpointing unit (as in diffusers).
         for blk in &self.blocks {
-            s = blk.forward(&s, context)?;
+            let blk = blk.clone();
+            s = checkpointed(&[&s, context], Arc::new(move |xs: &[Tensor]| blk.forward(&xs[0], &xs[1])))?;
         }
         let out = if self.linear { from_seq(&self.proj_out.forward(&s)?)? } else { self.proj_out.forward(&from_seq(&s)?)? };
         debug_assert_eq!(out.dims(), &[b, c, h, w]);
@@ -217,21 +227,21 @@ impl Transformer2D {
 
 #[derive(Debug)]
 struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Arc<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
     downsampler: Option<Arc<Layer>>,
 }
 
 #[derive(Debug)]
 struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Arc<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
     upsampler: Option<Arc<Layer>>,
 }
 
 #[derive(Debug)]
 struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Arc<ResnetBlock2D>>,
     attentions: Vec<Transformer2D>,
 }
 
@@ -318,7 +328,7 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..layers_per_block[i] {
                 let rin = if j == 0 { in_ch } else { out_ch };
-                resnets.push(ResnetBlock2D::new(&bb.pp("resnets").pp(j), rin, out_ch, Some(time_embed_dim), groups, eps, act, osf)?);
+                resnets.push(Arc::new(ResnetBlock2D::new(&bb.pp("resnets").pp(j), rin, out_ch, Some(time_embed_dim), groups, eps, act, osf)?));
                 if cross_attn {
                     attentions.push(Transformer2D::new(&bb.pp("attentions").pp(j), out_ch, heads[i], tlpb[i], cross[i], groups, cfg.use_linear_projection)?);
                 }
@@ -337,7 +347,7 @@ impl UNet2DConditionModel {
                 let c = boc[n - 1];
                 let mb = b.pp("mid_block");
                 let resnets = (0..2)
-                    .map(|j| ResnetBlock2D::new(&mb.pp("resnets").pp(j), c, c, Some(time_embed_dim), groups, eps, act, cfg.mid_block_scale_factor))
+                    .map(|j| ResnetBlock2D::new(&mb.pp("resnets").pp(j), c, c, Some(time_embed_dim), groups, eps, act, cfg.mid_block_scale_factor).map(Arc::new))
                     .collect::<Result<Vec<_>>>()?;
                 let attentions = vec![Transformer2D::new(&mb.pp("attentions").pp(0), c, heads[n - 1], tlpb[n - 1], cross[n - 1], groups, cfg.use_linear_projection)?];
                 Some(MidBlock { resnets, attentions })
@@ -372,7 +382,7 @@ impl UNet2DConditionModel {
             for j in 0..num_layers {
                 let res_skip = if j == num_layers - 1 { in_ch } else { out_ch };
                 let rin = if j == 0 { prev_out } else { out_ch };
-                resnets.push(ResnetBlock2D::new(&bb.pp("resnets").pp(j), rin + res_skip, out_ch, Some(time_embed_dim), groups, eps, act, osf)?);
+                resnets.push(Arc::new(ResnetBlock2D::new(&bb.pp("resnets").pp(j), rin + res_skip, out_ch, Some(time_embed_dim), groups, eps, act, osf)?));
                 if cross_attn {
                     attentions.push(Transformer2D::new(&bb.pp("attentions").pp(j), out_ch, rev_heads[i], rev_tlpb[i], rev_cross[i], groups, cfg.use_linear_projection)?);
                 }
@@ -450,7 +460,7 @@ impl UNet2DConditionModel {
         let mut res: Vec<Tensor> = vec![x.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, Some(&emb))?;
+                x = resnet_checkpointed(r, &x, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, &ctx)?;
                 }
@@ -462,17 +472,17 @@ impl UNet2DConditionModel {
             }
         }
         if let Some(mid) = &self.mid {
-            x = mid.resnets[0].forward(&x, Some(&emb))?;
+            x = resnet_checkpointed(&mid.resnets[0], &x, &emb)?;
             for (a, r) in mid.attentions.iter().zip(&mid.resnets[1..]) {
                 x = a.forward(&x, &ctx)?;
-                x = r.forward(&x, Some(&emb))?;
+                x = resnet_checkpointed(r, &x, &emb)?;
             }
         }
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let Some(skip) = res.pop() else { bail!("unet: skip connections ran out") };
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = r.forward(&x, Some(&emb))?;
+                x = resnet_checkpointed(r, &x, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     x = a.forward(&x, &ctx)?;
                 }

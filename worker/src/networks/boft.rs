@@ -167,7 +167,7 @@ impl Adapter for Boft {
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return base.forward(x);
         }
         let mult = self.ctx.multiplier;

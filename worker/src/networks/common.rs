@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
+use crate::grad_checkpoint::replayable;
 
 /// `torch.finfo(torch.float32).eps`, added to DoRA's weight norm exactly as LyCORIS does.
 pub(crate) const EPS_F32: f64 = f32::EPSILON as f64;
@@ -44,14 +45,21 @@ impl AdapterRng {
         self.with(|r| r.random::<f64>())
     }
 
-    /// Uniform integer in [0, n).
-    pub fn below(&self, n: usize) -> usize {
-        self.with(|r| r.random_range(0..n))
+    /// [`AdapterRng::uniform`] drawn in a forward: replayed when gradient checkpointing
+    /// recomputes the block.
+    pub fn forward_uniform(&self) -> Result<f64> {
+        replayable(|| Ok(self.uniform()))
+    }
+
+    /// Uniform integer in [0, n), drawn in a forward (replayed by gradient checkpointing).
+    pub fn below(&self, n: usize) -> Result<usize> {
+        replayable(|| Ok(self.with(|r| r.random_range(0..n))))
     }
 
     /// Keep-mask of length `n`: 1 where a uniform draw exceeds `p` (torch: `rand(n) > p`).
-    pub fn keep_mask(&self, n: usize, p: f64) -> Vec<f32> {
-        self.with(|r| (0..n).map(|_| if r.random::<f64>() > p { 1.0 } else { 0.0 }).collect())
+    /// Drawn in a forward (replayed by gradient checkpointing).
+    pub fn keep_mask(&self, n: usize, p: f64) -> Result<Vec<f32>> {
+        replayable(|| Ok(self.with(|r| (0..n).map(|_| if r.random::<f64>() > p { 1.0 } else { 0.0 }).collect())))
     }
 
     /// `torch.nn.init.kaiming_uniform_(a=√5)`: U(−b, b) with b = 1/√fan_in, where fan_in is
@@ -442,7 +450,7 @@ pub(crate) fn element_dropout(t: &Tensor, p: f64) -> Result<Tensor> {
     if p >= 1.0 {
         return t.zeros_like();
     }
-    let r = Tensor::rand(0f32, 1f32, t.shape(), t.device())?;
+    let r = replayable(|| Tensor::rand(0f32, 1f32, t.shape(), t.device()))?;
     let keep = r.ge(p as f32)?.to_dtype(t.dtype())?;
     (t * keep)?.affine(1.0 / (1.0 - p), 0.0)
 }
@@ -523,8 +531,8 @@ impl Ctx {
     }
 
     /// Draws module dropout: true means "this training step sees only the base layer".
-    pub fn module_dropped(&self, train: bool) -> bool {
-        train && self.drops.module_dropout > 0.0 && self.rng.uniform() < self.drops.module_dropout
+    pub fn module_dropped(&self, train: bool) -> Result<bool> {
+        Ok(train && self.drops.module_dropout > 0.0 && self.rng.forward_uniform()? < self.drops.module_dropout)
     }
 
     /// A rank-dropout keep-mask of length `n` (with `rank_dropout_scale`, divided by its
@@ -533,7 +541,7 @@ impl Ctx {
         if !train || self.drops.rank_dropout <= 0.0 {
             return Ok(None);
         }
-        let mut mask = self.rng.keep_mask(n, self.drops.rank_dropout);
+        let mut mask = self.rng.keep_mask(n, self.drops.rank_dropout)?;
         if self.drops.rank_dropout_scale {
             let mean = mask.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
             if mean > 0.0 {
@@ -762,7 +770,7 @@ impl<S: LowRankDelta> Adapter for LowRankAdapter<S> {
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return base.forward(x);
         }
         if self.ctx.bypass {

@@ -103,7 +103,7 @@ impl DyloraDelta {
             return Ok((up.clone(), down.clone(), self.alpha / self.rank as f64));
         }
         let blocks = self.rank / self.block_size;
-        let b = ctx.rng.below(blocks);
+        let b = ctx.rng.below(blocks)?;
         let frozen = b * self.block_size;
         let active = frozen + self.block_size;
         let up_live = up.narrow(1, frozen, self.block_size)?;

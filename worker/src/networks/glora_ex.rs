@@ -192,7 +192,7 @@ impl Adapter for GloraEx {
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return base.forward(x);
         }
         let (w, b) = self.merged(train)?;

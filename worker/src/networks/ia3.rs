@@ -95,7 +95,7 @@ impl Adapter for Ia3 {
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return base.forward(x);
         }
         let m = self.ctx.multiplier;

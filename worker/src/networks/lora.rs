@@ -98,7 +98,7 @@ impl KohyaLora {
         if train && p > 0.0 {
             // kohya: a (batch, r) keep-mask; the scale grows by 1/(1−p) as if the rank shrank.
             let batch = lx.dim(0)?;
-            let mask = self.ctx.rng.keep_mask(batch * self.rank, p);
+            let mask = self.ctx.rng.keep_mask(batch * self.rank, p)?;
             let mask = Tensor::from_vec(mask, (batch, self.rank), lx.device())?.to_dtype(lx.dtype())?;
             let mask = match lx.rank() {
                 4 => mask.reshape((batch, self.rank, 1, 1))?,
@@ -131,7 +131,7 @@ impl Adapter for KohyaLora {
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
         let org = base.forward(x)?;
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return Ok(org);
         }
         org + self.lora_path(x, train)?

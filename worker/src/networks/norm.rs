@@ -113,7 +113,7 @@ impl Adapter for NormAdapter {
     }
 
     fn forward(&self, base: &BaseLayer, x: &Tensor, train: bool) -> Result<Tensor> {
-        if self.ctx.module_dropped(train) {
+        if self.ctx.module_dropped(train)? {
             return base.forward(x);
         }
         let (w, b) = self.merged(train)?;

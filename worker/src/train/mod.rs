@@ -33,6 +33,7 @@ pub use config::{ConfigError, TrainConfig};
 pub use events::{CancelToken, CheckpointKind, EventLog, EventSink, TrainEvent};
 
 use crate::data::{process_caption, CaptionOptions};
+use crate::grad_checkpoint::GradientCheckpointing;
 use crate::lora_file::{parse_save_precision, BaseModelVersion, NetworkMetadata};
 use crate::models::pipeline::StableDiffusion;
 use crate::models::vae::AutoencoderKL;
@@ -125,9 +126,6 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     };
     if device.is_cpu() && cfg.mixed_precision != "no" {
         log(sink, "info", format!("mixed_precision {} applies on GPUs; on CPU Loft computes in f32", cfg.mixed_precision));
-    }
-    if cfg.gradient_checkpointing {
-        log(sink, "info", "gradient_checkpointing is not implemented by Loft's engine yet: training keeps all activations");
     }
     let mut model = StableDiffusion::load(&cfg.pretrained_model_name_or_path, dtype, &device)
         .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
@@ -285,6 +283,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     let run_start = Instant::now();
     let first_step = progress.step;
     let mut micro_losses: Vec<f64> = vec![];
+    let checkpointing = if cfg.gradient_checkpointing { Some(GradientCheckpointing::new(&device, &trained_vars)?) } else { None };
 
     network.set_training(true);
     while progress.epoch < total_epochs && progress.step < total_steps {
@@ -301,7 +300,12 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                 .iter()
                 .map(|it| process_caption(&caption_opts, &set.images[it.image].entry.caption, epoch as u32 + 1, progress.step, &mut caption_rng))
                 .collect();
-            let (hidden, pooled) = ctx.text_states(&captions, cache_text, &mut text_cache)?;
+            // With gradient checkpointing, the blocks of a trained model keep only their
+            // inputs and outputs here and are recomputed in the backward.
+            let (hidden, pooled) = match &checkpointing {
+                Some(c) if train_te => c.forward(|| ctx.text_states(&captions, cache_text, &mut text_cache))?,
+                _ => ctx.text_states(&captions, cache_text, &mut text_cache)?,
+            };
 
             // Images → latents → noisy latents at random timesteps.
             let latents = ctx.batch_latents(batch, use_latent_cache, &mut latent_cache, &mut rng, &device)?;
@@ -314,7 +318,11 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             let time_ids = ctx.time_ids(batch);
             let added = model.added_cond(pooled.as_ref(), &time_ids)?;
             let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
-            let pred = model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added.as_ref())?;
+            let unet_forward = || model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added.as_ref());
+            let pred = match &checkpointing {
+                Some(c) => c.forward(unet_forward)?,
+                None => unet_forward()?,
+            };
             let sample_weights: Vec<f64> =
                 batch.iter().map(|it| if set.images[it.image].entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
             let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights)?;
@@ -323,7 +331,11 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                 bail!("the loss became {loss_value} at step {} (epoch {}): lower the learning rate", progress.step + 1, epoch + 1);
             }
             micro_losses.push(loss_value);
-            accumulator.add(&loss.backward()?)?;
+            let grads = match &checkpointing {
+                Some(c) => c.backward(&loss)?,
+                None => loss.backward()?,
+            };
+            accumulator.add(&grads)?;
             progress.batch += 1;
 
             // Every `accum` batches (and at the end of the epoch): one optimizer step.
