@@ -214,6 +214,24 @@ impl StableDiffusion {
         self.unet.device()
     }
 
+    /// Loads the VAE again from the model's source in `dtype` (e.g. f32 while the rest stays
+    /// f16: sd-scripts' `--no_half_vae`, as SDXL's VAE overflows in fp16).
+    pub fn reload_vae(&mut self, dtype: DType) -> Result<()> {
+        let device = self.device().clone();
+        self.vae = if self.source.is_dir() {
+            AutoencoderKL::from_diffusers_dir(&self.source.join("vae"), dtype, &device)?
+        } else {
+            let config_dir = self.source.with_extension("");
+            let checkpoint = if config_dir.join("unet/config.json").is_file() {
+                super::single_file::Checkpoint::open_with_config_dir(&self.source, &config_dir)?
+            } else {
+                super::single_file::Checkpoint::open(&self.source)?
+            };
+            checkpoint.load_vae(dtype, &device)?
+        };
+        Ok(())
+    }
+
     /// The dtype the model computes in.
     pub fn dtype(&self) -> DType {
         self.compute_dtype.unwrap_or_else(|| self.unet.dtype())

@@ -41,6 +41,7 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 pub mod adafactor;
 pub mod adamw;
 pub mod lion;
+pub mod loss_scale;
 pub mod prodigy;
 
 pub use adafactor::{Adafactor, AdafactorConfig};

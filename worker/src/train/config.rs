@@ -24,8 +24,8 @@ pub struct TrainConfig {
     pub vae: PathBuf,
     pub v_parameterization: bool,
     pub clip_skip: usize,
-    /// `no`, `fp16`, `bf16`: the dtype of the frozen model on a device that supports it (on
-    /// CPU the model always computes in f32).
+    /// `no`, `fp16`, `bf16`: the dtype the frozen model is stored and computed in (trained
+    /// variables stay f32). The CPU backend does fp16 but not bf16.
     pub mixed_precision: String,
     pub full_fp16: bool,
     pub full_bf16: bool,
@@ -338,6 +338,8 @@ pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
     ("weighted_captions", "false"),
     ("enable_wildcard", "false"),
     ("fp8_base", "false"),
+    ("full_fp16", "false"),
+    ("full_bf16", "false"),
     ("base_weights", "\"\""),
     ("network_weights", "\"\""),
     ("dim_from_weights", "false"),

@@ -39,6 +39,7 @@ use crate::models::pipeline::StableDiffusion;
 use crate::models::vae::AutoencoderKL;
 use crate::models::ModelFamily;
 use crate::noise::{diffusion_loss, sample_noise, sample_timesteps, LossOptions, NoiseOptions, NoiseSchedule};
+use crate::optim::loss_scale::LossScale;
 use crate::optim::{self, clip_grad_norm, GradAccumulator, ParamGroup};
 use crate::sample::{parse_prompts, sample_image, save_png, SampleRequest, Sampler};
 use crate::schedule::{LrSchedule, ScheduleConfig, SchedulerKind};
@@ -118,14 +119,20 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     let started_at = unix_now();
 
     // ---- 1. The model, frozen, and the noise schedule.
-    // On CPU everything computes in f32; on a GPU the frozen model follows mixed_precision.
-    let dtype = match (device.is_cpu(), cfg.mixed_precision.as_str()) {
-        (false, "fp16") => DType::F16,
-        (false, "bf16") => DType::BF16,
-        _ => DType::F32,
+    // Mixed precision: the frozen model is stored and computes in fp16/bf16; the trained
+    // variables stay f32 (each adapter casts them for its call, as autocast does), the loss is
+    // computed in f32, and fp16 scales the loss so small gradients survive the half backward.
+    let dtype = match cfg.mixed_precision.as_str() {
+        "fp16" => DType::F16,
+        "bf16" if device.is_cpu() => {
+            bail!("mixed_precision = \"bf16\": candle's CPU backend cannot multiply bf16 matrices; use \"fp16\" or \"no\" on the CPU")
+        }
+        "bf16" => DType::BF16,
+        "no" => DType::F32,
+        other => bail!("mixed_precision = {other:?}: expected \"no\", \"fp16\" or \"bf16\""),
     };
-    if device.is_cpu() && cfg.mixed_precision != "no" {
-        log(sink, "info", format!("mixed_precision {} applies on GPUs; on CPU Loft computes in f32", cfg.mixed_precision));
+    if device.is_cpu() && dtype == DType::F16 {
+        log(sink, "info", "mixed_precision fp16 on the CPU halves the model's memory but runs slower than \"no\" (most CPUs have no fp16 arithmetic)");
     }
     let mut model = StableDiffusion::load(&cfg.pretrained_model_name_or_path, dtype, &device)
         .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
@@ -137,9 +144,11 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             model.family.name()
         );
     }
+    let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
     if !cfg.vae.as_os_str().is_empty() {
-        let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
         model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
+    } else if vae_dtype != dtype {
+        model.reload_vae(vae_dtype).context("no_half_vae: loading the VAE in f32")?;
     }
     let v_prediction = cfg.v_parameterization || model.scheduler.v_prediction();
     let schedule = NoiseSchedule::new(&model.scheduler, v_prediction, cfg.zero_terminal_snr)?;
@@ -170,7 +179,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     } else {
         options.cache_dir.clone()
     };
-    let vae_id = format!("{}|{}|{:?}", cfg.pretrained_model_name_or_path.display(), cfg.vae.display(), dtype);
+    let vae_id = format!("{}|{}|{:?}", cfg.pretrained_model_name_or_path.display(), cfg.vae.display(), vae_dtype);
     let use_latent_cache = cfg.cache_latents && !cfg.random_crop;
     let mut latent_cache = LatentCache::new(if use_latent_cache { cache_dir } else { None }, vae_id)?;
     if use_latent_cache {
@@ -227,6 +236,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
         saved_epoch_files: vec![],
         saved_step_files: vec![],
         fingerprint: fingerprint(cfg),
+        loss_scale: (dtype == DType::F16).then(LossScale::default),
     };
     if options.resume {
         if let Some(dir) = state::list(&cfg.output_dir).pop() {
@@ -237,6 +247,9 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             state::restore_vars(&vars, &loaded.network, &dir)?;
             optimizer.load_state(&loaded.optimizer).with_context(|| format!("resume: optimizer state in {}", dir.display()))?;
             progress = loaded.progress;
+            if dtype == DType::F16 && progress.loss_scale.is_none() {
+                progress.loss_scale = Some(LossScale::default());
+            }
             log(sink, "info", format!("resumed from {} (step {}, epoch {})", dir.display(), progress.step, progress.epoch + 1));
         } else {
             log(sink, "info", "resume: no saved state yet, starting from the beginning");
@@ -331,9 +344,13 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                 bail!("the loss became {loss_value} at step {} (epoch {}): lower the learning rate", progress.step + 1, epoch + 1);
             }
             micro_losses.push(loss_value);
+            let scaled_loss = match &progress.loss_scale {
+                Some(s) => (&loss * s.scale)?,
+                None => loss.clone(),
+            };
             let grads = match &checkpointing {
-                Some(c) => c.backward(&loss)?,
-                None => loss.backward()?,
+                Some(c) => c.backward(&scaled_loss)?,
+                None => scaled_loss.backward()?,
             };
             accumulator.add(&grads)?;
             progress.batch += 1;
@@ -343,13 +360,23 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                 continue;
             }
             let mut grads = accumulator.take(true)?;
-            if cfg.max_grad_norm > 0.0 {
-                clip_grad_norm(&trained_vars, &mut grads, cfg.max_grad_norm)?;
+            let mut apply_step = true;
+            if let Some(scale) = &mut progress.loss_scale {
+                apply_step = scale.unscale(&trained_vars, &mut grads)?;
+                if !apply_step {
+                    log(sink, "warn", format!("fp16: gradients overflowed at loss scale {}; step {} skipped, scale now {}", scale.scale, progress.step + 1, scale.scale / 2.0));
+                }
+                scale.update(apply_step);
             }
             let lr_scale = lr_schedule.lr_at(progress.step);
-            optimizer.step(&grads, lr_scale)?;
-            if cfg.scale_weight_norms > 0.0 {
-                network.scale_weight_norms(cfg.scale_weight_norms)?;
+            if apply_step {
+                if cfg.max_grad_norm > 0.0 {
+                    clip_grad_norm(&trained_vars, &mut grads, cfg.max_grad_norm)?;
+                }
+                optimizer.step(&grads, lr_scale)?;
+                if cfg.scale_weight_norms > 0.0 {
+                    network.scale_weight_norms(cfg.scale_weight_norms)?;
+                }
             }
             progress.step += 1;
             let step_loss = micro_losses.iter().sum::<f64>() / micro_losses.len() as f64;

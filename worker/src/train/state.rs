@@ -28,6 +28,9 @@ pub struct Progress {
     pub saved_step_files: Vec<PathBuf>,
     /// A fingerprint of the settings that must not change between a state and its resume.
     pub fingerprint: String,
+    /// fp16 mixed precision's loss scale (none in other precisions).
+    #[serde(default)]
+    pub loss_scale: Option<crate::optim::loss_scale::LossScale>,
 }
 
 pub fn state_root(output_dir: &Path) -> PathBuf {
