@@ -11,6 +11,8 @@ Writes
 
 References (the real packages, used directly; nothing is ported):
   * AdamW      torch.optim.AdamW (torch 2.15, foreach=False: the single-tensor path)
+  * AdamW8bit  bitsandbytes.optim.AdamW8bit (bitsandbytes 0.50.2, its CPU kernels; the
+               fixture also stores bitsandbytes' two dynamic quantization maps)
   * Lion       lion_pytorch.Lion (lion-pytorch 0.2.5)
   * Prodigy    prodigyopt.Prodigy (prodigyopt 1.1.2)
   * Adafactor  transformers.optimization.Adafactor (transformers 4.57.6)
@@ -33,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffusers
+import bitsandbytes
 import lion_pytorch
 import prodigyopt  # noqa: F401
 import transformers
@@ -55,6 +58,12 @@ CASES = {
                      [0.2, 0.6, 1.0, 0.8, 0.3], []),
     "adamw_amsgrad": ("AdamW", {"betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0, "amsgrad": True},
                       [("all", 1e-2, ["w", "b", "conv"])], [1.0] * STEPS, []),
+    # min_8bit_size small enough that w and conv take the 8-bit path and b the 32-bit one.
+    "adamw8bit_default": ("AdamW8bit", {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "min_8bit_size": 16},
+                          [("all", 1e-2, ["w", "b", "conv"])], [1.0] * STEPS, []),
+    "adamw8bit_blocks": ("AdamW8bit", {"betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1, "min_8bit_size": 100},
+                         [("unet", 2e-2, ["w", "b"]), ("text_encoder", 5e-3, ["conv"])],
+                         [0.2, 0.6, 1.0, 0.8, 0.3], ["conv"]),
     "lion_default": ("Lion", {"betas": [0.9, 0.99], "weight_decay": 0.0},
                      [("all", 1e-3, ["w", "b", "conv"])], [1.0] * STEPS, []),
     "lion_groups_wd": ("Lion", {"betas": [0.95, 0.98], "weight_decay": 0.5},
@@ -81,6 +90,9 @@ CASES = {
                          [("all", 0.0, ["w", "b", "conv"])], [1.0] * STEPS, ["b"]),
 }
 
+# Cases with their own shapes: several 256-value quantization blocks, the last one partial.
+CASE_SHAPES = {"adamw8bit_blocks": {"w": (40, 30), "b": (5,), "conv": (16, 8, 3, 3)}}
+
 # Prodigy's and warm-up Adafactor's steps are ~1e-6: small params keep those steps well above
 # the params' f32 rounding, so the comparison sees them.
 INIT_SCALE = {"prodigy_default": 1e-3, "prodigy_lora": 1e-4, "prodigy_coupled": 1e-3, "adafactor_warmup": 1e-5}
@@ -91,6 +103,9 @@ def make_optimizer(kind: str, opts: dict, groups: list[dict]):
         return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(opts["betas"]), eps=opts["eps"],
                                  weight_decay=opts["weight_decay"], amsgrad=opts.get("amsgrad", False),
                                  foreach=False)
+    if kind == "AdamW8bit":
+        return bitsandbytes.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=tuple(opts["betas"]), eps=opts["eps"],
+                                            weight_decay=opts["weight_decay"], min_8bit_size=opts["min_8bit_size"])
     if kind == "Lion":
         return Lion(groups, lr=groups[0]["lr"], betas=tuple(opts["betas"]), weight_decay=opts["weight_decay"])
     if kind == "Prodigy":
@@ -107,18 +122,19 @@ def make_optimizer(kind: str, opts: dict, groups: list[dict]):
 
 def run_case(name: str) -> None:
     kind, opts, groups, scales, zero_init = CASES[name]
+    shapes = CASE_SHAPES.get(name, SHAPES)
     gen = torch.Generator().manual_seed(sum(map(ord, name)) * 7919)
     params = {}
-    for pname, shape in SHAPES.items():
+    for pname, shape in shapes.items():
         t = torch.randn(shape, generator=gen) * INIT_SCALE.get(name, 0.5)
         if pname in zero_init:
             t = torch.zeros(shape)
         params[pname] = torch.nn.Parameter(t)
-    direction = {p: torch.randn(s, generator=gen) for p, s in SHAPES.items()}
+    direction = {p: torch.randn(s, generator=gen) for p, s in shapes.items()}
     grads = [{p: (direction[p] + 0.7 * torch.randn(s, generator=gen)) * (0.5 + 0.25 * k)
-              for p, s in SHAPES.items()} for k in range(STEPS)]
+              for p, s in shapes.items()} for k in range(STEPS)]
 
-    out = {f"param.{p}.init": params[p].detach().clone() for p in SHAPES}
+    out = {f"param.{p}.init": params[p].detach().clone() for p in shapes}
     torch_groups = [{"params": [params[p] for p in names], "lr": lr} for (_, lr, names) in groups]
     opt = make_optimizer(kind, opts, torch_groups)
     base_lrs = [g.get("lr") for g in opt.param_groups]
@@ -126,7 +142,7 @@ def run_case(name: str) -> None:
         for g, base in zip(opt.param_groups, base_lrs):
             if base is not None:
                 g["lr"] = base * scales[k]
-        for p in SHAPES:
+        for p in shapes:
             params[p].grad = grads[k][p].clone()
             out[f"grad.{k}.{p}"] = grads[k][p].clone()
         if kind == "Prodigy":
@@ -138,10 +154,13 @@ def run_case(name: str) -> None:
                     for p in names:
                         params[p].grad = None
         opt.step()
-        for p in SHAPES:
+        for p in shapes:
             out[f"param.{p}.step{k + 1}"] = params[p].detach().clone()
         if kind == "Prodigy":
             out[f"prodigy.d.step{k + 1}"] = torch.tensor([opt.param_groups[0]["d"]], dtype=torch.float64)
+    if kind == "AdamW8bit":
+        out["qmap.signed"] = bitsandbytes.functional.create_dynamic_map(signed=True)
+        out["qmap.unsigned"] = bitsandbytes.functional.create_dynamic_map(signed=False)
     out = {k: v.contiguous() for k, v in out.items()}
     meta = {
         "optimizer": kind,
@@ -151,6 +170,7 @@ def run_case(name: str) -> None:
         "steps": str(STEPS),
         "reference": {
             "AdamW": f"torch.optim.AdamW (torch {torch.__version__}, foreach=False)",
+            "AdamW8bit": f"bitsandbytes.optim.AdamW8bit (bitsandbytes {bitsandbytes.__version__}, CPU)",
             "Lion": f"lion_pytorch.Lion (lion-pytorch {getattr(lion_pytorch, '__version__', '0.2.5')})",
             "Prodigy": "prodigyopt.Prodigy (prodigyopt 1.1.2)",
             "Adafactor": f"transformers.optimization.Adafactor (transformers {transformers.__version__})",
@@ -158,7 +178,7 @@ def run_case(name: str) -> None:
     }
     save_file(out, str(OUT / f"{name}.safetensors"), metadata=meta)
     print(f"{name}: {kind}, max |Δparam| after {STEPS} steps = "
-          f"{max((out[f'param.{p}.step{STEPS}'] - out[f'param.{p}.init']).abs().max().item() for p in SHAPES):.3e}")
+          f"{max((out[f'param.{p}.step{STEPS}'] - out[f'param.{p}.init']).abs().max().item() for p in shapes):.3e}")
 
 
 # name -> (diffusers scheduler name, warmup, training steps, num_cycles or None, power or None, base lr)

@@ -18,11 +18,23 @@ use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use loft_worker::optim::{build, clip_grad_norm, GradAccumulator, Optimizer, ParamGroup};
+use loft_worker::optim::{build, AdamW8bitConfig, clip_grad_norm, GradAccumulator, Optimizer, ParamGroup};
 use loft_worker::schedule::{LrSchedule, ScheduleConfig, SchedulerKind};
 
 const TOL: f64 = 1e-5;
 const SCHED_TOL: f64 = 1e-9;
+
+/// The bound on the change since the start. AdamW8bit: bitsandbytes' CPU step is a chain of
+/// torch vector kernels whose rounding Loft follows to within a few ulps of the parameter
+/// (≈1e-5 of a 5-step change); its 8-bit states match exactly, or the error would be ~1e-2
+/// (one code step), as it was before the lookup-table rounding was ported.
+fn tol_change(kind: &str) -> f64 {
+    if kind == "AdamW8bit" {
+        5e-5
+    } else {
+        TOL
+    }
+}
 const PARAMS: [&str; 3] = ["w", "b", "conv"];
 
 fn dir() -> PathBuf {
@@ -234,7 +246,7 @@ fn optimizers_match_references_step_by_step() {
                 };
                 worst_p = worst_p.max(e);
                 worst_d = worst_d.max(ed);
-                if e > TOL || ed > TOL {
+                if e > TOL || ed > tol_change(&c.kind) {
                     failures.push(format!(
                         "{} step {} {p}: param rel {e:.2e}, change rel {ed:.2e}",
                         c.name,
@@ -379,11 +391,14 @@ fn optimizer_args_are_parsed_and_unknown_ones_rejected() {
         .to_string();
     assert!(e.contains("eps"), "{e}");
     assert!(parse_optimizer_args("novalue").is_err());
-    let e = build("AdamW8bit", vec![], &BTreeMap::new())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("AdamW8bit"), "{e}");
+    let c = AdamW8bitConfig::from_args(&parse_optimizer_args("min_8bit_size=100 weight_decay=0.1").unwrap()).unwrap();
+    assert_eq!((c.min_8bit_size, c.weight_decay, c.betas), (100, 0.1, (0.9, 0.999)));
+    for bad in ["min_8bit_size=1.5", "percentile_clipping=5"] {
+        let e = AdamW8bitConfig::from_args(&parse_optimizer_args(bad).unwrap()).unwrap_err().to_string();
+        assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+    }
+    let e = build("AdamW9bit", vec![], &BTreeMap::new()).err().unwrap().to_string();
+    assert!(e.contains("AdamW9bit"), "{e}");
 }
 
 #[test]
@@ -509,4 +524,16 @@ fn grad_accumulator_means_micro_batches() {
     assert!(g.get(other.as_tensor()).is_none());
     assert_eq!(acc.count(), 0);
     assert!(acc.take(true).unwrap().get(v.as_tensor()).is_none());
+}
+
+/// AdamW8bit's two quantization maps equal bitsandbytes' `create_dynamic_map` (stored in the
+/// fixture by the script).
+#[test]
+fn adamw8bit_maps_match_bitsandbytes() {
+    let f = load(&dir().join("adamw8bit_default.safetensors"));
+    for (key, signed) in [("qmap.signed", true), ("qmap.unsigned", false)] {
+        let want = vals(&f.t[key]);
+        let got: Vec<f64> = loft_worker::optim::adamw8bit::dynamic_map(signed).iter().map(|&v| v as f64).collect();
+        assert_eq!(got, want, "{key}");
+    }
 }

@@ -5,11 +5,10 @@
 //! | Loft (`optimizer_type`) | reference |
 //! |---|---|
 //! | `AdamW`     | `torch.optim.AdamW` (decoupled weight decay, bias correction, eps outside the sqrt, amsgrad) |
+//! | `AdamW8bit` | `bitsandbytes.optim.AdamW8bit` 0.50 (block-wise 8-bit moments, its CPU kernels' rounding) |
 //! | `Lion`      | `lion_pytorch.Lion` 0.2.5 |
 //! | `Prodigy`   | `prodigyopt.Prodigy` 1.1.2 (d estimate, d_coef, bias correction, safeguard warmup, decouple, growth rate) |
 //! | `Adafactor` | `transformers.optimization.Adafactor` (factored second moment, relative step, scale parameter, warmup init, clipping, beta1) |
-//!
-//! `AdamW8bit` is not written yet ([`build`] says so by name).
 //!
 //! ## Shape of the API
 //!
@@ -40,12 +39,14 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var};
 
 pub mod adafactor;
 pub mod adamw;
+pub mod adamw8bit;
 pub mod lion;
 pub mod loss_scale;
 pub mod prodigy;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use adamw8bit::{AdamW8bit, AdamW8bitConfig};
 pub use lion::{Lion, LionConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};
 
@@ -100,8 +101,8 @@ pub fn build(
         "Lion" => Box::new(Lion::new(groups, LionConfig::from_args(args)?)?),
         "Prodigy" => Box::new(Prodigy::new(groups, ProdigyConfig::from_args(args)?)?),
         "Adafactor" => Box::new(Adafactor::new(groups, AdafactorConfig::from_args(args)?)?),
-        "AdamW8bit" => bail!("optimizer_type AdamW8bit is not implemented yet; use AdamW"),
-        other => bail!("unknown optimizer_type {other:?} (AdamW, Lion, Prodigy, Adafactor)"),
+        "AdamW8bit" => Box::new(AdamW8bit::new(groups, AdamW8bitConfig::from_args(args)?)?),
+        other => bail!("unknown optimizer_type {other:?} (AdamW, AdamW8bit, Lion, Prodigy, Adafactor)"),
     })
 }
 
