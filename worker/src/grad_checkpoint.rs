@@ -151,10 +151,21 @@ struct CheckpointOp {
 }
 
 impl CheckpointOp {
-    fn output(&self) -> Result<(Tensor, Shape)> {
-        let guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(out) = guard.as_ref() else { bail!("gradient checkpointing: the block output was already taken") };
-        Ok((out.clone(), out.shape().clone()))
+    /// The op's forward: a copy of the block output (on the backend `pick` selects), which
+    /// becomes the op's own result.
+    fn copy_output<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let out = {
+            let guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(out) = guard.as_ref() else { bail!("gradient checkpointing: the block output was already taken") };
+            out.clone()
+        };
+        let (storage, layout) = out.storage_and_layout();
+        let Some(s) = pick(&storage) else { bail!("gradient checkpointing: the block output is on another device than its inputs") };
+        Ok((copy_of(s, layout)?, layout.shape().clone()))
     }
 }
 
@@ -176,30 +187,15 @@ impl CustomOp2 for CheckpointOp {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (out, shape) = self.output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((copy_of(s, layout)?, shape)),
-            _ => bail!("gradient checkpointing: block output is not on the CPU"),
-        }
+        self.copy_output(|s| if let Storage::Cpu(s) = s { Some(s) } else { None })
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (out, shape) = self.output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((copy_of(s, layout)?, shape)),
-            _ => bail!("gradient checkpointing: block output is not on the CUDA device"),
-        }
+        self.copy_output(|s| if let Storage::Cuda(s) = s { Some(s) } else { None })
     }
 
     fn metal_fwd(&self, _: &MetalStorage, _: &Layout, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        let (out, shape) = self.output()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((copy_of(s, layout)?, shape)),
-            _ => bail!("gradient checkpointing: block output is not on the Metal device"),
-        }
+        self.copy_output(|s| if let Storage::Metal(s) = s { Some(s) } else { None })
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, grad_out: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::{
-    check_groups, grad_of, lerp, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
+    check_adam_hyper, check_groups, grad_of, lerp, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,13 +63,7 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> Result<Self> {
         check_groups("AdamW", &groups)?;
-        let (b1, b2) = cfg.betas;
-        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
-            bail!("AdamW: betas must be in [0, 1), got {:?}", cfg.betas);
-        }
-        if !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) {
-            bail!("AdamW: eps and weight_decay must be ≥ 0");
-        }
+        check_adam_hyper("AdamW", cfg.betas, cfg.eps, cfg.weight_decay)?;
         Ok(Self {
             groups,
             cfg,

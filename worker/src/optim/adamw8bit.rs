@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use super::{check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{check_adam_hyper, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
 
 /// Values per quantization block (bitsandbytes' optimizer block size).
 pub const BLOCK: usize = 256;
@@ -193,13 +193,7 @@ pub struct AdamW8bit {
 impl AdamW8bit {
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamW8bitConfig) -> Result<Self> {
         check_groups("AdamW8bit", &groups)?;
-        let (b1, b2) = cfg.betas;
-        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
-            bail!("AdamW8bit: betas must be in [0, 1), got {:?}", cfg.betas);
-        }
-        if !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) {
-            bail!("AdamW8bit: eps and weight_decay must be ≥ 0");
-        }
+        check_adam_hyper("AdamW8bit", cfg.betas, cfg.eps, cfg.weight_decay)?;
         Ok(Self { groups, cfg, state: HashMap::new() })
     }
 

@@ -255,6 +255,18 @@ pub(crate) fn check_groups(kind: &str, groups: &[ParamGroup]) -> Result<()> {
     Ok(())
 }
 
+/// Adam-style hyper-parameters: betas in [0, 1), eps and weight decay ≥ 0.
+pub(crate) fn check_adam_hyper(kind: &str, betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<()> {
+    let (b1, b2) = betas;
+    if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+        bail!("{kind}: betas must be in [0, 1), got {betas:?}");
+    }
+    if !(eps >= 0.0) || !(weight_decay >= 0.0) {
+        bail!("{kind}: eps and weight_decay must be ≥ 0");
+    }
+    Ok(())
+}
+
 /// A tensor's values as f32 on the host.
 pub(crate) fn read(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
