@@ -242,6 +242,50 @@ async fn access_token_guards_every_route() {
     assert!(app.dir.join("loft.db").exists());
 }
 
+/// Another web site driving the user's browser gets nothing: a rebinding host name is refused
+/// outright, a cross-site form post or fetch changes nothing, the same origin and non-browser
+/// clients pass.
+#[tokio::test]
+async fn other_sites_cannot_reach_a_loopback_server() {
+    let app = app();
+    let preset = |origin: Option<&str>, site: Option<&str>| {
+        let mut req = Request::post("/api/presets").header(header::HOST, "127.0.0.1:7860").header(header::CONTENT_TYPE, "application/json");
+        if let Some(o) = origin {
+            req = req.header(header::ORIGIN, o);
+        }
+        if let Some(s) = site {
+            req = req.header("sec-fetch-site", s);
+        }
+        let config = json!({"model_family": "sd15", "train_data_dir": "/d", "pretrained_model_name_or_path": "/m.safetensors"});
+        req.body(Body::from(json!({"name": "p", "config": config}).to_string())).unwrap()
+    };
+    // DNS rebinding: the page's own name in Host, even for a GET.
+    let (status, text) = send(&app, Request::get("/api/presets").header(header::HOST, "evil.example:7860").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{text}");
+    assert!(text.contains("evil.example"), "{text}");
+    // Cross-site writes, by Origin (another site, another local port, an opaque origin) or by
+    // the browser's Sec-Fetch-Site.
+    for (origin, site) in [
+        (Some("http://evil.example"), None),
+        (Some("http://127.0.0.1:8188"), Some("same-site")),
+        (Some("null"), None),
+        (None, Some("cross-site")),
+    ] {
+        let (status, text) = send(&app, preset(origin, site)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{origin:?} {site:?}: {text}");
+        assert!(text.contains("cross-site"), "{text}");
+    }
+    let (_, list) = json_req(&app, "GET", "/api/presets", json!(null)).await;
+    assert_eq!(list["presets"].as_array().map(|a| a.len()), Some(0), "nothing was saved: {list}");
+    // The page itself, and clients that are not browsers.
+    let (status, text) = send(&app, preset(Some("http://127.0.0.1:7860"), Some("same-origin"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let (status, _) = send(&app, Request::get("/").header(header::HOST, "localhost:7860").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = json_req(&app, "DELETE", "/api/presets/p", json!(null)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
 #[test]
 fn an_old_database_upgrades_in_place() {
     let dir = tempfile::tempdir().unwrap();

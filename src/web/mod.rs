@@ -10,7 +10,7 @@ mod ui;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -75,6 +75,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
         // Worker endpoints: their own token, and uploads of network files larger than a form.
         .merge(hub::routes(state.clone()))
+        // Outermost: browser-borne requests from other sites never reach a handler.
+        .layer(middleware::from_fn_with_state(state.clone(), same_origin_only))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -93,6 +95,19 @@ async fn static_file(Path(path): Path<String>) -> Response {
                 .into_response()
         }
         None => (StatusCode::NOT_FOUND, format!("no static file '{path}'")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_names() {
+        for h in ["localhost", "localhost:7860", "127.0.0.1:7860", "127.8.9.1", "[::1]:7860", "::1", "app.localhost:80", "LOCALHOST."] {
+            assert!(super::is_loopback_host(h), "{h}");
+        }
+        for h in ["evil.example", "evil.example:7860", "192.168.1.5:7860", "[2001:db8::1]:7860", "localhost.evil.example", "127.0.0.1.evil.example"] {
+            assert!(!super::is_loopback_host(h), "{h}");
+        }
     }
 }
 
@@ -141,6 +156,58 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         }
     }
     response
+}
+
+/// Guards a server that trusts whoever reaches it on loopback against the browser of its own
+/// user, driven by another web site:
+/// - DNS rebinding: a loopback-only server (no access token) answers only requests addressed
+///   to a loopback name (`localhost`, `127.0.0.1`, `[::1]`), so a page on a rebinding domain
+///   cannot read or change anything;
+/// - cross-site writes: a POST/PUT/DELETE whose `Origin` is not this server, or that the
+///   browser marks `Sec-Fetch-Site: cross-site`, is refused (a form on another site could
+///   otherwise queue, cancel or delete jobs). Requests without these headers (scripts, curl,
+///   workers) are not browsers' and pass.
+async fn same_origin_only(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = text(header::HOST);
+    if state.access_token.is_none() {
+        if let Some(h) = host.filter(|h| !is_loopback_host(h)) {
+            let msg = format!("this Loft server only answers to localhost names, not {h:?} (it listens on loopback; use --bind with a token to serve other names)");
+            return (StatusCode::MISDIRECTED_REQUEST, msg).into_response();
+        }
+    }
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        if text(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
+            return (StatusCode::FORBIDDEN, "cross-site request refused: another web site cannot change this Loft server").into_response();
+        }
+        if let Some(origin) = text(header::ORIGIN) {
+            let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+            if origin_host.is_none() || origin_host != host {
+                let msg = format!("cross-site request refused: Origin {origin:?} is not this server ({})", host.unwrap_or("no Host"));
+                return (StatusCode::FORBIDDEN, msg).into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// `localhost`, `*.localhost` or a loopback IP, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An HTML response from an askama template, or a 500 naming the template error.
