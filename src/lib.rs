@@ -6,6 +6,7 @@ pub mod jobs;
 pub mod lora_cli;
 pub mod presets;
 pub mod registry;
+pub mod sd_scripts;
 pub mod server;
 pub mod train_cli;
 pub mod web;

@@ -46,6 +46,8 @@ enum Command {
     Sample(loft::train_cli::SampleArgs),
     /// Print every option in the field registry as a Markdown reference.
     Fields,
+    /// Write a config (registry keys) as a kohya sd-scripts --config_file TOML.
+    ExportSdScripts(loft::sd_scripts::ExportArgs),
     /// Inspect or resize LoRA / LyCORIS files.
     Lora {
         #[command(subcommand)]
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Train(args) => loft::train_cli::train(args),
         Command::Sample(args) => loft::train_cli::sample(args),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
+        Command::ExportSdScripts(args) => loft::sd_scripts::export_cli(args),
         Command::Lora { command } => loft::lora_cli::run(command),
     };
     match result {
