@@ -96,6 +96,15 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     }
     let resolved = registry.resolve(&config);
     let active = active_config(registry, &resolved);
+    // Required paths (the base model, the images): a config without them would not run.
+    let missing: Vec<FieldError> = registry
+        .fields()
+        .filter(|f| f.required && active.get(&f.key).and_then(|v| v.as_str()).is_some_and(str::is_empty))
+        .map(|f| FieldError { field: f.key.clone(), message: format!("{} is required", f.label) })
+        .collect();
+    if !missing.is_empty() {
+        return Err(missing);
+    }
     let text = |key: &str| active.get(key).and_then(|v| v.as_str()).unwrap_or("").to_string();
 
     let mut sections: Vec<(String, Table)> = vec![];
@@ -116,6 +125,9 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     let mut not_exported = vec![];
     let mut sample_prompts = None;
 
+    if text("output_dir").is_empty() {
+        not_exported.push(("output_dir".to_string(), "empty means the job's own folder in Loft; sd-scripts needs one: add output_dir".to_string()));
+    }
     let algo = text("network_algo");
     match lycoris_algo(&algo) {
         Some(name) => {
@@ -320,7 +332,7 @@ mod tests {
         assert_eq!(opt.iter().filter(|a| a.starts_with("weight_decay=")).collect::<Vec<_>>(), vec![&"weight_decay=0.1"]);
         assert_eq!(flat["sample_prompts"].as_str(), Some("/o/prompts.txt"));
         assert_eq!(e.sample_prompts.as_deref(), Some("a cat --n dog\na dog\n"));
-        assert_eq!(e.not_exported.len(), 1, "num_repeats is reported");
+        assert_eq!(e.not_exported.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["num_repeats"], "num_repeats is reported");
         assert!(e.toml.contains("# not exported: num_repeats"));
         // Values that apply are typed as sd-scripts expects them.
         let (_, flat) = export_of(json!({"max_token_length": "225", "seed": 42, "network_dim": 16, "learning_rate": 0.0002}));
@@ -338,5 +350,7 @@ mod tests {
         for f in ["network_dim", "network_algo"] {
             assert!(errors.iter().any(|e| e.field == f), "{f}: {errors:?}");
         }
+        let errors = export(&registry, json!({"pretrained_model_name_or_path": "/m"}).as_object().unwrap(), "p.txt").unwrap_err();
+        assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), vec!["train_data_dir"]);
     }
 }

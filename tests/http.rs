@@ -286,6 +286,34 @@ async fn other_sites_cannot_reach_a_loopback_server() {
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
+/// The form's configuration as kohya sd-scripts' --config_file TOML: the JSON API, the
+/// "sd-scripts…" panel (problems first when the form is not valid) and the download.
+#[tokio::test]
+async fn sd_scripts_export_over_http() {
+    let app = app();
+    let config = json!({"model_family": "sdxl", "pretrained_model_name_or_path": "/m.safetensors", "train_data_dir": "/d", "network_algo": "lokr"});
+    let (status, body) = json_req(&app, "POST", "/api/export/sd-scripts", json!({"config": config})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["script"], "sdxl_train_network.py");
+    assert!(body["toml"].as_str().unwrap().contains("network_module = \"lycoris.kohya\""), "{body}");
+    let (status, body) = json_req(&app, "POST", "/api/export/sd-scripts", json!({"config": {"network_dim": -1}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["errors"].as_array().unwrap().iter().any(|e| e["field"] == "network_dim"), "{body}");
+
+    // The form: refused with the fields to fix, then shown once the paths are given.
+    let (_, html) = post_form(&app, "/ui/export/sd-scripts", "").await;
+    assert!(html.contains("Not exported") && html.contains("Training images"), "{html}");
+    post_form(&app, "/ui/tab/model", "pretrained_model_name_or_path=%2Fm%2Fsd15").await;
+    let (_, html) = post_form(&app, "/ui/export/sd-scripts", "_section=dataset&train_data_dir=%2Fdata%2Fimgs").await;
+    assert!(html.contains("accelerate launch train_network.py") && html.contains("train_data_dir = &#34;/data/imgs&#34;"), "{html}");
+    let res = app.router.clone().oneshot(Request::get("/ui/export/sd-scripts.toml").header(header::COOKIE, COOKIE).body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()[header::CONTENT_DISPOSITION].to_str().unwrap().contains("sd-scripts.toml"));
+    let text = String::from_utf8(to_bytes(res.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let parsed: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(parsed["model"]["pretrained_model_name_or_path"].as_str(), Some("/m/sd15"));
+}
+
 #[test]
 fn an_old_database_upgrades_in_place() {
     let dir = tempfile::tempdir().unwrap();

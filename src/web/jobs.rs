@@ -503,13 +503,13 @@ fn redirect(to: &str) -> Response {
 
 #[derive(askama::Template)]
 #[template(path = "_notice.html")]
-struct Notice {
-    ok: bool,
-    message: String,
-    errors: Vec<ErrorLine>,
+pub(super) struct Notice {
+    pub ok: bool,
+    pub message: String,
+    pub errors: Vec<ErrorLine>,
 }
 
-fn error_lines(state: &AppState, errors: &[FieldError]) -> Vec<ErrorLine> {
+pub(super) fn error_lines(state: &AppState, errors: &[FieldError]) -> Vec<ErrorLine> {
     errors
         .iter()
         .map(|e| {

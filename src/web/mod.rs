@@ -3,6 +3,7 @@
 
 mod api;
 mod dashboard;
+mod export;
 mod hub;
 mod jobs;
 mod ui;
@@ -58,6 +59,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/move", post(jobs::api_move))
         .route("/api/jobs/{id}/files/{file}/keep", post(jobs::api_keep))
         .route("/api/demo", post(jobs::api_demo))
+        .route("/api/export/sd-scripts", post(export::api_export))
+        .route("/ui/export/sd-scripts", post(export::ui_export))
+        .route("/ui/export/sd-scripts.toml", get(export::ui_download))
         .route("/jobs", get(jobs::queue_page))
         .route("/jobs/events", get(jobs::all_events))
         .route("/jobs/{id}", get(jobs::job_page))

@@ -1,0 +1,105 @@
+//! The sd-scripts export over HTTP: `POST /api/export/sd-scripts` (JSON), the form's
+//! "sd-scripts" button (a panel with the TOML) and the TOML as a download.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Form, Json};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::api::json_body;
+use super::jobs::{error_lines, Notice};
+use super::ui::{draft_id, with_cookie};
+use super::{render, AppState};
+use crate::drafts;
+use crate::registry::Config;
+use crate::sd_scripts::{export, SdScriptsConfig};
+
+/// The prompts file name the exported TOML refers to (beside the TOML).
+const PROMPTS_FILE: &str = "sample_prompts.txt";
+
+#[derive(Deserialize)]
+pub struct ExportPayload {
+    config: Config,
+}
+
+/// `POST /api/export/sd-scripts` with `{config}`: `{script, toml, sample_prompts, not_exported}`,
+/// or 422 with the per-field errors.
+pub async fn api_export(State(state): State<AppState>, body: Result<Json<ExportPayload>, JsonRejection>) -> Response {
+    let payload = match json_body(body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match export(&state.registry, &payload.config, PROMPTS_FILE) {
+        Ok(e) => Json(json!({
+            "script": e.script,
+            "toml": e.toml,
+            "sample_prompts": e.sample_prompts,
+            "not_exported": e.not_exported.iter().map(|(k, why)| json!({"field": k, "reason": why})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(errors) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": "the configuration is not valid", "errors": errors}))).into_response(),
+    }
+}
+
+#[derive(askama::Template)]
+#[template(path = "_export.html")]
+struct ExportPanel {
+    script: &'static str,
+    toml: String,
+    prompts: Option<String>,
+    not_exported: Vec<(String, String)>,
+}
+
+/// The draft, with the open section's form merged in (as the Queue button does).
+fn draft_with_form(state: &AppState, headers: &HeaderMap, pairs: Vec<(String, String)>) -> (String, bool, Config) {
+    let (draft, set) = draft_id(headers);
+    let mut config = drafts::load(&state.db, &draft);
+    let section = pairs.iter().find(|(k, _)| k == "_section").map(|(_, v)| v.clone()).unwrap_or_default();
+    let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| state.registry.field(k).is_some_and(|f| f.section == section)).collect();
+    if !pairs.is_empty() {
+        state.registry.merge_form(&mut config, &pairs);
+        // Best effort: the export itself does not depend on the draft being stored.
+        let _ = drafts::store(&state.db, &draft, &config);
+    }
+    (draft, set, config)
+}
+
+/// `POST /ui/export/sd-scripts`: the panel with the TOML, or the problems to fix first.
+pub async fn ui_export(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
+    let (draft, set, config) = draft_with_form(&state, &headers, pairs);
+    let response = match export(&state.registry, &config, PROMPTS_FILE) {
+        Ok(SdScriptsConfig { script, toml, sample_prompts, not_exported }) => render(&ExportPanel { script, toml, prompts: sample_prompts, not_exported }),
+        Err(errors) => render(&Notice {
+            ok: false,
+            message: format!("Not exported: {} value(s) need fixing first.", errors.len()),
+            errors: error_lines(&state, &errors),
+        }),
+    };
+    with_cookie(response, &draft, set)
+}
+
+/// `GET /ui/export/sd-scripts.toml`: the draft's TOML as a download (422 text naming the
+/// problems when it is not valid).
+pub async fn ui_download(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (draft, set, config) = draft_with_form(&state, &headers, vec![]);
+    let response = match export(&state.registry, &config, PROMPTS_FILE) {
+        Ok(e) => {
+            let mut text = e.toml;
+            if let Some(p) = e.sample_prompts {
+                text.push_str(&format!("\n# {PROMPTS_FILE} (save beside this file):\n"));
+                for line in p.lines() {
+                    text.push_str(&format!("#   {line}\n"));
+                }
+            }
+            ([(header::CONTENT_TYPE, "application/toml; charset=utf-8"), (header::CONTENT_DISPOSITION, "attachment; filename=\"sd-scripts.toml\"")], text).into_response()
+        }
+        Err(errors) => {
+            let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()
+        }
+    };
+    with_cookie(response, &draft, set)
+}
