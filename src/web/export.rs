@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::api::json_body;
 use super::jobs::{error_lines, Notice};
-use super::ui::{draft_id, with_cookie};
+use super::ui::{draft_id, merge_open_section, with_cookie};
 use super::{render, AppState};
 use crate::drafts;
 use crate::registry::Config;
@@ -57,10 +57,7 @@ struct ExportPanel {
 fn draft_with_form(state: &AppState, headers: &HeaderMap, pairs: Vec<(String, String)>) -> (String, bool, Config) {
     let (draft, set) = draft_id(headers);
     let mut config = drafts::load(&state.db, &draft);
-    let section = pairs.iter().find(|(k, _)| k == "_section").map(|(_, v)| v.clone()).unwrap_or_default();
-    let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| state.registry.field(k).is_some_and(|f| f.section == section)).collect();
-    if !pairs.is_empty() {
-        state.registry.merge_form(&mut config, &pairs);
+    if merge_open_section(state, &mut config, pairs) {
         // Best effort: the export itself does not depend on the draft being stored.
         let _ = drafts::store(&state.db, &draft, &config);
     }

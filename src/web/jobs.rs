@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::dashboard::{self, JobLive};
-use super::ui::{draft_id, with_cookie, ErrorLine};
+use super::ui::{draft_id, merge_open_section, with_cookie, ErrorLine};
 use super::api::json_body;
 use super::{render, AppState};
 use crate::drafts;
@@ -532,10 +532,7 @@ pub async fn ui_queue(State(state): State<AppState>, headers: HeaderMap, Form(pa
     let mut config = drafts::load(&state.db, &draft);
     // The open section's form comes along (as with a tab switch), so a value typed but not yet
     // committed by a change event is queued too.
-    let section = pairs.iter().find(|(k, _)| k == "_section").map(|(_, v)| v.clone()).unwrap_or_default();
-    let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| state.registry.field(k).is_some_and(|f| f.section == section)).collect();
-    if !pairs.is_empty() {
-        state.registry.merge_form(&mut config, &pairs);
+    if merge_open_section(&state, &mut config, pairs) {
         if let Err(e) = drafts::store(&state.db, &draft, &config) {
             return render(&Notice { ok: false, message: format!("Not queued: the form could not be saved: {e}."), errors: vec![] });
         }

@@ -210,6 +210,18 @@ pub(super) fn draft_id(headers: &HeaderMap) -> (String, bool) {
     }
 }
 
+/// Merges the open section's form fields (`_section` names it) into `config`; true when there
+/// were any.
+pub(super) fn merge_open_section(state: &AppState, config: &mut Config, pairs: Vec<(String, String)>) -> bool {
+    let section = pairs.iter().find(|(k, _)| k == "_section").map(|(_, v)| v.clone()).unwrap_or_default();
+    let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| state.registry.field(k).is_some_and(|f| f.section == section)).collect();
+    if pairs.is_empty() {
+        return false;
+    }
+    state.registry.merge_form(config, &pairs);
+    true
+}
+
 pub(super) fn with_cookie(mut response: Response, id: &str, set: bool) -> Response {
     if set {
         let value = format!("{DRAFT_COOKIE}={id}; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000");
