@@ -48,6 +48,8 @@ enum Command {
     Fields,
     /// Write a config (registry keys) as a kohya sd-scripts --config_file TOML.
     ExportSdScripts(loft::sd_scripts::ExportArgs),
+    /// Read a kohya sd-scripts --config_file TOML into a config with the registry's keys.
+    ImportSdScripts(loft::sd_scripts::ImportArgs),
     /// Inspect or resize LoRA / LyCORIS files.
     Lora {
         #[command(subcommand)]
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => loft::train_cli::sample(args),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),
         Command::ExportSdScripts(args) => loft::sd_scripts::export_cli(args),
+        Command::ImportSdScripts(args) => loft::sd_scripts::import_cli(args),
         Command::Lora { command } => loft::lora_cli::run(command),
     };
     match result {

@@ -220,6 +220,216 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     Ok(SdScriptsConfig { script, toml: out, sample_prompts, not_exported })
 }
 
+/// What an import produced.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// The configuration in the registry's keys (only what the file set).
+    pub config: Config,
+    /// Keys of the file Loft has no place for, each with why.
+    pub ignored: Vec<(String, String)>,
+}
+
+/// The Loft algorithm of an sd-scripts `network_module` and LyCORIS `algo=`.
+fn loft_algo(module: &str, algo: Option<&str>, has_conv_dim: bool) -> Result<&'static str, String> {
+    match (module, algo) {
+        ("networks.lora", _) => Ok(if has_conv_dim { "locon" } else { "lora" }),
+        ("lycoris.kohya", Some(a)) => match a {
+            "lora" | "locon" => Ok("lycoris_locon"),
+            "loha" => Ok("loha"),
+            "ia3" => Ok("ia3"),
+            "lokr" => Ok("lokr"),
+            "dylora" => Ok("dylora"),
+            "diag-oft" => Ok("diag_oft"),
+            "boft" => Ok("boft"),
+            "glora" => Ok("glora"),
+            "glora-ex" => Ok("glora_ex"),
+            "abba" => Ok("abba"),
+            "full" => Ok("full"),
+            other => Err(format!("network_args: LyCORIS algo={other} has no Loft equivalent")),
+        },
+        ("lycoris.kohya", None) => Ok("lycoris_locon"),
+        (other, _) => Err(format!("network_module {other:?}: Loft trains networks.lora and lycoris.kohya networks")),
+    }
+}
+
+/// A TOML or `key=value` text value as the field's kind wants it.
+fn typed(kind: &Kind, v: &Toml) -> Option<serde_json::Value> {
+    let as_text = || match v {
+        Toml::String(s) => Some(s.clone()),
+        Toml::Integer(i) => Some(i.to_string()),
+        Toml::Float(f) => Some(f.to_string()),
+        Toml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    };
+    Some(match kind {
+        Kind::Toggle => match v {
+            Toml::Boolean(b) => json_bool(*b),
+            Toml::String(s) => json_bool(matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes")),
+            _ => return None,
+        },
+        Kind::Integer => serde_json::Value::from(match v {
+            Toml::Integer(i) => *i,
+            Toml::Float(f) if f.fract() == 0.0 => *f as i64,
+            Toml::String(s) => s.trim().parse::<i64>().ok()?,
+            _ => return None,
+        }),
+        Kind::Float => serde_json::Value::from(match v {
+            Toml::Integer(i) => *i as f64,
+            Toml::Float(f) => *f,
+            Toml::String(s) => s.trim().parse::<f64>().ok()?,
+            _ => return None,
+        }),
+        _ => serde_json::Value::String(as_text()?),
+    })
+}
+
+fn json_bool(b: bool) -> serde_json::Value {
+    serde_json::Value::Bool(b)
+}
+
+/// Reads an sd-scripts `--config_file` TOML (tables are flattened, as sd-scripts does) into the
+/// registry's keys. `sample_prompts` is the prompts file's text when the caller could read it;
+/// `family` overrides the model family (an sd-scripts file does not say SDXL; Loft's own export
+/// names its script in the header). The result is validated; problems name the Loft field.
+pub fn import(registry: &Registry, text: &str, sample_prompts: Option<&str>, family: Option<&str>) -> Result<Imported, Vec<FieldError>> {
+    let fail = |field: &str, message: String| vec![FieldError { field: field.to_string(), message }];
+    let parsed: Table = toml::from_str(text).map_err(|e| fail("config", format!("not valid TOML: {e}")))?;
+    let mut flat = Table::new();
+    for (k, v) in parsed {
+        match v {
+            Toml::Table(t) => flat.extend(t),
+            other => {
+                flat.insert(k, other);
+            }
+        }
+    }
+    let mut by_arg = std::collections::HashMap::new();
+    let mut by_network_arg = std::collections::HashMap::new();
+    let mut by_optimizer_arg = std::collections::HashMap::new();
+    for f in registry.fields() {
+        let Some(e) = &f.export else { continue };
+        if let Some(a) = &e.arg {
+            by_arg.insert(a.clone(), f);
+        }
+        if let Some(d) = &e.dataset {
+            by_arg.insert(if d == "batch_size" { "train_batch_size".to_string() } else { d.clone() }, f);
+        }
+        if let Some(n) = &e.network_arg {
+            by_network_arg.insert(n.clone(), f);
+        }
+        if let Some(o) = &e.optimizer_arg {
+            by_optimizer_arg.insert(o.clone(), f);
+        }
+    }
+    let mut config = Config::new();
+    let mut ignored = vec![];
+    let list = |v: &Toml| -> Vec<(String, String)> {
+        let items: Vec<String> = match v {
+            Toml::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            Toml::String(s) => s.split_whitespace().map(str::to_string).collect(),
+            _ => vec![],
+        };
+        items.iter().map(|i| i.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).unwrap_or((i.clone(), String::new()))).collect()
+    };
+    let network_args = flat.get("network_args").map(&list).unwrap_or_default();
+    let algo_arg = network_args.iter().find(|(k, _)| k == "algo").map(|(_, v)| v.as_str());
+    let module = flat.get("network_module").and_then(|v| v.as_str()).unwrap_or("networks.lora");
+    let has_conv = network_args.iter().any(|(k, _)| k == "conv_dim");
+    let algo = loft_algo(module, algo_arg, has_conv).map_err(|m| fail("network_algo", m))?;
+    config.insert("network_algo".into(), algo.into());
+    for (k, v) in &network_args {
+        if k == "algo" {
+            continue;
+        }
+        match by_network_arg.get(k.as_str()) {
+            Some(f) => match typed(&f.kind, &Toml::String(v.clone())) {
+                Some(val) => {
+                    config.insert(f.key.clone(), val);
+                }
+                None => ignored.push((format!("network_args {k}"), format!("{v:?} is not a {:?}", f.kind))),
+            },
+            None => ignored.push((format!("network_args {k}"), "not a Loft option".into())),
+        }
+    }
+    let mut optimizer_rest = vec![];
+    for (k, v) in flat.get("optimizer_args").map(&list).unwrap_or_default() {
+        match by_optimizer_arg.get(k.as_str()).and_then(|f| Some((f, typed(&f.kind, &Toml::String(v.clone()))?))) {
+            Some((f, val)) => {
+                config.insert(f.key.clone(), val);
+            }
+            None => optimizer_rest.push(format!("{k}={v}")),
+        }
+    }
+    if !optimizer_rest.is_empty() {
+        config.insert("optimizer_args".into(), optimizer_rest.join(" ").into());
+    }
+    let header_sdxl = text.lines().take(5).any(|l| l.starts_with('#') && l.contains("sdxl_train_network.py"));
+    let family = family.map(str::to_string).unwrap_or_else(|| {
+        if header_sdxl {
+            "sdxl".into()
+        } else if flat.get("v2").and_then(|v| v.as_bool()) == Some(true) {
+            "sd2".into()
+        } else {
+            "sd15".into()
+        }
+    });
+    config.insert("model_family".into(), family.into());
+    for (k, v) in &flat {
+        match k.as_str() {
+            "network_module" | "network_args" | "optimizer_args" | "v2" => continue,
+            "sdpa" | "xformers" | "mem_eff_attn" => {
+                if v.as_bool() == Some(true) {
+                    config.insert("attention".into(), k.as_str().into());
+                }
+                continue;
+            }
+            "sample_prompts" => {
+                match sample_prompts {
+                    Some(p) => {
+                        config.insert("sample_prompts".into(), p.trim_end().into());
+                    }
+                    None => ignored.push((k.clone(), "the prompts file could not be read".into())),
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let Some(f) = by_arg.get(k.as_str()) else {
+            ignored.push((k.clone(), "not a Loft option".into()));
+            continue;
+        };
+        match typed(&f.kind, v) {
+            Some(val) => {
+                config.insert(f.key.clone(), val);
+            }
+            None => ignored.push((k.clone(), format!("{v} is not a {:?}", f.kind))),
+        }
+    }
+    // sd-scripts' unset is Loft's 0 where Loft's default is something else (max_train_epochs
+    // 10, save_every_n_epochs 1): a file without the key means "unset", not Loft's default.
+    for key in ZERO_IS_UNSET {
+        let Some(f) = registry.field(key) else { continue };
+        if !config.contains_key(*key) && f.default.as_f64().is_some_and(|d| d != 0.0) {
+            let zero = if matches!(f.kind, Kind::Integer) { serde_json::Value::from(0) } else { serde_json::Value::from(0.0) };
+            config.insert(key.to_string(), zero);
+        }
+    }
+    // A required path the file does not give is for the user to fill in, not a problem of the
+    // file (e.g. sd-scripts' dataset_config instead of train_data_dir): reported, not refused.
+    let mut errors = registry.validate(&config);
+    errors.retain(|e| {
+        let absent_required = registry.field(&e.field).is_some_and(|f| f.required) && !config.contains_key(&e.field);
+        if absent_required {
+            ignored.push((e.field.clone(), format!("not in the file: {}", e.message)));
+        }
+        !absent_required
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Imported { config, ignored })
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
     /// A TOML file with the registry's keys (as for `loft train`).
@@ -252,6 +462,44 @@ pub fn export_cli(args: ExportArgs) -> anyhow::Result<()> {
     }
     println!("wrote {}", toml_path.display());
     println!("run: accelerate launch {} --config_file {}", exported.script, toml_path.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// An sd-scripts `--config_file` TOML.
+    pub file: PathBuf,
+    /// Where to write the Loft config (registry keys, for `loft train` or a preset).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model family (`sd15`, `sd2`, `sdxl`): sd-scripts files do not say SDXL.
+    #[arg(long)]
+    pub family: Option<String>,
+}
+
+/// `loft import-sd-scripts FILE --out CONFIG.toml [--family sdxl]`.
+pub fn import_cli(args: ImportArgs) -> anyhow::Result<()> {
+    let registry = Registry::embedded()?;
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    // The prompts file, as written or beside the TOML.
+    let prompts = toml::from_str::<Table>(&text).ok().and_then(|t| {
+        let path = t.get("sample_prompts").or_else(|| t.values().find_map(|v| v.as_table()?.get("sample_prompts")))?.as_str()?.to_string();
+        let beside = args.file.parent().map(|d| d.join(&path));
+        std::fs::read_to_string(&path).ok().or_else(|| std::fs::read_to_string(beside?).ok())
+    });
+    let imported = match import(&registry, &text, prompts.as_deref(), args.family.as_deref()) {
+        Ok(i) => i,
+        Err(errors) => {
+            let list: Vec<String> = errors.iter().map(|e| format!("  {}: {}", e.field, e.message)).collect();
+            bail!("{} has {} problem(s); nothing was written:\n{}", args.file.display(), errors.len(), list.join("\n"));
+        }
+    };
+    let body = toml::to_string(&imported.config).context("writing the config as TOML")?;
+    std::fs::write(&args.out, format!("# Loft config imported from {}\n{body}", args.file.display())).with_context(|| format!("cannot write {}", args.out.display()))?;
+    for (key, why) in &imported.ignored {
+        eprintln!("not imported: {key} ({why})");
+    }
+    println!("wrote {} ({} options)", args.out.display(), imported.config.len());
     Ok(())
 }
 
@@ -340,6 +588,68 @@ mod tests {
         assert_eq!(flat["seed"].as_integer(), Some(42));
         assert_eq!(flat["network_dim"].as_integer(), Some(16));
         assert_eq!(flat["learning_rate"].as_float(), Some(0.0002));
+    }
+
+    /// Import is export's inverse: for every algorithm and family, with non-default values in
+    /// each kind of slot (args, network_args, optimizer_args, prompts, attention), importing
+    /// the export and exporting again gives the same file.
+    #[test]
+    fn import_of_an_export_exports_the_same() {
+        let registry = Registry::embedded().unwrap();
+        let algos: Vec<String> = registry.field("network_algo").unwrap().choices.iter().map(|c| c.value.clone()).collect();
+        for family in ["sd15", "sd2", "sdxl"] {
+            for algo in &algos {
+                let config = json!({
+                    "model_family": family, "network_algo": algo, "pretrained_model_name_or_path": "/m", "train_data_dir": "/d",
+                    "output_dir": "/o", "network_dim": 12, "rank_dropout": 0.1, "optimizer_type": "Prodigy", "d_coef": 2.0,
+                    "optimizer_args": "betas=0.9,0.99", "shuffle_caption": true, "keep_tokens": 2, "max_token_length": "150",
+                    "attention": "xformers", "sample_prompts": "a cat --n dog", "sample_every_n_epochs": 2, "seed": 7,
+                    "max_train_epochs": if algo == "lora" { 0 } else { 4 }, "save_every_n_epochs": 0,
+                });
+                let first = export(&registry, config.as_object().unwrap(), "p.txt").unwrap();
+                let back = import(&registry, &first.toml, first.sample_prompts.as_deref(), None).unwrap_or_else(|e| panic!("{family}/{algo}: {e:?}"));
+                assert!(back.ignored.is_empty(), "{family}/{algo}: {:?}", back.ignored);
+                assert_eq!(back.config["model_family"], family);
+                let second = export(&registry, &back.config, "p.txt").unwrap();
+                assert_eq!(first.toml, second.toml, "{family}/{algo}");
+                assert_eq!(first.sample_prompts, second.sample_prompts);
+            }
+        }
+    }
+
+    /// A hand-written kohya file: sections flattened, unknown keys reported, bad values named.
+    #[test]
+    fn import_reads_a_kohya_file() {
+        let registry = Registry::embedded().unwrap();
+        let text = r#"
+            pretrained_model_name_or_path = "/models/v1-5.safetensors"
+            v2 = false
+            [net]
+            network_module = "networks.lora"
+            network_dim = 32
+            network_alpha = 16
+            network_args = ["conv_dim=8", "conv_alpha=4", "module_dropout=0.1"]
+            [opt]
+            optimizer_type = "AdamW8bit"
+            optimizer_args = ["weight_decay=0.05", "betas=0.9,0.99"]
+            learning_rate = 1e-4
+            sdpa = true
+            train_batch_size = 2
+            log_with = "tensorboard"
+        "#;
+        let got = import(&registry, text, None, None).unwrap();
+        let c = &got.config;
+        assert_eq!(c["network_algo"], "locon", "conv_dim makes kohya's LoRA a LoCon");
+        assert_eq!((c["network_dim"].clone(), c["network_alpha"].clone(), c["conv_dim"].clone()), (json!(32), json!(16.0), json!(8)));
+        assert_eq!((c["weight_decay"].clone(), c["optimizer_args"].clone()), (json!(0.05), json!("betas=0.9,0.99")));
+        assert_eq!((c["attention"].clone(), c["train_batch_size"].clone(), c["model_family"].clone()), (json!("sdpa"), json!(2), json!("sd15")));
+        let ignored: Vec<&str> = got.ignored.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(ignored.contains(&"log_with") && ignored.contains(&"train_data_dir"), "{ignored:?}");
+        assert!(!ignored.contains(&"network_dim"));
+        let errors = import(&registry, "network_dim = -4", None, None).unwrap_err();
+        assert!(errors.iter().any(|e| e.field == "network_dim"), "{errors:?}");
+        let errors = import(&registry, "network_module = \"networks.oft\"", None, None).unwrap_err();
+        assert_eq!(errors[0].field, "network_algo");
     }
 
     #[test]
