@@ -12,7 +12,7 @@
 
 use toml::{Table, Value as Toml};
 
-use crate::jobs::config::active_config;
+use crate::jobs::config::validated_active;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -88,23 +88,7 @@ fn arg_text(v: &serde_json::Value) -> String {
 
 /// Exports `config`; `prompts_file` is the path the TOML gives for the sample prompts.
 pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Result<SdScriptsConfig, Vec<FieldError>> {
-    let mut config = config.clone();
-    registry.apply_links(&mut config, &[]);
-    let errors = registry.validate(&config);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let resolved = registry.resolve(&config);
-    let active = active_config(registry, &resolved);
-    // Required paths (the base model, the images): a config without them would not run.
-    let missing: Vec<FieldError> = registry
-        .fields()
-        .filter(|f| f.required && active.get(&f.key).and_then(|v| v.as_str()).is_some_and(str::is_empty))
-        .map(|f| FieldError { field: f.key.clone(), message: format!("{} is required", f.label) })
-        .collect();
-    if !missing.is_empty() {
-        return Err(missing);
-    }
+    let active = validated_active(registry, config)?;
     let text = |key: &str| active.get(key).and_then(|v| v.as_str()).unwrap_or("").to_string();
 
     let mut sections: Vec<(String, Table)> = vec![];

@@ -93,46 +93,8 @@ impl Driver {
 #[tokio::test]
 async fn lokr_shows_factor_and_sdxl_greys_clip_skip() {
     let data = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _server = Killed(
-        Command::new(env!("CARGO_BIN_EXE_loft"))
-            .args(["serve", "--port", &port.to_string(), "--data-dir"])
-            .arg(data.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start loft serve"),
-    );
-    let driver_port = free_port();
-    let _chromedriver = Killed(
-        Command::new("chromedriver")
-            .arg(format!("--port={driver_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver is installed (Debian package chromium-driver; .ci/run installs it)"),
-    );
-    let app = format!("http://127.0.0.1:{port}");
-    wait_http(&format!("{app}/healthz")).await;
-    wait_http(&format!("http://127.0.0.1:{driver_port}/status")).await;
-
-    let http = reqwest::Client::new();
-    let profile = tempfile::tempdir().unwrap();
-    let session: Value = http
-        .post(format!("http://127.0.0.1:{driver_port}/session"))
-        .json(&json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": "/usr/bin/chromium",
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.path().display())]
-        }}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {session}")).to_string();
-    let d = Driver { http, base: format!("http://127.0.0.1:{driver_port}/session/{id}") };
+    let browser = browser(data.path(), &[]).await;
+    let (d, app) = (&browser.d, &browser.app);
     d.call(reqwest::Method::POST, "/window/rect", json!({"width": 1280, "height": 800})).await;
     d.call(reqwest::Method::POST, "/url", json!({"url": format!("{app}/")})).await;
     d.wait_for("the model tab", "return !!document.querySelector('#f-model_family')").await;

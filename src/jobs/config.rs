@@ -12,14 +12,20 @@ use crate::registry::{Config, FieldError, Registry};
 /// configuration the registry accepts is checked by the engine (options it does not support yet,
 /// required paths).
 pub fn engine_config(registry: &Registry, config: &Config) -> Result<TrainConfig, Vec<FieldError>> {
+    let active = validated_active(registry, config)?;
+    TrainConfig::from_map(&active).map_err(|errors| errors.into_iter().map(|e| FieldError { field: e.field, message: e.message }).collect())
+}
+
+/// A configuration with its linked toggles applied, validated (errors name their fields),
+/// resolved, and cut to its active fields: what training and the sd-scripts export read.
+pub fn validated_active(registry: &Registry, config: &Config) -> Result<Config, Vec<FieldError>> {
     let mut config = config.clone();
     registry.apply_links(&mut config, &[]);
     let errors = registry.validate(&config);
     if !errors.is_empty() {
         return Err(errors);
     }
-    let active = active_config(registry, &registry.resolve(&config));
-    TrainConfig::from_map(&active).map_err(|errors| errors.into_iter().map(|e| FieldError { field: e.field, message: e.message }).collect())
+    Ok(active_config(registry, &registry.resolve(&config)))
 }
 
 /// The active fields of a resolved configuration.

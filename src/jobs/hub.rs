@@ -519,12 +519,9 @@ impl EventSink for RemoteSink {
 
 impl RunSink for RemoteSink {
     fn flush(&mut self) {
-        for _ in 0..60 {
-            if self.stop.reason() == StopReason::Lost || self.post() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        let stop = self.stop.clone();
+        if !stop.retry(60, Duration::from_millis(500), || self.post()) {
+            tracing::error!("job {}: {} event(s) could not be delivered to the hub", self.job, self.pending.len());
         }
-        tracing::error!("job {}: {} event(s) could not be delivered to the hub", self.job, self.pending.len());
     }
 }

@@ -78,6 +78,20 @@ impl Stop {
     }
 }
 
+impl Stop {
+    /// Calls `deliver` until it reports everything delivered (true), the lease is lost, or
+    /// `tries` attempts `pause` apart have failed; false in the last case.
+    pub(crate) fn retry(&self, tries: usize, pause: Duration, mut deliver: impl FnMut() -> bool) -> bool {
+        for _ in 0..tries {
+            if self.reason() == StopReason::Lost || deliver() {
+                return true;
+            }
+            std::thread::sleep(pause);
+        }
+        false
+    }
+}
+
 /// This machine's name.
 pub fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -358,12 +372,9 @@ impl EventSink for LocalSink {
 
 impl RunSink for LocalSink {
     fn flush(&mut self) {
-        for _ in 0..40 {
-            if self.stop.reason() == StopReason::Lost || self.write() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        let stop = self.stop.clone();
+        if !stop.retry(40, Duration::from_millis(250), || self.write()) {
+            tracing::error!("job {}: {} event(s) could not be stored", self.job, self.pending.len());
         }
-        tracing::error!("job {}: {} event(s) could not be stored", self.job, self.pending.len());
     }
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::json_body;
+use super::jobs::{error, job_error};
 use super::{same_secret, AppState};
 use crate::jobs::hub::{manifest, resolve_file, upload_target, ClaimRequest, ClaimResponse, ControlResponse, EventsRequest, FinishRequest, LeaseRequest};
 use crate::jobs::{Control, JobError, Jobs};
@@ -38,18 +39,6 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/worker/jobs/{id}/finish", post(finish))
         .route("/api/worker/jobs/{id}/artifacts/{*name}", put(upload))
         .route_layer(middleware::from_fn_with_state(state, require_worker_token))
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn job_error(e: JobError) -> Response {
-    match e {
-        JobError::NotFound(_) | JobError::Missing(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-        JobError::Conflict(m) => error(StatusCode::CONFLICT, m),
-        e => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
 }
 
 async fn require_worker_token(State(state): State<AppState>, request: Request, next: Next) -> Response {

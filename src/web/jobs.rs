@@ -25,12 +25,12 @@ use crate::drafts;
 use crate::jobs::{demo, queue, JobError, JobSource, Jobs, Move};
 use crate::registry::{Config, FieldError};
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
 /// A service error as JSON with the status that fits.
-fn job_error(e: JobError) -> Response {
+pub(super) fn job_error(e: JobError) -> Response {
     match e {
         JobError::NotFound(_) | JobError::Missing(_) => error(StatusCode::NOT_FOUND, e.to_string()),
         JobError::Conflict(m) => error(StatusCode::CONFLICT, m),

@@ -11,6 +11,8 @@
 //! f32 weights (2.02× the file: upcasting doubles the bytes); into f16 2.14 GB = 1.00× the
 //! file; candle's own mmap VarBuilder into f32 (UNet + CLIP-L only) 5.95 GB = 1.51× its weights.
 
+mod common;
+use common::vm_kib;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -503,13 +505,6 @@ fn save_writes_the_reference_ldm_file() {
 // ---------------------------------------------------------------------------------------------
 // Memory benchmark (ignored: writes ~2 GB to the temp dir)
 // ---------------------------------------------------------------------------------------------
-
-fn vm_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field).map(|r| r.trim().trim_end_matches("kB").trim().parse().unwrap()))
-        .unwrap()
-}
 
 /// A full-size SD1.5 checkpoint in f16 with random weights, loaded into f32 and f16 (and,
 /// for comparison, through candle's own mmap backend): peak resident memory (VmHWM of a fresh

@@ -3,6 +3,8 @@
 //! probe), resume continues to the same weights, epochs/samples/pruning/events behave, and
 //! SDXL trains.
 
+mod common;
+use common::vm_kib;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -387,13 +389,6 @@ fn gradient_checkpointing_trains_the_same_weights() {
 // ---------------------------------------------------------------------------------------------
 // Memory benchmark (ignored): gradient checkpointing on and off
 // ---------------------------------------------------------------------------------------------
-
-fn vm_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field).map(|r| r.trim().trim_end_matches("kB").trim().parse().unwrap()))
-        .unwrap()
-}
 
 /// Peak resident memory and time of LoCon training steps (UNet + text encoder) on the tiny
 /// SD1.5 at 64×64 pixels (32×32 latents: its VAE downsamples twice), batch 4, with and without gradient checkpointing, each in a fresh
