@@ -8,5 +8,6 @@ pub mod presets;
 pub mod registry;
 pub mod sd_scripts;
 pub mod server;
+pub mod bench_train;
 pub mod train_cli;
 pub mod web;

@@ -166,6 +166,8 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
             ("optimizer_args", _) => continue,
             // Loft's "auto" is sd-scripts' unset (its own default per resize).
             ("resize_interpolation", v) if v.as_str() == Some("auto") => continue,
+            // Loft's "auto" follows the device; an exported config is for a GPU run.
+            ("mixed_precision", v) if v.as_str() == Some("auto") => Toml::String("bf16".into()),
             ("max_token_length", v) if v.as_str() == Some("75") => continue,
             ("max_token_length", v) => Toml::Integer(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(75)),
             ("sample_prompts", v) => {

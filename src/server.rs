@@ -55,7 +55,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     state.jobs.worker_token = Some(Arc::new(worker_token.clone()));
     state.jobs.lease = std::time::Duration::from_secs(options.jobs.lease_secs);
     state.worker_in_process = !options.jobs.no_worker;
-    let runner = crate::jobs::cli::runner(state.registry.clone(), options.jobs.simulate.as_deref())?;
+    let runner = crate::jobs::cli::runner(state.registry.clone(), options.jobs.simulate.as_deref(), options.jobs.device.as_deref())?;
     let addr = SocketAddr::new(options.bind, options.port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,

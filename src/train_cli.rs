@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use loft_worker::candle_core::{DType, Device};
+use loft_worker::candle_core::DType;
 use loft_worker::lora_file::merge::parse_lora_arg;
 use loft_worker::lora_file::LoraFile;
 use loft_worker::models::pipeline::StableDiffusion;
@@ -34,6 +34,9 @@ pub struct TrainArgs {
     /// cache_latents_to_disk is on).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (default: the config's `device`, `auto` unless set).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// Reads a TOML config into a registry configuration (key → JSON value).
@@ -115,7 +118,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         TrainEvent::Finished { step, .. } => say(&printer, format!("stopped at step {step}")),
         TrainEvent::Failed { error } => say(&printer, format!("failed: {error}")),
     };
-    let options = RunOptions { resume: args.resume, cache_dir: args.cache_dir, ..RunOptions::default() };
+    let device = match &args.device {
+        Some(spec) => Some(loft_worker::device::select(spec).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?.0),
+        None => None,
+    };
+    let options = RunOptions { resume: args.resume, cache_dir: args.cache_dir, device, ..RunOptions::default() };
     let result = run(&config, &options, &mut sink, &cancel);
     bar.finish_and_clear();
     let outcome = result?;
@@ -161,6 +168,9 @@ pub struct SampleArgs {
     /// Keep the weights in f16 (half the memory of f32) and compute in f32.
     #[arg(long)]
     pub half_weights: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -168,7 +178,9 @@ pub struct SampleArgs {
 pub fn sample(args: SampleArgs) -> Result<()> {
     let sampler = Sampler::parse(&args.sampler)?;
     let storage = if args.half_weights { DType::F16 } else { DType::F32 };
-    let mut model = StableDiffusion::load(&args.model, storage, &Device::Cpu).with_context(|| format!("--model {}", args.model.display()))?;
+    let (device, line) = loft_worker::device::select(&args.device).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
+    eprintln!("{line}");
+    let mut model = StableDiffusion::load(&args.model, storage, &device).with_context(|| format!("--model {}", args.model.display()))?;
     model.set_compute_dtype(DType::F32);
     let mut files = vec![];
     for arg in &args.loras {
@@ -204,107 +216,3 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct BenchTrainArgs {
-    /// A diffusers SD1.x folder (default: the tiny fixture model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Timed training steps (after 3 warm-up steps).
-    #[arg(long, default_value_t = 20)]
-    pub steps: u64,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 64)]
-    pub resolution: u32,
-    /// Python with torch, diffusers and lycoris-lora for the reference run (default:
-    /// `.venv-parity/bin/python` if present, else `python3`).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-}
-
-/// `loft bench train`: Loft's training steps against PyTorch + LyCORIS with the same shapes,
-/// in the same run on the same machine.
-pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = args.model.clone().unwrap_or_else(|| repo.join("tests/fixtures/models/tiny-sd15"));
-    let tmp = tempfile_dir()?;
-    let data = tmp.join("data/100_bench");
-    std::fs::create_dir_all(&data)?;
-    let side = args.resolution;
-    let img = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 255 / side) as u8, (y * 255 / side) as u8, 128]));
-    img.save(data.join("0.png"))?;
-    std::fs::write(data.join("0.txt"), "a photo of a shape")?;
-    let warmup = 3;
-    let config = TrainConfig {
-        pretrained_model_name_or_path: model.clone(),
-        train_data_dir: tmp.join("data"),
-        output_dir: tmp.join("out"),
-        resolution: side,
-        min_bucket_reso: 16.min(side),
-        max_bucket_reso: side.max(64),
-        bucket_reso_steps: 8,
-        network_dim: 4,
-        network_alpha: 4.0,
-        network_train_unet_only: true,
-        learning_rate: 1e-4,
-        max_train_epochs: 0,
-        max_train_steps: args.steps + warmup,
-        save_every_n_epochs: 0,
-        ..TrainConfig::default()
-    };
-    let mut stamps: Vec<std::time::Instant> = vec![];
-    let mut modules = String::new();
-    let mut sink = |e: TrainEvent| match e {
-        TrainEvent::Step { .. } => stamps.push(std::time::Instant::now()),
-        TrainEvent::Log { message, .. } if message.contains("modules") => modules = message,
-        _ => {}
-    };
-    println!("Loft: {} training steps on {} at {side}×{side}…", args.steps, model.display());
-    run(&config, &RunOptions::default(), &mut sink, &CancelToken::new())?;
-    let loft_secs = stamps[stamps.len() - 1].duration_since(stamps[warmup as usize - 1]).as_secs_f64();
-    let loft_rate = args.steps as f64 / loft_secs;
-    println!("  {modules}");
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let python = args.python.clone().unwrap_or_else(|| {
-        let venv = repo.join(".venv-parity/bin/python");
-        if venv.is_file() {
-            venv
-        } else {
-            PathBuf::from("python3")
-        }
-    });
-    // The fixture VAE halves each side per down block after the first.
-    let (latent_h, latent_w) = {
-        let m = StableDiffusion::load(&model, DType::F32, &Device::Cpu)?;
-        let f = 2usize.pow(m.vae.config.block_out_channels.len().saturating_sub(1) as u32);
-        (side as usize / f, side as usize / f)
-    };
-    println!("PyTorch + LyCORIS: the same steps with {}…", python.display());
-    let reference = std::process::Command::new(&python)
-        .arg(repo.join("tests/parity/bench_train.py"))
-        .args([model.to_string_lossy().into_owned(), args.steps.to_string(), latent_h.to_string(), latent_w.to_string(), threads.to_string()])
-        .output();
-    println!();
-    println!("| engine            | steps | seconds | it/s   |");
-    println!("|-------------------|-------|---------|--------|");
-    println!("| Loft (candle CPU) | {:>5} | {:>7.2} | {:>6.2} |", args.steps, loft_secs, loft_rate);
-    match reference {
-        Ok(out) if out.status.success() => {
-            let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
-            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("reference output: {line}"))?;
-            let rate = v["it_per_sec"].as_f64().unwrap_or(0.0);
-            println!("| PyTorch + LyCORIS | {:>5} | {:>7.2} | {:>6.2} |", args.steps, v["seconds"].as_f64().unwrap_or(0.0), rate);
-            println!();
-            println!("Loft / PyTorch speed ratio: {:.2}× (torch {}, {threads} threads)", loft_rate / rate, v["torch"].as_str().unwrap_or("?"));
-        }
-        Ok(out) => println!("\n(reference not run: {} failed: {})", python.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")),
-        Err(e) => println!("\n(reference not run: cannot start {}: {e}; install torch, diffusers and lycoris-lora)", python.display()),
-    }
-    std::fs::remove_dir_all(&tmp).ok();
-    Ok(())
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("loft-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use loft_worker::candle_core::Device;
 use tokio::sync::watch;
 
 use super::hub::HubQueue;
@@ -29,6 +28,10 @@ pub struct ServeJobArgs {
     /// goes back to the queue and resumes from its last checkpoint.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_secs: u64,
+    /// The in-process worker's device for every job: auto, cpu, cuda or cuda:N (default: each
+    /// job's own `device` field, `auto` unless set).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Test aid: run jobs with a simulated training loop (STEPS:STEP_MS[:EPOCHS]) instead of the engine.
     #[arg(long, hide = true)]
     pub simulate: Option<String>,
@@ -36,7 +39,7 @@ pub struct ServeJobArgs {
 
 impl Default for ServeJobArgs {
     fn default() -> Self {
-        ServeJobArgs { no_worker: false, worker_token: None, lease_secs: super::DEFAULT_LEASE.as_secs(), simulate: None }
+        ServeJobArgs { no_worker: false, worker_token: None, lease_secs: super::DEFAULT_LEASE.as_secs(), device: None, simulate: None }
     }
 }
 
@@ -61,6 +64,10 @@ pub struct WorkerArgs {
     /// Seconds a lease lasts without renewal (with --data-dir; a hub sets its own).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_secs: u64,
+    /// The device for every job this worker runs: auto, cpu, cuda or cuda:N (default: each
+    /// job's own `device` field, `auto` unless set).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Test aid: run jobs with a simulated training loop (STEPS:STEP_MS[:EPOCHS]) instead of the engine.
     #[arg(long, hide = true)]
     pub simulate: Option<String>,
@@ -78,14 +85,25 @@ pub enum BenchCommand {
         python: Option<PathBuf>,
     },
     /// Training steps of Loft's engine against PyTorch + LyCORIS with the same shapes.
-    Train(crate::train_cli::BenchTrainArgs),
+    Train(crate::bench_train::BenchTrainArgs),
 }
 
-/// The job runner: the real engine, or the simulated loop the fault tests use.
-pub fn runner(registry: Arc<Registry>, simulate: Option<&str>) -> Result<Arc<dyn JobRunner>> {
+/// The job runner: the real engine (on `device` when given, else on each job's own), or the
+/// simulated loop the fault tests use.
+pub fn runner(registry: Arc<Registry>, simulate: Option<&str>, device: Option<&str>) -> Result<Arc<dyn JobRunner>> {
     Ok(match simulate {
         Some(spec) => Arc::new(SimulatedRunner::parse(spec)?),
-        None => Arc::new(EngineRunner { registry, device: Device::Cpu }),
+        None => {
+            let device = match device {
+                Some(spec) => {
+                    let (device, line) = loft_worker::device::select(spec).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
+                    eprintln!("worker {line}");
+                    Some(device)
+                }
+                None => None,
+            };
+            Arc::new(EngineRunner { registry, device })
+        }
     })
 }
 
@@ -113,7 +131,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let registry = Arc::new(Registry::embedded()?);
-        let runner = runner(registry.clone(), args.simulate.as_deref())?;
+        let runner = runner(registry.clone(), args.simulate.as_deref(), args.device.as_deref())?;
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             stop_signal().await;
@@ -152,6 +170,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 pub fn bench(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Queue { jobs, python } => super::bench::run(jobs.max(1), python),
-        BenchCommand::Train(args) => crate::train_cli::bench_train(args),
+        BenchCommand::Train(args) => crate::bench_train::bench_train(args),
     }
 }

@@ -41,7 +41,8 @@ pub trait JobRunner: Send + Sync + 'static {
 /// The real engine, `loft_worker::train::run`.
 pub struct EngineRunner {
     pub registry: Arc<Registry>,
-    pub device: Device,
+    /// The worker's `--device`; `None`: each job's own `device` field.
+    pub device: Option<Device>,
 }
 
 impl JobRunner for EngineRunner {

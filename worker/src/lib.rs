@@ -1,11 +1,14 @@
 pub mod data;
+pub mod device;
 pub mod grad_checkpoint;
 pub mod linalg;
 pub mod lora_file;
 pub mod models;
 pub mod networks;
 pub mod noise;
+pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod sample;
 pub mod schedule;
 pub mod train;

@@ -10,7 +10,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, ClipTextConfig};
 use crate::grad_checkpoint::checkpointed;
-use super::layers::{activation, attention, Builder, Layer};
+use super::layers::{activation, plain_attention, Builder, Layer};
 use super::{var_builder, ModelLayers};
 
 #[derive(Debug)]
@@ -32,7 +32,7 @@ impl EncoderLayer {
         let q = self.q_proj.forward(&h)?;
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
-        let a = self.out_proj.forward(&attention(&q, &k, &v, heads, Some(mask))?)?;
+        let a = self.out_proj.forward(&plain_attention(&q, &k, &v, heads, Some(mask))?)?;
         let x = (x + a)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&activation(act, &self.fc1.forward(&h)?)?)?;

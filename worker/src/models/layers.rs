@@ -16,6 +16,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::networks::{BaseLayer, LayerKind};
+pub use crate::ops::attention::AttentionChoice;
 
 /// Replaces a layer's forward, e.g. with an adapter (`Adapter::forward(base, x, train)`).
 pub trait LayerHook: Send + Sync {
@@ -138,6 +139,8 @@ impl LayerRegistry {
 pub struct Builder<'a> {
     pub vb: VarBuilder<'a>,
     pub registry: LayerRegistry,
+    /// The attention every attention layer of the model computes, switchable after building.
+    pub attention: AttentionChoice,
 }
 
 /// Weight init used only when building from a `VarMap` (tests, from-scratch training).
@@ -146,11 +149,11 @@ const B_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 impl<'a> Builder<'a> {
     pub fn new(vb: VarBuilder<'a>) -> Self {
-        Self { vb, registry: LayerRegistry::default() }
+        Self { vb, registry: LayerRegistry::default(), attention: AttentionChoice::default() }
     }
 
     pub fn pp(&self, s: impl ToString) -> Self {
-        Self { vb: self.vb.pp(s), registry: self.registry.clone() }
+        Self { vb: self.vb.pp(s), registry: self.registry.clone(), attention: self.attention.clone() }
     }
 
     pub fn dtype(&self) -> DType {
@@ -242,9 +245,19 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head scaled dot-product attention. `q` is `(B, Nq, H·d)`, `k`/`v` are `(B, Nk, H·d)`;
-/// `mask` (if any) is added to the scores and broadcasts to `(B, H, Nq, Nk)`. Scores and
+/// `mask` (if any) is added to the scores and broadcasts to `(B, H, Nq, Nk)`. Without a mask
+/// and with `choice` on, the memory-efficient [`crate::ops::attention`]; otherwise
+/// [`plain_attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, choice: &AttentionChoice) -> Result<Tensor> {
+    match mask {
+        None if choice.memory_efficient() => crate::ops::attention(q, k, v, heads),
+        _ => plain_attention(q, k, v, heads, mask),
+    }
+}
+
+/// Attention as candle composes it (every score map kept for candle's backward). Scores and
 /// softmax run in f32 for f16/bf16 inputs (diffusers' `upcast_softmax`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
     let d = inner / heads;

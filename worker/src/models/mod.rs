@@ -24,6 +24,7 @@ pub mod layers;
 pub mod ldm_names;
 pub mod safetensors_io;
 pub mod single_file;
+pub mod synthetic;
 pub mod pipeline;
 pub mod tokenizer;
 pub mod unet;

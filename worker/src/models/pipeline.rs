@@ -147,10 +147,20 @@ impl StableDiffusion {
         let unet = UNet2DConditionModel::from_diffusers_dir(&dir.join("unet"), dtype, device)?;
         let vae = AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, device)?;
         let mut text_encoders = vec![ClipTextModel::from_transformers_dir(&dir.join("text_encoder"), dtype, device)?];
-        let mut tokenizers = vec![ClipTokenizer::from_dir(&dir.join("tokenizer"))?];
+        // A folder without its tokenizer files (Loft's synthetic benchmark models) gets the
+        // built-in CLIP tokenizer, as a single file does; OpenCLIP encoders pad with "!".
+        let tokenizer = |name: &str, openclip: bool| {
+            let folder = dir.join(name);
+            if folder.exists() {
+                ClipTokenizer::from_dir(&folder)
+            } else {
+                ClipTokenizer::embedded_clip(openclip)
+            }
+        };
+        let mut tokenizers = vec![tokenizer("tokenizer", family == ModelFamily::Sd2)?];
         if family == ModelFamily::Sdxl {
             text_encoders.push(ClipTextModel::from_transformers_dir(&dir.join("text_encoder_2"), dtype, device)?);
-            tokenizers.push(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
+            tokenizers.push(tokenizer("tokenizer_2", true)?);
         }
         let sched_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if sched_path.is_file() { read_json(&sched_path)? } else { SchedulerConfig::default() };

@@ -13,7 +13,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, UNetConfig};
 use crate::grad_checkpoint::checkpointed;
-use super::layers::{activation, attention, upsample_nearest, Builder, Layer};
+use super::layers::{activation, attention, upsample_nearest, AttentionChoice, Builder, Layer};
 use super::{var_builder, ModelLayers};
 
 /// `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor from the config).
@@ -92,6 +92,7 @@ struct CrossAttention {
     to_v: Arc<Layer>,
     to_out: Arc<Layer>,
     heads: usize,
+    attention: AttentionChoice,
 }
 
 impl CrossAttention {
@@ -103,6 +104,7 @@ impl CrossAttention {
             to_v: b.pp("to_v").linear(context_dim, inner, false)?,
             to_out: b.pp("to_out").pp(0).linear(inner, query_dim, true)?,
             heads,
+            attention: b.attention.clone(),
         })
     }
 
@@ -111,7 +113,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, None, &self.attention)?)
     }
 }
 
@@ -269,11 +271,18 @@ pub struct UNet2DConditionModel {
     conv_out: Arc<Layer>,
     layers: Vec<Arc<Layer>>,
     dtype: DType,
+    attention: AttentionChoice,
 }
 
 impl UNet2DConditionModel {
     /// Builds the model from `config`, taking the weights from `vb` (diffusers key names at
     /// its root). With a `VarMap`-backed builder the weights are fresh trainable variables.
+    /// Memory-efficient attention (the default; [`crate::ops::attention`]) or plain attention
+    /// (the registry's `attention = "none"`) in every attention layer.
+    pub fn set_memory_efficient_attention(&self, on: bool) {
+        self.attention.set_memory_efficient(on)
+    }
+
     pub fn new(config: &UNetConfig, vb: candle_nn::VarBuilder) -> Result<Self> {
         check_supported(config)?;
         let b = Builder::new(vb);
@@ -405,6 +414,7 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_out,
             layers: b.registry.to_vec(),
+            attention: b.attention.clone(),
             dtype: b.dtype(),
         })
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, VaeConfig};
-use super::layers::{activation, attention, upsample_nearest, Builder, Layer};
+use super::layers::{activation, upsample_nearest, Builder, Layer};
 use super::unet::ResnetBlock2D;
 use super::{var_builder, ModelLayers};
 
@@ -42,7 +42,7 @@ impl VaeAttention {
         let q = self.to_q.forward(&s)?;
         let k = self.to_k.forward(&s)?;
         let v = self.to_v.forward(&s)?;
-        let o = self.to_out.forward(&attention(&q, &k, &v, 1, None)?)?;
+        let o = self.to_out.forward(&crate::ops::attention(&q, &k, &v, 1)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }

@@ -253,49 +253,15 @@ impl RankScale {
 // Ops
 // ---------------------------------------------------------------------------------------------
 
-/// `F.linear`: `x` is `(…, in)`, `w` is `(out, in)`; the leading dims are flattened for one
-/// matmul and restored afterwards.
+/// `F.linear` over the last dim (see [`crate::ops::linear`]: no weight gradient unless trained).
 pub(crate) fn linear_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let Some((&in_features, lead)) = dims.split_last() else { bail!("linear input must have at least one dimension") };
-    let rows: usize = lead.iter().product();
-    let mut y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
-    if let Some(b) = b {
-        y = y.broadcast_add(b)?;
-    }
-    let mut out_shape = lead.to_vec();
-    out_shape.push(w.dim(0)?);
-    y.reshape(out_shape)
+    crate::ops::linear(x, w, b)
 }
 
-/// `F.conv2d` with symmetric stride/padding, dilation 1, one group.
-///
-/// Works around a candle 0.11 backward bug: conv2d's input gradient derives its
-/// `output_padding` from the height only, so with stride > 1 a height and width whose
-/// `(size + 2·padding − k) mod stride` differ give a wrongly shaped gradient (an error in
-/// backward). Zero columns/rows appended at the end of the dim with the smaller remainder
-/// never change the output (they fall in what the conv reads as padding or skips), and make
-/// both remainders equal; `pad_with_zeros` has a backward, so x's gradient stays exact.
+/// `F.conv2d` with symmetric stride/padding, dilation 1, one group (see [`crate::ops::conv2d`]:
+/// the input gradient as a forward conv, no weight gradient unless trained).
 pub fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    let mut x = x.clone();
-    if stride > 1 {
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        if h + 2 * padding >= kh && wd + 2 * padding >= kw {
-            let rh = (h + 2 * padding - kh) % stride;
-            let rw = (wd + 2 * padding - kw) % stride;
-            if rh < rw {
-                x = x.pad_with_zeros(2, 0, rw - rh)?;
-            } else if rw < rh {
-                x = x.pad_with_zeros(3, 0, rh - rw)?;
-            }
-        }
-    }
-    let y = x.conv2d(&w.contiguous()?, padding, stride, 1, 1)?;
-    match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(y),
-    }
+    crate::ops::conv2d(x, w, b, stride, padding)
 }
 
 /// The base layer's own op (`F.linear` or `F.conv2d`) with a given weight and bias; the

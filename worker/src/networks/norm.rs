@@ -13,6 +13,7 @@ use super::{Adapter, BaseLayer, NetworkOptions};
 
 /// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·w + b` (biased variance).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let _span = crate::profile::span(crate::profile::Kind::NormForward);
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -26,6 +27,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 
 /// GroupNorm over `(B, C, …)`: statistics per (sample, group), then a per-channel affine.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let _span = crate::profile::span(crate::profile::Kind::NormForward);
     let dims = x.dims().to_vec();
     let (batch, channels) = (dims[0], dims[1]);
     let grouped = x.reshape((batch, groups, ()))?;

@@ -26,7 +26,10 @@ pub struct TrainConfig {
     pub clip_skip: usize,
     /// `no`, `fp16`, `bf16`: the dtype the frozen model is stored and computed in (trained
     /// variables stay f32). The CPU backend does fp16 but not bf16.
+    /// `auto` (bf16 on GPUs that have it, fp16 on older GPUs, no on the CPU), `no`, `fp16`, `bf16`.
     pub mixed_precision: String,
+    /// `auto`, `cpu`, `cuda`, `cuda:N` (see [`crate::device::select`]).
+    pub device: String,
     pub full_fp16: bool,
     pub full_bf16: bool,
     pub no_half_vae: bool,
@@ -128,6 +131,8 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: usize,
     pub seed: u64,
     pub gradient_checkpointing: bool,
+    /// `none`: plain attention; `sdpa`, `xformers`, `mem_eff_attn`: the memory-efficient one.
+    pub attention: String,
     pub loss_type: String,
     pub huber_schedule: String,
     pub huber_c: f64,
@@ -187,7 +192,8 @@ impl Default for TrainConfig {
             vae: PathBuf::new(),
             v_parameterization: false,
             clip_skip: 1,
-            mixed_precision: "no".into(),
+            mixed_precision: "auto".into(),
+            device: "auto".into(),
             full_fp16: false,
             full_bf16: false,
             no_half_vae: false,
@@ -279,6 +285,7 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             seed: 0,
             gradient_checkpointing: false,
+            attention: "sdpa".into(),
             loss_type: "l2".into(),
             huber_schedule: "snr".into(),
             huber_c: 0.1,
@@ -369,7 +376,7 @@ fn err(field: &str, message: impl Into<String>) -> ConfigError {
 impl TrainConfig {
     /// Reads a resolved registry config (key → JSON value). Keys of
     /// [`UNSUPPORTED_WHEN_SET`] set to a non-off value are errors; other keys this engine has
-    /// no use for (UI-only options such as `attention` or data-loader workers) are ignored.
+    /// no use for (UI-only options such as data-loader workers) are ignored.
     pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Result<TrainConfig, Vec<ConfigError>> {
         let mut errors = vec![];
         for (key, off) in UNSUPPORTED_WHEN_SET {
@@ -430,6 +437,9 @@ impl TrainConfig {
         }
         if !["75", "150", "225"].contains(&self.max_token_length.as_str()) {
             errors.push(err("max_token_length", "must be 75, 150 or 225"));
+        }
+        if !["sdpa", "xformers", "mem_eff_attn", "none"].contains(&self.attention.as_str()) {
+            errors.push(err("attention", format!("{:?} is not one of sdpa, xformers, mem_eff_attn, none", self.attention)));
         }
         if !["l2", "l1", "huber", "smooth_l1"].contains(&self.loss_type.as_str()) {
             errors.push(err("loss_type", format!("unknown loss {:?}", self.loss_type)));

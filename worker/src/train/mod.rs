@@ -53,7 +53,8 @@ const SEED_CAPTION: u64 = 3;
 pub struct RunOptions {
     /// Continue from the newest training state in `output_dir` (if there is one).
     pub resume: bool,
-    pub device: Device,
+    /// The device to compute on; `None` = the config's `device` (auto, cpu, cuda, cuda:N).
+    pub device: Option<Device>,
     /// Where VAE latents are cached on disk (shared across runs and jobs); `None` =
     /// `output_dir/.cache/latents` when `cache_latents_to_disk`, memory only otherwise.
     pub cache_dir: Option<PathBuf>,
@@ -64,7 +65,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { resume: false, device: Device::Cpu, cache_dir: None, stop_after_steps: None }
+        RunOptions { resume: false, device: None, cache_dir: None, stop_after_steps: None }
     }
 }
 
@@ -115,21 +116,33 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     if !problems.is_empty() {
         bail!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "));
     }
-    let device = options.device.clone();
+    let (device, device_line) = match &options.device {
+        Some(d) => (d.clone(), format!("device: {}", crate::device::describe(d))),
+        None => crate::device::select(&cfg.device).map_err(|e| anyhow::anyhow!("device: {e:#}"))?,
+    };
+    log(sink, "info", device_line);
     let started_at = unix_now();
 
     // ---- 1. The model, frozen, and the noise schedule.
     // Mixed precision: the frozen model is stored and computes in fp16/bf16; the trained
     // variables stay f32 (each adapter casts them for its call, as autocast does), the loss is
     // computed in f32, and fp16 scales the loss so small gradients survive the half backward.
-    let dtype = match cfg.mixed_precision.as_str() {
+    // `auto` follows the device: bf16 where the GPU has it, fp16 on older GPUs, f32 on the CPU.
+    let mixed_precision: &'static str = match cfg.mixed_precision.as_str() {
+        "" | "auto" => crate::device::preferred_mixed_precision(&device),
+        "no" => "no",
+        "fp16" => "fp16",
+        "bf16" => "bf16",
+        other => bail!("mixed_precision = {other:?}: expected \"auto\", \"no\", \"fp16\" or \"bf16\""),
+    };
+    log(sink, "info", format!("mixed precision: {mixed_precision}"));
+    let dtype = match mixed_precision {
         "fp16" => DType::F16,
         "bf16" if device.is_cpu() => {
-            bail!("mixed_precision = \"bf16\": candle's CPU backend cannot multiply bf16 matrices; use \"fp16\" or \"no\" on the CPU")
+            bail!("mixed_precision = \"bf16\": candle's CPU backend cannot multiply bf16 matrices; use \"fp16\", \"no\" or \"auto\" on the CPU")
         }
         "bf16" => DType::BF16,
-        "no" => DType::F32,
-        other => bail!("mixed_precision = {other:?}: expected \"no\", \"fp16\" or \"bf16\""),
+        _ => DType::F32,
     };
     if device.is_cpu() && dtype == DType::F16 {
         log(sink, "info", "mixed_precision fp16 on the CPU halves the model's memory but runs slower than \"no\" (most CPUs have no fp16 arithmetic)");
@@ -144,6 +157,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             model.family.name()
         );
     }
+    model.unet.set_memory_efficient_attention(cfg.attention != "none");
     let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
     if !cfg.vae.as_os_str().is_empty() {
         model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
@@ -260,7 +274,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     let sampler = Sampler::parse(&cfg.sample_sampler).unwrap_or(Sampler::Ddim);
     let sample_defaults = SampleRequest { width: cfg.resolution, height: cfg.resolution, ..SampleRequest::new("") };
     let sample_requests = parse_prompts(&cfg.sample_prompts, &sample_defaults).context("sample_prompts")?;
-    let ctx = RunContext { cfg, model: &model, schedule: &schedule, network: &network, set: &set, started_at, sampler, sample_requests };
+    let ctx = RunContext { cfg, model: &model, schedule: &schedule, network: &network, set: &set, started_at, mixed_precision, sampler, sample_requests };
     if cfg.sample_at_first && progress.step == 0 && !options.resume {
         ctx.write_samples(sink, 0, 0)?;
     }
@@ -331,6 +345,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             let time_ids = ctx.time_ids(batch);
             let added = model.added_cond(pooled.as_ref(), &time_ids)?;
             let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
+            let forward_span = crate::profile::span(crate::profile::Kind::Forward);
             let unet_forward = || model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added.as_ref());
             let pred = match &checkpointing {
                 Some(c) => c.forward(unet_forward)?,
@@ -339,6 +354,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
             let sample_weights: Vec<f64> =
                 batch.iter().map(|it| if set.images[it.image].entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
             let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights)?;
+            drop(forward_span);
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 bail!("the loss became {loss_value} at step {} (epoch {}): lower the learning rate", progress.step + 1, epoch + 1);
@@ -348,17 +364,21 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                 Some(s) => (&loss * s.scale)?,
                 None => loss.clone(),
             };
+            let backward_span = crate::profile::span(crate::profile::Kind::Backward);
             let grads = match &checkpointing {
                 Some(c) => c.backward(&scaled_loss)?,
                 None => scaled_loss.backward()?,
             };
             accumulator.add(&grads)?;
+            drop(grads);
+            drop(backward_span);
             progress.batch += 1;
 
             // Every `accum` batches (and at the end of the epoch): one optimizer step.
             if accumulator.count() < accum && progress.batch < batches.len() {
                 continue;
             }
+            let optimizer_span = crate::profile::span(crate::profile::Kind::Optimizer);
             let mut grads = accumulator.take(true)?;
             let mut apply_step = true;
             if let Some(scale) = &mut progress.loss_scale {
@@ -378,6 +398,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
                     network.scale_weight_norms(cfg.scale_weight_norms)?;
                 }
             }
+            drop(optimizer_span);
             progress.step += 1;
             let step_loss = micro_losses.iter().sum::<f64>() / micro_losses.len() as f64;
             micro_losses.clear();
@@ -488,6 +509,8 @@ struct RunContext<'a> {
     network: &'a Network,
     set: &'a TrainSet,
     started_at: f64,
+    /// `no`, `fp16` or `bf16` (`auto` resolved for the device).
+    mixed_precision: &'static str,
     sampler: Sampler,
     sample_requests: Vec<SampleRequest>,
 }
@@ -575,7 +598,7 @@ impl RunContext<'_> {
         m.lr_scheduler = Some(cfg.lr_scheduler.clone());
         m.lr_warmup_steps = Some(cfg.lr_warmup_steps);
         m.optimizer = Some(cfg.optimizer_type.clone());
-        m.mixed_precision = Some(cfg.mixed_precision.clone());
+        m.mixed_precision = Some(self.mixed_precision.to_string());
         m.num_train_images = Some(self.set.num_train_images as u64);
         m.num_reg_images = Some(self.set.num_reg_images as u64);
         m.gradient_accumulation_steps = Some(cfg.gradient_accumulation_steps as u64);

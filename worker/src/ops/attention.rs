@@ -1,0 +1,190 @@
+//! Memory-efficient multi-head attention: softmax(q·kᵀ/√d)·v computed over blocks of keys with
+//! an online softmax, keeping only the output and each query's log-sum-exp for the backward,
+//! which recomputes every block (the FlashAttention-2 equations, here with candle ops so that
+//! it runs on every backend; a fused CUDA kernel can take its place).
+//!
+//! Forward, per query block and key block j, with S_j = q·k_jᵀ/√d (f32):
+//!   m' = max(m, rowmax S_j),  P_j = exp(S_j − m'),  l' = l·e^(m−m') + rowsum P_j,
+//!   acc' = acc·e^(m−m') + P_j·v_j;   out = acc/l,  lse = m + ln l.
+//! Backward, with D = rowsum(dO ⊙ out) and P_j = exp(S_j − lse):
+//!   dv_j += P_jᵀ·dO,  dS_j = P_j ⊙ (dO·v_jᵀ − D),  dq += dS_j·k_j/√d,  dk_j += dS_jᵀ·q/√d.
+//! No score map larger than a query block × a key block ever exists, forward or backward;
+//! plain attention keeps about seven Nq×Nk maps per attention until the backward ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::graph::{attach, Backward};
+use crate::profile::{self, Kind};
+
+/// Queries per block: bounds the size of a score block with [`KEY_BLOCK`].
+const QUERY_BLOCK: usize = 1024;
+/// Keys per block (cross-attention's 77·k text tokens fit in one).
+const KEY_BLOCK: usize = 1024;
+
+/// Which attention a model's layers compute (the registry's `attention` field: `none` is the
+/// plain one, every other choice the memory-efficient one).
+#[derive(Clone, Debug)]
+pub struct AttentionChoice(Arc<AtomicBool>);
+
+impl Default for AttentionChoice {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl AttentionChoice {
+    pub fn set_memory_efficient(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed)
+    }
+
+    pub fn memory_efficient(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// `q (B, Nq, H·d)`, `k`/`v (B, Nk, H·d)` → `(B, Nq, H·d)`. f16/bf16 inputs compute in f32 (as
+/// diffusers' `upcast_softmax`) and return their own dtype.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if super::reference_ops() {
+        return crate::models::layers::plain_attention(q, k, v, heads, None);
+    }
+    let span = profile::span(Kind::AttentionForward);
+    let (b, nq, inner) = q.dims3()?;
+    let d = inner / heads;
+    let (qh, kh, vh) = (split_heads(&q.detach(), heads)?, split_heads(&k.detach(), heads)?, split_heads(&v.detach(), heads)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut outs = vec![];
+    let mut lses = vec![];
+    for (q0, qn) in blocks(nq, QUERY_BLOCK) {
+        let (o, lse) = forward_block(&qh.narrow(1, q0, qn)?, &kh, &vh, scale)?;
+        outs.push(o);
+        lses.push(lse);
+    }
+    let out = Tensor::cat(&outs, 1)?; // (B·H, Nq, d) f32
+    let lse = Tensor::cat(&lses, 1)?; // (B·H, Nq, 1) f32
+    let merged = merge_heads(&out, b, heads)?.to_dtype(q.dtype())?;
+    drop(span);
+    attach(&[q, k, v], merged, AttentionBackward { heads, scale, out, lse })
+}
+
+/// `(B, N, H·d)` → `(B·H, N, d)` in f32.
+fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = t.dims3()?;
+    let d = inner / heads;
+    t.to_dtype(DType::F32)?.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((b * heads, n, d))
+}
+
+/// `(B·H, N, d)` → `(B, N, H·d)`.
+fn merge_heads(t: &Tensor, b: usize, heads: usize) -> Result<Tensor> {
+    let (_, n, d) = t.dims3()?;
+    t.reshape((b, heads, n, d))?.transpose(1, 2)?.contiguous()?.reshape((b, n, heads * d))
+}
+
+/// (start, length) of the blocks of `size` covering `0..n`.
+fn blocks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n.div_ceil(size)).map(move |i| (i * size, size.min(n - i * size)))
+}
+
+/// One query block against all keys: its output and log-sum-exp.
+fn forward_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let nk = k.dim(1)?;
+    let mut state: Option<(Tensor, Tensor, Tensor)> = None; // (m, l, acc)
+    for (k0, kn) in blocks(nk, KEY_BLOCK) {
+        let kj = k.narrow(1, k0, kn)?;
+        let vj = v.narrow(1, k0, kn)?;
+        let s = (q.matmul(&kj.t()?)? * scale)?;
+        let m_blk = s.max_keepdim(D::Minus1)?;
+        state = Some(match state {
+            None => {
+                let p = s.broadcast_sub(&m_blk)?.exp()?;
+                (m_blk, p.sum_keepdim(D::Minus1)?, p.matmul(&vj)?)
+            }
+            Some((m, l, acc)) => {
+                let m_new = m.maximum(&m_blk)?;
+                let p = s.broadcast_sub(&m_new)?.exp()?;
+                let correction = (m - &m_new)?.exp()?;
+                let l = (l.mul(&correction)? + p.sum_keepdim(D::Minus1)?)?;
+                let acc = (acc.broadcast_mul(&correction)? + p.matmul(&vj)?)?;
+                (m_new, l, acc)
+            }
+        });
+    }
+    let (m, l, acc) = state.expect("at least one key");
+    Ok((acc.broadcast_div(&l)?, (m + l.log()?)?))
+}
+
+struct AttentionBackward {
+    heads: usize,
+    scale: f64,
+    /// The output (B·H, Nq, d) and log-sum-exp (B·H, Nq, 1), in f32.
+    out: Tensor,
+    lse: Tensor,
+}
+
+impl Backward for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn profile_kind(&self) -> Kind {
+        Kind::AttentionBackward
+    }
+
+    fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (q, k, v) = (args[0], args[1], args[2]);
+        let (b, nq, _) = q.dims3()?;
+        let nk = k.dim(1)?;
+        let (qh, kh, vh) = (split_heads(q, self.heads)?, split_heads(k, self.heads)?, split_heads(v, self.heads)?);
+        let go = split_heads(grad, self.heads)?;
+        let delta = go.mul(&self.out)?.sum_keepdim(D::Minus1)?; // (B·H, Nq, 1)
+        let key_blocks: Vec<(usize, usize)> = blocks(nk, KEY_BLOCK).collect();
+        let mut dk: Vec<Option<Tensor>> = vec![None; key_blocks.len()];
+        let mut dv: Vec<Option<Tensor>> = vec![None; key_blocks.len()];
+        let mut dq = vec![];
+        let add = |acc: &mut Option<Tensor>, t: Tensor| -> Result<()> {
+            *acc = Some(match acc.take() {
+                Some(a) => (a + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        for (q0, qn) in blocks(nq, QUERY_BLOCK) {
+            let qi = qh.narrow(1, q0, qn)?;
+            let goi = go.narrow(1, q0, qn)?;
+            let lsei = self.lse.narrow(1, q0, qn)?;
+            let deltai = delta.narrow(1, q0, qn)?;
+            let mut dqi: Option<Tensor> = None;
+            for (j, &(k0, kn)) in key_blocks.iter().enumerate() {
+                let kj = kh.narrow(1, k0, kn)?;
+                let vj = vh.narrow(1, k0, kn)?;
+                let p = (qi.matmul(&kj.t()?)? * self.scale)?.broadcast_sub(&lsei)?.exp()?;
+                if needs[2] {
+                    add(&mut dv[j], p.t()?.matmul(&goi)?)?;
+                }
+                let ds = (p * goi.matmul(&vj.t()?)?.broadcast_sub(&deltai)?)?;
+                if needs[0] {
+                    add(&mut dqi, (ds.matmul(&kj)? * self.scale)?)?;
+                }
+                if needs[1] {
+                    add(&mut dk[j], (ds.t()?.matmul(&qi)? * self.scale)?)?;
+                }
+            }
+            if let Some(g) = dqi {
+                dq.push(g);
+            }
+        }
+        let gather = |parts: Vec<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
+            if parts.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(merge_heads(&Tensor::cat(&parts, 1)?, b, self.heads)?.to_dtype(like.dtype())?))
+        };
+        let dq = if needs[0] { gather(dq, q)? } else { None };
+        let dk = if needs[1] { gather(dk.into_iter().flatten().collect(), k)? } else { None };
+        let dv = if needs[2] { gather(dv.into_iter().flatten().collect(), v)? } else { None };
+        Ok(vec![dq, dk, dv])
+    }
+}

@@ -1,0 +1,41 @@
+//! Device-generic ops with a backward of their own.
+//!
+//! candle's autograd computes the gradient of every operand of every op and keeps each one
+//! until the backward ends — for a frozen Linear/Conv2d weight a weight-sized buffer and about
+//! a third of the backward's work, for a broadcast bias an activation-sized one, for a softmax
+//! every intermediate score map. The ops here compute their forward with plain candle ops on
+//! detached tensors, put one node on the graph in their place ([`graph::attach`]), and in
+//! their backward return only the gradients that a trained tensor needs.
+//!
+//! Each op keeps its plain-candle formulation as the reference: inside
+//! [`with_reference_ops`] every op here runs as candle composes it, with candle's own
+//! backward, so tests can compare the two on the same model.
+
+pub mod attention;
+pub mod conv;
+mod graph;
+pub mod linear;
+
+use std::cell::Cell;
+
+pub use attention::attention;
+pub use conv::conv2d;
+pub use linear::linear;
+
+thread_local! {
+    static REFERENCE_OPS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the reference formulation of every op in this module (plain candle ops and
+/// candle's backward) on this thread.
+pub fn with_reference_ops<T>(f: impl FnOnce() -> T) -> T {
+    let before = REFERENCE_OPS.with(|r| r.replace(true));
+    let out = f();
+    REFERENCE_OPS.with(|r| r.set(before));
+    out
+}
+
+/// Whether [`with_reference_ops`] is in force on this thread.
+pub(crate) fn reference_ops() -> bool {
+    REFERENCE_OPS.with(|r| r.get())
+}
