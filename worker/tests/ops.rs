@@ -119,7 +119,9 @@ fn models_give_the_reference_gradients() {
         for algo in [NetworkAlgo::Lora, NetworkAlgo::Locon, NetworkAlgo::Full] {
             let dev = Device::Cpu;
             let model = StableDiffusion::load(&fixture(name), DType::F32, &dev).unwrap();
-            let cfg = TrainConfig { network_algo: algo, network_dim: 4, network_alpha: 4.0, conv_dim: Some(4), conv_alpha: Some(4.0), ..TrainConfig::default() };
+            // kohya LoRA without conv_dim: linears and 1×1 convs; LoCon: also the 3×3 convs.
+            let conv = (algo != NetworkAlgo::Lora).then_some(4);
+            let cfg = TrainConfig { network_algo: algo, network_dim: 4, network_alpha: 4.0, conv_dim: conv, conv_alpha: conv.map(|c| c as f64), ..TrainConfig::default() };
             let network = Network::attach(&model, algo, &cfg.network_options(), preset, true, true).unwrap();
             network.set_training(true);
             let vars: Vec<(String, Var)> = network.all_trainable();
@@ -164,5 +166,29 @@ fn models_give_the_reference_gradients() {
             }
             eprintln!("{name} {}: {} gradients, worst relative difference {worst:.2e}", algo.name(), vars.len());
         }
+    }
+}
+
+/// Forward and backward time of the conv op at SD1.5 sizes (256² images: 32×32 latents).
+/// `cargo test --release -p loft-worker --test ops -- --ignored --nocapture bench_conv`
+#[test]
+#[ignore]
+fn bench_conv() {
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(6);
+    for (c, hw) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+        let x = Var::from_tensor(&randn(&mut rng, &[1, c, hw, hw], &dev).unwrap()).unwrap();
+        let w = randn(&mut rng, &[c, c, 3, 3], &dev).unwrap();
+        let t0 = std::time::Instant::now();
+        let y = ops::conv2d(x.as_tensor(), &w, None, 1, 1).unwrap();
+        let fwd = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let _ = y.sum_all().unwrap().backward().unwrap();
+        let bwd = t1.elapsed();
+        let k = w.transpose(0, 1).unwrap().contiguous().unwrap();
+        let t3 = std::time::Instant::now();
+        let _ = y.conv2d(&k, 1, 1, 1, 1).unwrap();
+        let conv = t3.elapsed();
+        eprintln!("{c}ch {hw}×{hw}: forward {fwd:.1?}, backward {bwd:.1?} (of which a dX-sized conv: {conv:.1?})");
     }
 }

@@ -81,6 +81,7 @@ pub fn ensure(family: ModelFamily, dir: &Path) -> Result<bool> {
     // One component at a time, so only one is in memory.
     let save = |varmap: &VarMap, rel: &str| -> Result<()> {
         let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().expect("a file in a folder"))?;
         varmap.save(&path).with_context(|| format!("cannot write {}", path.display()))
     };
     let unet_json = unet_config(family);
