@@ -312,3 +312,42 @@ fn vm_kib(field: &str) -> u64 {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())))
         .unwrap_or(0)
 }
+
+/// `loft bench check-device`: the ops and the fixture models' gradients on `spec` against the
+/// CPU reference; fails when any case is beyond its tolerance.
+pub fn check_device(spec: &str, fixtures: &Path) -> Result<()> {
+    use loft_worker::networks::NetworkAlgo;
+    use loft_worker::ops::check;
+    let (device, line) = loft_worker::device::select(spec).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
+    println!("{line}");
+    // f32 everywhere; a GPU's libraries sum in other orders than the CPU's.
+    let (op_tol, model_tol) = if device.is_cpu() { (1e-5, 1e-4) } else { (1e-4, 1e-3) };
+    let mut failed = 0;
+    println!("| case | max relative difference | within |");
+    println!("|---|---|---|");
+    for r in check::check_ops(&device)? {
+        let ok = r.rel_diff <= op_tol;
+        failed += usize::from(!ok);
+        println!("| {} | {:.2e} | {} |", r.name, r.rel_diff, if ok { format!("{op_tol:e}") } else { "NO".into() });
+    }
+    for name in ["tiny-sd15", "tiny-sdxl"] {
+        for algo in [NetworkAlgo::Lora, NetworkAlgo::Locon, NetworkAlgo::Full] {
+            let t0 = Instant::now();
+            let (n, worst) = check::check_model_gradients(&fixtures.join(name), algo, &device)
+                .with_context(|| format!("{name} {}", algo.name()))?;
+            let ok = worst <= model_tol;
+            failed += usize::from(!ok);
+            println!(
+                "| {name} {} gradients ({n} tensors, {:.1?}) | {worst:.2e} | {} |",
+                algo.name(),
+                t0.elapsed(),
+                if ok { format!("{model_tol:e}") } else { "NO".into() }
+            );
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} case(s) beyond tolerance on {}", loft_worker::device::describe(&device));
+    }
+    println!("all cases within tolerance on {}", loft_worker::device::describe(&device));
+    Ok(())
+}

@@ -86,6 +86,16 @@ pub enum BenchCommand {
     },
     /// Training steps of Loft's engine against PyTorch + LyCORIS with the same shapes.
     Train(crate::bench_train::BenchTrainArgs),
+    /// Loft's ops (outputs and gradients) and the tiny fixture models' gradients on a device
+    /// against the CPU reference: the GPU machine's correctness check.
+    CheckDevice {
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// The folder holding the tiny-sd15 and tiny-sdxl fixture models.
+        #[arg(long, default_value = "tests/fixtures/models")]
+        fixtures: PathBuf,
+    },
 }
 
 /// The job runner: the real engine (on `device` when given, else on each job's own), or the
@@ -171,5 +181,6 @@ pub fn bench(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Queue { jobs, python } => super::bench::run(jobs.max(1), python),
         BenchCommand::Train(args) => crate::bench_train::bench_train(args),
+        BenchCommand::CheckDevice { device, fixtures } => crate::bench_train::check_device(&device, &fixtures),
     }
 }

@@ -132,3 +132,20 @@ mod tests {
         assert_eq!(preferred_mixed_precision(&Device::Cpu), "no");
     }
 }
+
+/// The device tests run on: CUDA when this binary has it and a device answers (set
+/// `LOFT_TEST_DEVICE=cpu` to force the CPU), else the CPU. Prints which, and why, once per
+/// call.
+pub fn test_device() -> Device {
+    let spec = std::env::var("LOFT_TEST_DEVICE").unwrap_or_else(|_| "auto".into());
+    match select(&spec) {
+        Ok((d, line)) => {
+            eprintln!("test {line}");
+            d
+        }
+        Err(e) => {
+            eprintln!("test device: cpu ({e:#})");
+            Device::Cpu
+        }
+    }
+}

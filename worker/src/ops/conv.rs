@@ -17,6 +17,7 @@
 use candle_core::{Result, Tensor};
 
 use super::graph::{attach, Backward};
+use super::im2col::{col2im, im2col, Geometry};
 use crate::profile::{self, Kind};
 
 /// `x (B, Cin, H, W)`, `w (Cout, Cin, kh, kw)`, `b (Cout)` → `(B, Cout, H', W')`.
@@ -26,7 +27,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
     }
     let out = {
         let _span = profile::span(Kind::ConvForward);
-        let out = x.detach().conv2d(&w.detach().contiguous()?, padding, stride, 1, 1)?;
+        let out = match Geometry::applies(x, w, stride, padding)? {
+            Some(g) => gemm_forward(&x.detach(), &w.detach(), g)?,
+            None => x.detach().conv2d(&w.detach().contiguous()?, padding, stride, 1, 1)?,
+        };
         match b {
             Some(b) => out.broadcast_add(&b.detach().reshape((1, b.elem_count(), 1, 1))?)?,
             None => out,
@@ -85,6 +89,9 @@ impl Backward for ConvBackward {
 
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (args[0], args[1]);
+        if let Some(g) = Geometry::applies(x, w, self.stride, self.padding)? {
+            return gemm_backward(x, w, grad, needs, g);
+        }
         let dx = if needs[0] { Some(self.input_grad(x, w, grad)?) } else { None };
         let dw = if needs[1] { Some(self.weight_grad(x, w, grad)?) } else { None };
         let db = if needs.get(2) == Some(&true) { Some(grad.sum((0, 2, 3))?) } else { None };
@@ -151,6 +158,35 @@ impl ConvBackward {
         }
         Tensor::stack(&taps, 2)?.reshape((cout, cin, kh, kw))
     }
+}
+
+/// The CPU forward: `W (Cout, K) · im2col(x)`, back to `(B, Cout, H', W')`.
+fn gemm_forward(x: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
+    let cout = w.dim(0)?;
+    let y = w.contiguous()?.reshape((cout, g.rows()))?.matmul(&im2col(x, g)?)?;
+    from_rows(&y, g)
+}
+
+/// `(Cout, B·H'·W')` → `(B, Cout, H', W')`.
+fn from_rows(y: &Tensor, g: Geometry) -> Result<Tensor> {
+    let cout = y.dim(0)?;
+    let (oh, ow) = (g.out_h(), g.out_w());
+    if g.batch == 1 {
+        return y.reshape((1, cout, oh, ow));
+    }
+    y.reshape((cout, g.batch, oh, ow))?.transpose(0, 1)?.contiguous()
+}
+
+/// The CPU backward: `dx = col2im(Wᵀ·g)`, `dW = g·im2col(x)ᵀ`, `db = Σ g`.
+fn gemm_backward(x: &Tensor, w: &Tensor, grad: &Tensor, needs: &[bool], g: Geometry) -> Result<Vec<Option<Tensor>>> {
+    let cout = w.dim(0)?;
+    // g as (Cout, B·H'·W').
+    let g2 = if g.batch == 1 { grad.reshape((cout, g.cols()))? } else { grad.transpose(0, 1)?.contiguous()?.reshape((cout, g.cols()))? };
+    let w2 = w.contiguous()?.reshape((cout, g.rows()))?;
+    let dx = if needs[0] { Some(col2im(&w2.t()?.matmul(&g2)?, g)?) } else { None };
+    let dw = if needs[1] { Some(g2.matmul(&im2col(x, g)?.t()?)?.reshape(w.dims())?) } else { None };
+    let db = if needs.get(2) == Some(&true) { Some(grad.sum((0, 2, 3))?) } else { None };
+    Ok(vec![dx, dw, db])
 }
 
 /// `K[i, o, a, b] = W[o, i, kh−1−a, kw−1−b]`: the kernel whose forward conv is W's input

@@ -12,8 +12,10 @@
 //! backward, so tests can compare the two on the same model.
 
 pub mod attention;
+pub mod check;
 pub mod conv;
 mod graph;
+mod im2col;
 pub mod linear;
 
 use std::cell::Cell;
