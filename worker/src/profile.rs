@@ -22,11 +22,12 @@ pub enum Kind {
     AttentionForward,
     AttentionBackward,
     NormForward,
+    NormBackward,
     OutputCopy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Forward,
         Kind::Backward,
         Kind::Optimizer,
@@ -37,6 +38,7 @@ impl Kind {
         Kind::AttentionForward,
         Kind::AttentionBackward,
         Kind::NormForward,
+        Kind::NormBackward,
         Kind::OutputCopy,
     ];
 
@@ -52,13 +54,14 @@ impl Kind {
             Kind::AttentionForward => "attention forward",
             Kind::AttentionBackward => "attention backward",
             Kind::NormForward => "group/layer norm forward",
+            Kind::NormBackward => "group/layer norm backward",
             Kind::OutputCopy => "op output copies",
         }
     }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+static NANOS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 
 /// Starts counting (and clears earlier counts).
 pub fn enable() {

@@ -1,8 +1,7 @@
 //! `train_norm` (LyCORIS `modules/norms.py`): LayerNorm / GroupNorm weight and bias get
 //! trainable offsets `w_norm`, `b_norm` (zeros): W′ = W + m·w_norm, b′ = b + m·b_norm.
 //!
-//! The norms themselves are written with primitive candle ops (mean, sub, sqr, sqrt, div)
-//! because candle's fused `layer_norm` has no backward.
+//! The norms themselves are `crate::ops`' (candle's fused `layer_norm` has no backward).
 
 use std::collections::HashMap;
 
@@ -11,37 +10,16 @@ use candle_core::{Result, Tensor, Var, D};
 use super::common::{expect_shape, required, Ctx, Init};
 use super::{Adapter, BaseLayer, NetworkOptions};
 
-/// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·w + b` (biased variance).
+/// LayerNorm over the last dimension: `(x − mean)/√(var + eps)·w + b` (biased variance); see
+/// [`crate::ops::layer_norm`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let _span = crate::profile::span(crate::profile::Kind::NormForward);
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let y = normed.broadcast_mul(&weight.to_dtype(x.dtype())?)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
-        None => Ok(y),
-    }
+    crate::ops::layer_norm(x, weight, bias, eps)
 }
 
-/// GroupNorm over `(B, C, …)`: statistics per (sample, group), then a per-channel affine.
+/// GroupNorm over `(B, C, …)`: statistics per (sample, group), then a per-channel affine; see
+/// [`crate::ops::group_norm`].
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let _span = crate::profile::span(crate::profile::Kind::NormForward);
-    let dims = x.dims().to_vec();
-    let (batch, channels) = (dims[0], dims[1]);
-    let grouped = x.reshape((batch, groups, ()))?;
-    let mean = grouped.mean_keepdim(D::Minus1)?;
-    let centered = grouped.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.clone())?;
-    let mut affine_shape = vec![1usize; dims.len()];
-    affine_shape[1] = channels;
-    let y = normed.broadcast_mul(&weight.to_dtype(x.dtype())?.reshape(affine_shape.clone())?)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.reshape(affine_shape)?),
-        None => Ok(y),
-    }
+    crate::ops::group_norm(x, groups, weight, bias, eps)
 }
 
 pub(crate) struct NormAdapter {

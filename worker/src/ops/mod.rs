@@ -17,12 +17,14 @@ pub mod conv;
 mod graph;
 mod im2col;
 pub mod linear;
+pub mod norm;
 
 use std::cell::Cell;
 
 pub use attention::attention;
 pub use conv::conv2d;
 pub use linear::linear;
+pub use norm::{group_norm, layer_norm};
 
 thread_local! {
     static REFERENCE_OPS: Cell<bool> = const { Cell::new(false) };
