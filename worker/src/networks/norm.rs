@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var};
 
 use super::common::{expect_shape, required, Ctx, Init};
 use super::{Adapter, BaseLayer, NetworkOptions};
