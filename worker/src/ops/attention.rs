@@ -12,17 +12,19 @@
 //! plain attention keeps about seven Nq×Nk maps per attention until the backward ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor, D};
+use rayon::prelude::*;
 
 use super::graph::{attach, Backward};
 use crate::profile::{self, Kind};
 
 /// Queries per block: bounds the size of a score block with [`KEY_BLOCK`].
 const QUERY_BLOCK: usize = 1024;
-/// Keys per block (cross-attention's 77·k text tokens fit in one).
-const KEY_BLOCK: usize = 1024;
+/// Keys per block: cross-attention's 77·k text tokens and SD's 64×64-latent self-attention
+/// fit in one (no online correction); longer sequences are split.
+const KEY_BLOCK: usize = 4096;
 
 /// Which attention a model's layers compute (the registry's `attention` field: `none` is the
 /// plain one, every other choice the memory-efficient one).
@@ -91,6 +93,11 @@ fn blocks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
 /// One query block against all keys: its output and log-sum-exp.
 fn forward_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
     let nk = k.dim(1)?;
+    if nk <= KEY_BLOCK {
+        // All keys in one block: a plain softmax, no running correction.
+        let (p, lse) = softmax_rows(q.matmul(&k.t()?)?, scale)?;
+        return Ok((p.matmul(v)?, lse));
+    }
     let mut state: Option<(Tensor, Tensor, Tensor)> = None; // (m, l, acc)
     for (k0, kn) in blocks(nk, KEY_BLOCK) {
         let kj = k.narrow(1, k0, kn)?;
@@ -160,16 +167,17 @@ impl Backward for AttentionBackward {
             for (j, &(k0, kn)) in key_blocks.iter().enumerate() {
                 let kj = kh.narrow(1, k0, kn)?;
                 let vj = vh.narrow(1, k0, kn)?;
-                let p = (qi.matmul(&kj.t()?)? * self.scale)?.broadcast_sub(&lsei)?.exp()?;
+                let p = probabilities(qi.matmul(&kj.t()?)?, self.scale, &lsei)?;
                 if needs[2] {
                     add(&mut dv[j], p.t()?.matmul(&goi)?)?;
                 }
-                let ds = (p * goi.matmul(&vj.t()?)?.broadcast_sub(&deltai)?)?;
+                // dS/√d, so that dq = dS·k and dk = dSᵀ·q below.
+                let ds = score_grad(p, goi.matmul(&vj.t()?)?, &deltai, self.scale)?;
                 if needs[0] {
-                    add(&mut dqi, (ds.matmul(&kj)? * self.scale)?)?;
+                    add(&mut dqi, ds.matmul(&kj)?)?;
                 }
                 if needs[1] {
-                    add(&mut dk[j], (ds.t()?.matmul(&qi)? * self.scale)?)?;
+                    add(&mut dk[j], ds.t()?.matmul(&qi)?)?;
                 }
             }
             if let Some(g) = dqi {
@@ -186,5 +194,129 @@ impl Backward for AttentionBackward {
         let dk = if needs[1] { gather(dk.into_iter().flatten().collect(), k)? } else { None };
         let dv = if needs[2] { gather(dv.into_iter().flatten().collect(), v)? } else { None };
         Ok(vec![dq, dk, dv])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The element-wise passes over a score block: one fused, parallel pass each on the CPU, over
+// the block the matmul just wrote (no new allocation); candle's ops elsewhere.
+// ---------------------------------------------------------------------------------------------
+
+/// Row softmax of `s·scale` (B·H, n, m) and each row's log-sum-exp (B·H, n, 1).
+fn softmax_rows(s: Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+        let op = RowSoftmax { scale: scale as f32, lse: Mutex::new(vec![]) };
+        s.inplace_op1(&op)?;
+        let lse = std::mem::take(&mut *op.lse.lock().unwrap_or_else(|e| e.into_inner()));
+        let (bh, n, _) = s.dims3()?;
+        let lse = Tensor::from_vec(lse, (bh, n, 1), s.device())?;
+        return Ok((s, lse));
+    }
+    let s = (s * scale)?;
+    let m = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&m)?.exp()?;
+    let l = e.sum_keepdim(D::Minus1)?;
+    Ok((e.broadcast_div(&l)?, (m + l.log()?)?))
+}
+
+/// `exp(s·scale − lse)`: the softmax recomputed from the saved log-sum-exp.
+fn probabilities(s: Tensor, scale: f64, lse: &Tensor) -> Result<Tensor> {
+    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+        s.inplace_op2(&lse.contiguous()?, &Probabilities { scale: scale as f32 })?;
+        return Ok(s);
+    }
+    (s * scale)?.broadcast_sub(lse)?.exp()
+}
+
+/// `p ⊙ (dp − D)·scale`, written over `dp`.
+fn score_grad(p: Tensor, dp: Tensor, delta: &Tensor, scale: f64) -> Result<Tensor> {
+    if dp.device().is_cpu() && dp.dtype() == DType::F32 && dp.is_contiguous() && p.is_contiguous() {
+        let (bh, n, _) = dp.dims3()?;
+        // p and D side by side in one tensor would cost a copy; D is small, p is read in place.
+        let op = ScoreGrad { scale: scale as f32, p, delta: delta.contiguous()?.flatten_all()?.to_vec1::<f32>()?, rows: bh * n };
+        dp.inplace_op1(&op)?;
+        return Ok(dp);
+    }
+    (p * dp.broadcast_sub(delta)?)? * scale
+}
+
+fn rows_of<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<(&'a mut [f32], usize)> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("attention: f32 only") };
+    let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("attention: contiguous scores only") };
+    Ok((&mut v[start..end], l.dims()[l.dims().len() - 1]))
+}
+
+struct RowSoftmax {
+    scale: f32,
+    lse: Mutex<Vec<f32>>,
+}
+
+impl InplaceOp1 for RowSoftmax {
+    fn name(&self) -> &'static str {
+        "attention-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (v, m) = rows_of(s, l)?;
+        let lse: Vec<f32> = v
+            .par_chunks_mut(m)
+            .map(|row| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * self.scale;
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x * self.scale - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                max + sum.ln()
+            })
+            .collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok(())
+    }
+}
+
+struct Probabilities {
+    scale: f32,
+}
+
+impl InplaceOp2 for Probabilities {
+    fn name(&self) -> &'static str {
+        "attention-probabilities"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, lse: &CpuStorage, lse_l: &Layout) -> Result<()> {
+        let (v, m) = rows_of(s, l)?;
+        let CpuStorage::F32(lse) = lse else { candle_core::bail!("attention: f32 only") };
+        let lse = &lse[lse_l.start_offset()..];
+        v.par_chunks_mut(m).zip(lse.par_iter()).for_each(|(row, &c)| row.iter_mut().for_each(|x| *x = (*x * self.scale - c).exp()));
+        Ok(())
+    }
+}
+
+struct ScoreGrad {
+    scale: f32,
+    p: Tensor,
+    delta: Vec<f32>,
+    rows: usize,
+}
+
+impl InplaceOp1 for ScoreGrad {
+    fn name(&self) -> &'static str {
+        "attention-score-grad"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (dp, m) = rows_of(s, l)?;
+        let (p_storage, p_layout) = self.p.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(p)) = &*p_storage else { candle_core::bail!("attention: f32 CPU probabilities only") };
+        let p = &p[p_layout.start_offset()..][..self.rows * m];
+        dp.par_chunks_mut(m).zip(p.par_chunks(m)).zip(self.delta.par_iter()).for_each(|((g, p), &d)| {
+            for (g, &p) in g.iter_mut().zip(p) {
+                *g = p * (*g - d) * self.scale;
+            }
+        });
+        Ok(())
     }
 }

@@ -39,10 +39,11 @@ fn cases() -> Vec<(String, Vec<Vec<usize>>, OpFn)> {
     out.push(("group norm + bias".into(), vec![vec![2, 8, 5, 6], vec![8], vec![8]], Box::new(|t| super::group_norm(&t[0], 4, &t[1], Some(&t[2]), 1e-5))));
     out.push(("group norm".into(), vec![vec![2, 6, 7], vec![6]], Box::new(|t| super::group_norm(&t[0], 3, &t[1], None, 1e-6))));
     out.push(("layer norm + bias".into(), vec![vec![2, 5, 12], vec![12], vec![12]], Box::new(|t| super::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5))));
-    // Head sizes of SD1.x (40, 80, 160) and SD2/SDXL (64); self-attention over more tokens
-    // than one block holds, cross-attention over 77·k text tokens.
-    for (heads, d, nq, nk) in [(2, 40, 1100, 1100), (1, 80, 300, 77), (2, 160, 64, 154), (2, 64, 1030, 1030), (3, 64, 50, 77)] {
-        let kind = if nq == nk { "self" } else { "cross" };
+    // Head sizes of SD1.x (40, 80, 160) and SD2/SDXL (64); self-attention over more queries
+    // than one block holds, cross-attention over 77·k text tokens, and more keys than one
+    // block holds (the online softmax).
+    for (heads, d, nq, nk) in [(2, 40, 1100, 1100), (1, 80, 300, 77), (2, 160, 64, 154), (2, 64, 1030, 1030), (3, 64, 50, 77), (1, 40, 200, 4500)] {
+        let kind = if nq == nk { "self" } else if nk > 4096 { "long" } else { "cross" };
         out.push((
             format!("{kind}-attention {heads} heads of {d}, {nq}x{nk} tokens"),
             vec![vec![2, nq, heads * d], vec![2, nk, heads * d], vec![2, nk, heads * d]],
