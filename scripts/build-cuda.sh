@@ -2,7 +2,8 @@
 # Builds Loft's CUDA binary (`cargo build --release --features cuda`) on a machine with no GPU
 # and no CUDA toolkit: CUDA 13.0 compilers from PyPI wheels, and link-time stub libraries for
 # the CUDA libraries candle links (the real ones are on the GPU machine). The binary lands in
-# target/cuda/release/loft (its own target folder: the CPU binary stays where it is) and runs on a CUDA 13 machine (driver 580+) whose libcuda, cuBLAS,
+# target/cuda/release/loft (its own target folder: the CPU binary stays where it is; a stripped,
+# gzipped copy to carry is target/cuda/loft.gz) and runs on a CUDA 13 machine (driver 580+) whose libcuda, cuBLAS,
 # cuBLASLt, cuRAND and cudart are on LD_LIBRARY_PATH (README, "GPU").
 #
 #   scripts/build-cuda.sh [TOOLCHAIN_DIR]     (default: target/cuda-toolchain)
@@ -57,4 +58,8 @@ export CUDA_COMPUTE_CAP="$cap"
 # Plain gcc-12 fails at nvcc's link step; g++-12 works.
 export NVCC_CCBIN="${NVCC_CCBIN:-g++-12}"
 cargo build --release --features cuda --target-dir target/cuda "${@:2}"
-echo "CUDA binary: target/cuda/release/loft (compute capability $cap)"
+# A stripped, gzipped copy to carry to a GPU machine (~20 MB instead of ~80: mostly PTX text).
+strip -o target/cuda/loft target/cuda/release/loft
+gzip -9 -f target/cuda/loft
+echo "CUDA binary: target/cuda/release/loft (compute capability $cap); to carry: target/cuda/loft.gz"
+

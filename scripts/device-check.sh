@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's check, in one run (target: under 8 minutes on an H200). Given the CUDA
-# binary built on a CPU machine (scripts/build-cuda.sh → target/cuda/release/loft):
+# binary built on a CPU machine (scripts/build-cuda.sh → target/cuda/release/loft, or the
+# carried target/cuda/loft.gz):
 #   1. the device check: Loft's ops (linear, conv, attention; outputs and gradients) and the
 #      tiny fixture models' gradients on CUDA against the CPU (`loft bench check-device`);
 #   2. the benchmark, Loft and PyTorch + LyCORIS on the same card in the same run, synthetic
@@ -16,6 +17,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-.}
 mkdir -p "$out"
 bin=${LOFT_BIN:-target/cuda/release/loft}
+if [ ! -x "$bin" ] && [ -f target/cuda/loft.gz ]; then
+  # The carried copy (scripts/build-cuda.sh writes it).
+  bin=/tmp/loft-cuda
+  gunzip -c target/cuda/loft.gz > "$bin" && chmod +x "$bin"
+fi
 steps=${LOFT_STEPS:-3}
 # Synthetic models (GBs): never under $OUT, which travels back.
 models=${LOFT_MODELS:-/tmp/loft-models}

@@ -166,8 +166,11 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
             ("optimizer_args", _) => continue,
             // Loft's "auto" is sd-scripts' unset (its own default per resize).
             ("resize_interpolation", v) if v.as_str() == Some("auto") => continue,
-            // Loft's "auto" follows the device; an exported config is for a GPU run.
-            ("mixed_precision", v) if v.as_str() == Some("auto") => Toml::String("bf16".into()),
+            // Loft's "auto" follows the device; sd-scripts has no such value.
+            ("mixed_precision", v) if v.as_str() == Some("auto") => {
+                not_exported.push((key.to_string(), "\"auto\" follows the device in Loft; sd-scripts takes fp16/bf16 from this key or accelerate's config: set mixed_precision to bf16 (or fp16) to export it".to_string()));
+                continue;
+            }
             ("max_token_length", v) if v.as_str() == Some("75") => continue,
             ("max_token_length", v) => Toml::Integer(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(75)),
             ("sample_prompts", v) => {
