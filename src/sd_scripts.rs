@@ -569,7 +569,9 @@ mod tests {
         assert_eq!(opt.iter().filter(|a| a.starts_with("weight_decay=")).collect::<Vec<_>>(), vec![&"weight_decay=0.1"]);
         assert_eq!(flat["sample_prompts"].as_str(), Some("/o/prompts.txt"));
         assert_eq!(e.sample_prompts.as_deref(), Some("a cat --n dog\na dog\n"));
-        assert_eq!(e.not_exported.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["num_repeats"], "num_repeats is reported");
+        // num_repeats lives in folder names; Loft's mixed_precision "auto" has no sd-scripts value.
+        assert_eq!(e.not_exported.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["num_repeats", "mixed_precision"], "both are reported");
+        assert!(!flat.contains_key("mixed_precision"));
         assert!(e.toml.contains("# not exported: num_repeats"));
         // Values that apply are typed as sd-scripts expects them.
         let (_, flat) = export_of(json!({"max_token_length": "225", "seed": 42, "network_dim": 16, "learning_rate": 0.0002}));

@@ -165,20 +165,8 @@ impl CheckpointOp {
         };
         let (storage, layout) = out.storage_and_layout();
         let Some(s) = pick(&storage) else { bail!("gradient checkpointing: the block output is on another device than its inputs") };
-        Ok((copy_of(s, layout)?, layout.shape().clone()))
+        Ok((crate::ops::copy_of(s, layout)?, layout.shape().clone()))
     }
-}
-
-/// A contiguous copy of `src` as laid out by `layout`.
-fn copy_of<S>(src: &S, layout: &Layout) -> Result<S>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    // SAFETY: every element of the new storage is written by `copy_strided_src` below.
-    let mut dst = unsafe { src.device().alloc_uninit(layout.shape(), src.dtype())? };
-    src.copy_strided_src(&mut dst, 0, layout)?;
-    Ok(dst)
 }
 
 impl CustomOp2 for CheckpointOp {

@@ -381,7 +381,11 @@ fn gradient_checkpointing_trains_the_same_weights() {
         for (k, a) in &plain {
             let scale: f32 = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
             let diff: f32 = (a - &checkpointed[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-            assert!(diff <= 1e-5 * scale.max(1.0), "{}: {k} differs by {diff} (scale {scale})", algo.name());
+            // The gradients agree to ~1e-6 (`gradient_checkpointing_gives_the_plain_gradients`);
+            // summed in another order, their last bits differ, and five Adam steps at lr 1e-2
+            // turn that into up to ±lr·steps on elements whose gradient is near zero (Adam's
+            // update is ~lr·sign there). Seen: ≤1.4e-4.
+            assert!(diff <= 3e-4 * scale.max(1.0), "{}: {k} differs by {diff} (scale {scale})", algo.name());
         }
     }
 }

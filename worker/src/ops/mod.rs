@@ -22,6 +22,7 @@ pub mod norm;
 use std::cell::Cell;
 
 pub use attention::attention;
+pub(crate) use graph::copy_of;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use norm::{group_norm, layer_norm};
