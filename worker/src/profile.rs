@@ -23,11 +23,12 @@ pub enum Kind {
     AttentionBackward,
     NormForward,
     NormBackward,
+    ActivationBackward,
     OutputCopy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Forward,
         Kind::Backward,
         Kind::Optimizer,
@@ -39,6 +40,7 @@ impl Kind {
         Kind::AttentionBackward,
         Kind::NormForward,
         Kind::NormBackward,
+        Kind::ActivationBackward,
         Kind::OutputCopy,
     ];
 
@@ -55,13 +57,14 @@ impl Kind {
             Kind::AttentionBackward => "attention backward",
             Kind::NormForward => "group/layer norm forward",
             Kind::NormBackward => "group/layer norm backward",
+            Kind::ActivationBackward => "SiLU/GELU backward",
             Kind::OutputCopy => "op output copies",
         }
     }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
+static NANOS: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
 
 /// Starts counting (and clears earlier counts).
 pub fn enable() {

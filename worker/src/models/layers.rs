@@ -235,8 +235,8 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// An activation by its config name (`silu`, `gelu`, `quick_gelu`, `gelu_new`…).
 pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     match name {
-        "silu" | "swish" => x.silu(),
-        "gelu" => x.gelu_erf(),
+        "silu" | "swish" => crate::ops::silu(x),
+        "gelu" => crate::ops::gelu_erf(x),
         "gelu_new" | "gelu_pytorch_tanh" => x.gelu(),
         "quick_gelu" => quick_gelu(x),
         "relu" => x.relu(),

@@ -152,7 +152,7 @@ impl BasicTransformerBlock {
         let half = p.dim(candle_core::D::Minus1)? / 2;
         let hidden = p.narrow(candle_core::D::Minus1, 0, half)?;
         let gate = p.narrow(candle_core::D::Minus1, half, half)?;
-        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
+        let ff = self.ff_out.forward(&(hidden * crate::ops::gelu_erf(&gate)?)?)?;
         ff + x
     }
 }

@@ -36,6 +36,8 @@ fn cases() -> Vec<(String, Vec<Vec<usize>>, OpFn)> {
         ));
         out.push((format!("conv {k}x{k} stride {s} padding {p} on {h}x{w}"), vec![vec![2, 3, h, w], vec![4, 3, k, k]], Box::new(move |t| super::conv2d(&t[0], &t[1], None, s, p))));
     }
+    out.push(("silu".into(), vec![vec![2, 3, 5, 7]], Box::new(|t| super::silu(&t[0]))));
+    out.push(("gelu (erf)".into(), vec![vec![4, 77, 9]], Box::new(|t| super::gelu_erf(&t[0]))));
     out.push(("group norm + bias".into(), vec![vec![2, 8, 5, 6], vec![8], vec![8]], Box::new(|t| super::group_norm(&t[0], 4, &t[1], Some(&t[2]), 1e-5))));
     out.push(("group norm".into(), vec![vec![2, 6, 7], vec![6]], Box::new(|t| super::group_norm(&t[0], 3, &t[1], None, 1e-6))));
     out.push(("layer norm + bias".into(), vec![vec![2, 5, 12], vec![12], vec![12]], Box::new(|t| super::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5))));

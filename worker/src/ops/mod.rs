@@ -11,6 +11,7 @@
 //! [`with_reference_ops`] every op here runs as candle composes it, with candle's own
 //! backward, so tests can compare the two on the same model.
 
+pub mod activation;
 pub mod attention;
 pub mod check;
 pub mod conv;
@@ -21,6 +22,7 @@ pub mod norm;
 
 use std::cell::Cell;
 
+pub use activation::{gelu_erf, silu};
 pub use attention::attention;
 pub(crate) use graph::copy_of;
 pub use conv::conv2d;
