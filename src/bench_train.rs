@@ -321,7 +321,7 @@ pub fn check_device(spec: &str, fixtures: &Path) -> Result<()> {
     let (device, line) = loft_worker::device::select(spec).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     println!("{line}");
     // f32 everywhere; a GPU's libraries sum in other orders than the CPU's.
-    let (op_tol, model_tol) = if device.is_cpu() { (1e-5, 1e-4) } else { (1e-4, 1e-3) };
+    let (op_tol, model_tol) = if device.is_cpu() { (1e-5, 2e-4) } else { (1e-4, 2e-3) };
     let mut failed = 0;
     println!("| case | max relative difference | within |");
     println!("|---|---|---|");
