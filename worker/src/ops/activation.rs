@@ -130,17 +130,19 @@ impl Backward for ActBackward {
         if fused(x) && grad.dtype() == DType::F32 {
             return Ok(vec![Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Derivative(self.0))?)]);
         }
+        // Half precision in f32: half-precision erf/exp kernels are not on every backend.
+        let x = if matches!(x.dtype(), DType::F16 | DType::BF16) { x.to_dtype(DType::F32)? } else { x.clone() };
         let d = match self.0 {
             Act::Silu => {
-                let s = candle_nn::ops::sigmoid(x)?;
-                (&s * ((x * (1.0 - &s)?)? + 1.0)?)?
+                let s = candle_nn::ops::sigmoid(&x)?;
+                (&s * ((&x * (1.0 - &s)?)? + 1.0)?)?
             }
             Act::GeluErf => {
-                let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+                let cdf = (((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
                 let pdf = ((x.sqr()? * -0.5)?.exp()? * 0.398_942_280_401_432_7)?;
                 (cdf + x.mul(&pdf)?)?
             }
         };
-        Ok(vec![Some(grad.mul(&d)?)])
+        Ok(vec![Some(grad.mul(&d.to_dtype(grad.dtype())?)?)])
     }
 }
