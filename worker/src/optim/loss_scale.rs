@@ -8,7 +8,7 @@
 //! `GROWTH_INTERVAL` finite steps in a row it doubles. GradScaler's defaults: 2¹⁶, ×2, ×½, 2000.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,18 +32,21 @@ impl LossScale {
     /// Divides the gradients of `vars` by the scale, in place. Returns false when any of them
     /// holds an inf or NaN (the step must then be skipped, see [`LossScale::update`]).
     pub fn unscale(&self, vars: &[Var], grads: &mut GradStore) -> Result<bool> {
-        let mut finite = true;
+        let mut sums = vec![];
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let unscaled = (g.to_dtype(DType::F32)? / self.scale)?;
                 // Σ|g| is inf/NaN iff some element is (an f32 sum of finite gradients this
-                // small cannot overflow).
-                let total: f32 = unscaled.abs()?.sum_all()?.to_scalar()?;
-                finite &= total.is_finite();
+                // small cannot overflow); summed on the device, read once for all tensors.
+                sums.push(unscaled.abs()?.sum_all()?);
                 grads.insert(v.as_tensor(), unscaled.to_dtype(g.dtype())?);
             }
         }
-        Ok(finite)
+        if sums.is_empty() {
+            return Ok(true);
+        }
+        let total: f32 = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar()?;
+        Ok(total.is_finite())
     }
 
     /// After a step whose gradients were `finite` (or not): back off or grow the scale.

@@ -384,18 +384,20 @@ impl StateIn<'_> {
 /// non-finite total norm is returned as is and leaves the gradients unscaled (torch would
 /// multiply them by NaN): the caller should skip that step.
 pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
+    // Each tensor's Σg² on its device (in f64, as the norm was always summed), all read back
+    // in one transfer: no per-tensor round-trip to the host.
+    let mut sums = vec![];
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            // Per-tensor norm in f32 as torch stores it, then the norm of the norms.
-            let n: f64 = read(g)?
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
-                .sqrt();
-            let n = n as f32 as f64;
-            sq += n * n;
+            sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
+    }
+    let sums: Vec<f64> = if sums.is_empty() { vec![] } else { Tensor::stack(&sums, 0)?.to_vec1()? };
+    let mut sq = 0f64;
+    for s in sums {
+        // Per-tensor norm in f32 as torch stores it, then the norm of the norms.
+        let n = s.sqrt() as f32 as f64;
+        sq += n * n;
     }
     let total = sq.sqrt() as f32 as f64;
     let coef = (max_norm / (total + 1e-6)).min(1.0);
