@@ -190,9 +190,14 @@ fn reference(args: &BenchTrainArgs, plan: &Plan, loft: &Value) -> Option<Value> 
                 }
             }
         }
+        Ok(out) if out.status.code().is_none() => {
+            println!("(reference killed by a signal: out of memory? {})", out.status);
+            None
+        }
         Ok(out) => {
             let err = String::from_utf8_lossy(&out.stderr);
-            println!("(reference failed: {})", err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(""));
+            let line = err.lines().rev().find(|l| l.contains("Error")).or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()));
+            println!("(reference failed: {})", line.unwrap_or(""));
             None
         }
         Err(e) => {
@@ -247,6 +252,7 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
         std::fs::write(data.join(format!("{i}.txt")), "a photo of a shape")?;
     }
     let config = TrainConfig {
+        model_family: family_of_folder(&plan.model_dir)?,
         pretrained_model_name_or_path: plan.model_dir.clone(),
         train_data_dir: tmp.join("data"),
         output_dir: tmp.join("out"),
@@ -303,6 +309,19 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
     });
     println!("BENCH {result}");
     Ok(())
+}
+
+/// The family of a diffusers folder, from its model index and first text encoder's config.
+fn family_of_folder(dir: &Path) -> Result<loft_worker::models::ModelFamily> {
+    let read = |rel: &str| -> Result<Value> {
+        let path = dir.join(rel);
+        serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?)
+            .with_context(|| format!("{} is not JSON", path.display()))
+    };
+    let index = read("model_index.json")?;
+    let te = read("text_encoder/config.json")?;
+    let second = index.get("text_encoder_2").is_some_and(|v| v.is_array() && !v[0].is_null());
+    Ok(loft_worker::models::ModelFamily::of_diffusers(if second { 2 } else { 1 }, te["hidden_act"].as_str().unwrap_or("")))
 }
 
 /// A `/proc/self/status` memory figure (`VmHWM:`) in KiB (0 where there is no /proc).

@@ -45,7 +45,7 @@ def main():
     dev = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet", torch_dtype=dtype).to(dev)
-    te = CLIPTextModel.from_pretrained(os.path.join(a.model, "text_encoder"), torch_dtype=dtype).to(dev)
+    te = CLIPTextModel.from_pretrained(os.path.join(a.model, "text_encoder"), dtype=dtype).to(dev)
     vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae", torch_dtype=dtype).to(dev)
     unet.requires_grad_(False)
     te.requires_grad_(False)
