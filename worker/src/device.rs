@@ -112,6 +112,23 @@ fn cuda_compute_major(_device: &Device) -> Option<i32> {
     None
 }
 
+/// The device tests run on: CUDA when this binary has it and a device answers (set
+/// `LOFT_TEST_DEVICE=cpu` to force the CPU), else the CPU. Prints which, and why, once per
+/// call.
+pub fn test_device() -> Device {
+    let spec = std::env::var("LOFT_TEST_DEVICE").unwrap_or_else(|_| "auto".into());
+    match select(&spec) {
+        Ok((d, line)) => {
+            eprintln!("test {line}");
+            d
+        }
+        Err(e) => {
+            eprintln!("test device: cpu ({e:#})");
+            Device::Cpu
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,22 +147,5 @@ mod tests {
             assert!(select(bad).unwrap_err().to_string().contains("expected auto, cpu, cuda or cuda:N"), "{bad}");
         }
         assert_eq!(preferred_mixed_precision(&Device::Cpu), "no");
-    }
-}
-
-/// The device tests run on: CUDA when this binary has it and a device answers (set
-/// `LOFT_TEST_DEVICE=cpu` to force the CPU), else the CPU. Prints which, and why, once per
-/// call.
-pub fn test_device() -> Device {
-    let spec = std::env::var("LOFT_TEST_DEVICE").unwrap_or_else(|_| "auto".into());
-    match select(&spec) {
-        Ok((d, line)) => {
-            eprintln!("test {line}");
-            d
-        }
-        Err(e) => {
-            eprintln!("test device: cpu ({e:#})");
-            Device::Cpu
-        }
     }
 }
