@@ -49,7 +49,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 }
 
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::cpu_fused(x)
 }
 
 fn activation(x: &Tensor, act: Act) -> Result<Tensor> {

@@ -204,7 +204,7 @@ impl Backward for AttentionBackward {
 
 /// Row softmax of `s·scale` (B·H, n, m) and each row's log-sum-exp (B·H, n, 1).
 fn softmax_rows(s: Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
-    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+    if super::cpu_fused(&s) && s.is_contiguous() {
         let op = RowSoftmax { scale: scale as f32, lse: Mutex::new(vec![]) };
         s.inplace_op1(&op)?;
         let lse = std::mem::take(&mut *op.lse.lock().unwrap_or_else(|e| e.into_inner()));
@@ -221,7 +221,7 @@ fn softmax_rows(s: Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
 
 /// `exp(s·scale − lse)`: the softmax recomputed from the saved log-sum-exp.
 fn probabilities(s: Tensor, scale: f64, lse: &Tensor) -> Result<Tensor> {
-    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+    if super::cpu_fused(&s) && s.is_contiguous() {
         s.inplace_op2(&lse.contiguous()?, &Probabilities { scale: scale as f32 })?;
         return Ok(s);
     }
@@ -230,7 +230,7 @@ fn probabilities(s: Tensor, scale: f64, lse: &Tensor) -> Result<Tensor> {
 
 /// `p ⊙ (dp − D)·scale`, written over `dp`.
 fn score_grad(p: Tensor, dp: Tensor, delta: &Tensor, scale: f64) -> Result<Tensor> {
-    if dp.device().is_cpu() && dp.dtype() == DType::F32 && dp.is_contiguous() && p.is_contiguous() {
+    if super::cpu_fused(&dp) && dp.is_contiguous() && p.is_contiguous() {
         let (bh, n, _) = dp.dims3()?;
         // p and D side by side in one tensor would cost a copy; D is small, p is read in place.
         let op = ScoreGrad { scale: scale as f32, p, delta: delta.contiguous()?.flatten_all()?.to_vec1::<f32>()?, rows: bh * n };

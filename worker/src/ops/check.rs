@@ -94,7 +94,16 @@ pub fn check_ops(device: &Device) -> Result<Vec<CheckRow>> {
         for (a, b) in reference.iter().zip(&ours) {
             worst = worst.max(rel_diff(a, b)?);
         }
-        rows.push(CheckRow { name, rel_diff: worst });
+        rows.push(CheckRow { name: name.clone(), rel_diff: worst });
+        if device.is_cpu() {
+            // The device-generic code a GPU runs, here on the CPU.
+            let generic = super::with_device_generic_ops(|| value_and_grads(&on_device, &f))?;
+            let mut worst = 0f32;
+            for (a, b) in reference.iter().zip(&generic) {
+                worst = worst.max(rel_diff(a, b)?);
+            }
+            rows.push(CheckRow { name: format!("{name} (device-generic code)"), rel_diff: worst });
+        }
     }
     Ok(rows)
 }

@@ -44,7 +44,7 @@ impl Geometry {
 
     /// Whether the im2col path applies: a CPU tensor of f32 with a kernel that fits.
     pub fn applies(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Option<Self>> {
-        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || w.dtype() != candle_core::DType::F32 {
+        if !super::cpu_fused(x) || w.dtype() != candle_core::DType::F32 {
             return Ok(None);
         }
         let (batch, cin, h, wd) = x.dims4()?;

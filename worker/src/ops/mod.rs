@@ -22,6 +22,8 @@ pub mod norm;
 
 use std::cell::Cell;
 
+use candle_core::Tensor;
+
 pub use activation::{gelu_erf, silu};
 pub use attention::attention;
 pub(crate) use graph::copy_of;
@@ -31,6 +33,7 @@ pub use norm::{group_norm, layer_norm};
 
 thread_local! {
     static REFERENCE_OPS: Cell<bool> = const { Cell::new(false) };
+    static DEVICE_GENERIC: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f` with the reference formulation of every op in this module (plain candle ops and
@@ -45,4 +48,19 @@ pub fn with_reference_ops<T>(f: impl FnOnce() -> T) -> T {
 /// Whether [`with_reference_ops`] is in force on this thread.
 pub(crate) fn reference_ops() -> bool {
     REFERENCE_OPS.with(|r| r.get())
+}
+
+/// Runs `f` with the ops' device-generic code (candle ops, what a GPU runs) instead of their
+/// fused CPU loops on this thread, so the CPU tests cover both.
+pub fn with_device_generic_ops<T>(f: impl FnOnce() -> T) -> T {
+    let before = DEVICE_GENERIC.with(|r| r.replace(true));
+    let out = f();
+    DEVICE_GENERIC.with(|r| r.set(before));
+    out
+}
+
+/// Whether `t` may take an op's fused CPU loop: an f32 CPU tensor, outside
+/// [`with_device_generic_ops`].
+pub(crate) fn cpu_fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !DEVICE_GENERIC.with(|r| r.get())
 }
