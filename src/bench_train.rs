@@ -270,7 +270,7 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
         max_train_steps: plan.steps + WARMUP_STEPS,
         save_every_n_epochs: 0,
         device: args.device.clone(),
-        mixed_precision: args.mixed_precision.clone().unwrap_or_default(),
+        mixed_precision: args.mixed_precision.clone().unwrap_or_else(|| "auto".into()),
         ..TrainConfig::default()
     };
     let mut stamps: Vec<Instant> = vec![];

@@ -438,6 +438,16 @@ impl TrainConfig {
         if !["75", "150", "225"].contains(&self.max_token_length.as_str()) {
             errors.push(err("max_token_length", "must be 75, 150 or 225"));
         }
+        if !["auto", "no", "fp16", "bf16"].contains(&self.mixed_precision.as_str()) {
+            errors.push(err("mixed_precision", format!("{:?} is not one of auto, no, fp16, bf16", self.mixed_precision)));
+        }
+        let device_ok = match self.device.as_str() {
+            "auto" | "cpu" | "cuda" => true,
+            d => d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()),
+        };
+        if !device_ok {
+            errors.push(err("device", format!("{:?} is not auto, cpu, cuda or cuda:N", self.device)));
+        }
         if !["sdpa", "xformers", "mem_eff_attn", "none"].contains(&self.attention.as_str()) {
             errors.push(err("attention", format!("{:?} is not one of sdpa, xformers, mem_eff_attn, none", self.attention)));
         }
@@ -528,6 +538,19 @@ impl TrainConfig {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bad_device_precision_and_attention_are_named() {
+        let map = json!({
+            "pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
+            "device": "gpu", "mixed_precision": "fp8", "attention": "flash",
+        });
+        let errors = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["mixed_precision", "device", "attention"], "{errors:?}");
+        let ok = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o", "device": "cuda:1"});
+        assert!(TrainConfig::from_map(ok.as_object().unwrap()).is_ok());
+    }
 
     #[test]
     fn reads_registry_keys_and_refuses_unsupported_options() {

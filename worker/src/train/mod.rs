@@ -129,7 +129,7 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
     // computed in f32, and fp16 scales the loss so small gradients survive the half backward.
     // `auto` follows the device: bf16 where the GPU has it, fp16 on older GPUs, f32 on the CPU.
     let mixed_precision: &'static str = match cfg.mixed_precision.as_str() {
-        "" | "auto" => crate::device::preferred_mixed_precision(&device),
+        "auto" => crate::device::preferred_mixed_precision(&device),
         "no" => "no",
         "fp16" => "fp16",
         "bf16" => "bf16",
