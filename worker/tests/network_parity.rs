@@ -23,6 +23,13 @@ use loft_worker::networks::{
 
 const TOL: f64 = 1e-5;
 
+/// The device the adapters run on (`device::test_device()`: CUDA when the binary has it and a
+/// device answers, else the CPU, printed once).
+fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(loft_worker::device::test_device).clone()
+}
+
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/networks")
 }
@@ -38,7 +45,7 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {}", msg(e))
 }
 
-/// A safetensors file: its tensors (on the CPU) and its string metadata.
+/// A safetensors file: its tensors (on the test device) and its string metadata.
 struct StFile {
     tensors: HashMap<String, Tensor>,
     meta: HashMap<String, String>,
@@ -48,7 +55,7 @@ fn load_st(path: &Path) -> Res<StFile> {
     let bytes = std::fs::read(path).map_err(err("read"))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(err("header"))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(err("tensors"))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &device()).map_err(err("tensors"))?;
     Ok(StFile { tensors, meta })
 }
 
@@ -242,7 +249,7 @@ fn check_case(name: &str, f: &StFile) -> Res<Report> {
     if matches!(algo, NetworkAlgo::Glora | NetworkAlgo::GloraEx) && opts.rs_lora {
         // LyCORIS / the fork store GLoRA's raw alpha; Loft's files store alpha·√r (read as alpha/r).
         let a = opts.alpha * (opts.dim as f64).sqrt();
-        params.insert("alpha".into(), Tensor::new(a as f32, &Device::Cpu).map_err(err("alpha"))?);
+        params.insert("alpha".into(), Tensor::new(a as f32, &device()).map_err(err("alpha"))?);
         report.notes.push(format!("rs_lora GLoRA: alpha passed as alpha·√r = {a} (Loft's file convention)"));
     }
 
@@ -252,7 +259,7 @@ fn check_case(name: &str, f: &StFile) -> Res<Report> {
         // networks/dylora.rs: "a LyCORIS DyLoRA trained with alpha = A behaves like a Loft
         // one with alpha = A·block_size"), so the Loft adapter gets alpha·block_size.
         let a = opts.alpha * opts.block_size as f64;
-        params.insert("alpha".into(), Tensor::new(a as f32, &Device::Cpu).map_err(err("alpha"))?);
+        params.insert("alpha".into(), Tensor::new(a as f32, &device()).map_err(err("alpha"))?);
         report.notes.push(format!(
             "DyLoRA: alpha passed as alpha·block_size = {a} (LyCORIS trains with alpha/blocks, Loft with alpha/rank)"
         ));

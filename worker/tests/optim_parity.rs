@@ -219,8 +219,20 @@ fn prodigy_d(c: &Case, opt: &dyn Optimizer, scale: f64) -> f64 {
     opt.effective_lrs(scale)[i] / (lr * scale)
 }
 
+/// Runs `check` with the host loops (CPU) and again with the device-side steps (AdamW and Lion
+/// keep their state on a GPU and step with tensor ops there; `with_device_generic_ops` runs that
+/// code on the CPU).
+fn on_both_paths(check: impl Fn(&str)) {
+    check("host");
+    loft_worker::ops::with_device_generic_ops(|| check("device"));
+}
+
 #[test]
 fn optimizers_match_references_step_by_step() {
+    on_both_paths(step_by_step);
+}
+
+fn step_by_step(path: &str) {
     let mut failures = Vec::new();
     for c in cases() {
         let (vars, mut opt) = setup(&c, &init_of(&c));
@@ -248,7 +260,7 @@ fn optimizers_match_references_step_by_step() {
                 worst_d = worst_d.max(ed);
                 if e > TOL || ed > tol_change(&c.kind) {
                     failures.push(format!(
-                        "{} step {} {p}: param rel {e:.2e}, change rel {ed:.2e}",
+                        "{} ({path}) step {} {p}: param rel {e:.2e}, change rel {ed:.2e}",
                         c.name,
                         k + 1
                     ));
@@ -267,7 +279,7 @@ fn optimizers_match_references_step_by_step() {
                 }
             }
         }
-        println!("{:<22} {:<9} {} steps: max param rel err {worst_p:.2e}, max change rel err {worst_d:.2e}", c.name, c.kind, c.steps);
+        println!("{path:<6} {:<22} {:<9} {} steps: max param rel err {worst_p:.2e}, max change rel err {worst_d:.2e}", c.name, c.kind, c.steps);
     }
     assert!(
         failures.is_empty(),
@@ -279,6 +291,10 @@ fn optimizers_match_references_step_by_step() {
 
 #[test]
 fn state_save_load_continue_equals_uninterrupted() {
+    on_both_paths(save_load_continue);
+}
+
+fn save_load_continue(path: &str) {
     for c in cases() {
         let (vars_a, mut a) = setup(&c, &init_of(&c));
         for k in 0..c.steps {
@@ -316,7 +332,7 @@ fn state_save_load_continue_equals_uninterrupted() {
             let (x, y) = (vals(vars_a[p].as_tensor()), vals(vars_c[p].as_tensor()));
             assert!(
                 x == y,
-                "{}: {p} differs after resume (rel {:.2e})",
+                "{} ({path}): {p} differs after resume (rel {:.2e})",
                 c.name,
                 rel(&y, &x)
             );

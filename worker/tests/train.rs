@@ -16,6 +16,18 @@ use loft_worker::noise::{diffusion_loss, randn, LossOptions, NoiseSchedule};
 use loft_worker::train::{run, CancelToken, CheckpointKind, EventLog, RunOptions, TrainConfig, TrainEvent};
 use rand::SeedableRng;
 
+/// The device the tests train on (`device::test_device()`: CUDA when the binary has it and a
+/// device answers, else the CPU, printed once); every run and probe below uses it.
+fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(loft_worker::device::test_device).clone()
+}
+
+/// Run options on the test device.
+fn on_device(opts: RunOptions) -> RunOptions {
+    RunOptions { device: Some(device()), ..opts }
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
 }
@@ -69,7 +81,7 @@ fn base_config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
 
 /// Mean loss of `model` on fixed latents, noise and timesteps for the dataset's captions.
 fn probe_loss(model: &StableDiffusion, captions: &[String]) -> f64 {
-    let dev = Device::Cpu;
+    let dev = device();
     let schedule = NoiseSchedule::new(&model.scheduler, false, false).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(123);
     let mut total = 0.0;
@@ -110,7 +122,7 @@ fn configure(cfg: &mut TrainConfig, algo: NetworkAlgo) {
 #[test]
 fn every_algorithm_learns_and_its_file_applies() {
     let captions: Vec<String> = (0..2).map(|i| format!("a photo of a shape, number {i}, red")).collect();
-    let fresh = StableDiffusion::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu).unwrap();
+    let fresh = StableDiffusion::load(&fixture("tiny-sd15"), DType::F32, &device()).unwrap();
     let before = probe_loss(&fresh, &captions);
     let mut report = vec![];
     for algo in NetworkAlgo::ALL {
@@ -119,7 +131,7 @@ fn every_algorithm_learns_and_its_file_applies() {
         configure(&mut cfg, algo);
         cfg.network_train_unet_only = true;
         let mut events = EventLog::default();
-        let out = run(&cfg, &RunOptions::default(), &mut events, &CancelToken::new())
+        let out = run(&cfg, &on_device(RunOptions::default()), &mut events, &CancelToken::new())
             .unwrap_or_else(|e| panic!("{}: {e:#}", algo.name()));
         let file = out.network_file.expect("final file");
         let losses: Vec<f64> = events.0.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
@@ -161,7 +173,7 @@ fn resume_matches(optimizer: &str, optimizer_args: &str) {
     cfg.train_batch_size = 2;
     cfg.train_data_dir = make_dataset(a.path(), 3);
     cfg.lr_scheduler = "cosine".into();
-    let whole = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let whole = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new()).unwrap();
 
     let b = tempfile::tempdir().unwrap();
     let mut cfg_b = cfg.clone();
@@ -169,10 +181,10 @@ fn resume_matches(optimizer: &str, optimizer_args: &str) {
     cfg_b.save_every_n_steps = 3;
     cfg_b.save_state = true;
     // "Killed" after 5 steps: the last state is the one of step 3.
-    let stopped = run(&cfg_b, &RunOptions { stop_after_steps: Some(5), ..Default::default() }, &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let stopped = run(&cfg_b, &on_device(RunOptions { stop_after_steps: Some(5), ..Default::default() }), &mut EventLog::default(), &CancelToken::new()).unwrap();
     assert_eq!(stopped.final_step, 5);
     let mut events = EventLog::default();
-    let resumed = run(&cfg_b, &RunOptions { resume: true, ..Default::default() }, &mut events, &CancelToken::new()).unwrap();
+    let resumed = run(&cfg_b, &on_device(RunOptions { resume: true, ..Default::default() }), &mut events, &CancelToken::new()).unwrap();
     assert!(matches!(events.0.iter().find(|e| matches!(e, TrainEvent::Started { .. })), Some(TrainEvent::Started { start_step: 3, .. })));
     assert_eq!(resumed.final_step, whole.final_step);
     let (wa, wb) = (final_tensors(&whole.network_file.unwrap()), final_tensors(&resumed.network_file.unwrap()));
@@ -195,7 +207,7 @@ fn epochs_samples_pruning_and_cancel() {
     cfg.shuffle_caption = true;
     cfg.cache_latents_to_disk = true;
     let mut events = EventLog::default();
-    let out = run(&cfg, &RunOptions::default(), &mut events, &CancelToken::new()).unwrap();
+    let out = run(&cfg, &on_device(RunOptions::default()), &mut events, &CancelToken::new()).unwrap();
     assert_eq!(out.final_step, 24);
     let epochs: Vec<u64> = events.0.iter().filter_map(|e| if let TrainEvent::Epoch { epoch, .. } = e { Some(*epoch) } else { None }).collect();
     assert_eq!(epochs, vec![1, 2, 3]);
@@ -231,7 +243,7 @@ fn epochs_samples_pruning_and_cancel() {
     let mut events = EventLog::default();
     let mut cfg2 = cfg.clone();
     cfg2.output_dir = tmp.path().join("out2");
-    let out = run(&cfg2, &RunOptions::default(), &mut events, &cancel).unwrap();
+    let out = run(&cfg2, &on_device(RunOptions::default()), &mut events, &cancel).unwrap();
     assert!(out.cancelled);
     assert_eq!(out.final_step, 1);
     assert!(events.0.iter().any(|e| matches!(e, TrainEvent::Finished { cancelled: true, .. })));
@@ -245,7 +257,7 @@ fn sdxl_trains_with_both_text_encoders() {
     cfg.pretrained_model_name_or_path = fixture("tiny-sdxl");
     cfg.model_family = ModelFamily::Sdxl;
     cfg.max_train_steps = 4;
-    let out = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let out = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new()).unwrap();
     let lora = LoraFile::load(&out.network_file.unwrap()).unwrap();
     let names: Vec<&str> = lora.modules.iter().map(|m| m.name.as_str()).collect();
     assert!(names.iter().any(|n| n.starts_with("lora_te1_")), "{names:?}");
@@ -254,11 +266,11 @@ fn sdxl_trains_with_both_text_encoders() {
     assert_eq!(lora.metadata["ss_base_model_version"], "sdxl_base_v1-0");
     // The file applies to a fresh SDXL model: every module (te1, te2 and the LDM-named UNet
     // layers) finds its layer.
-    let fresh = StableDiffusion::load(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap();
+    let fresh = StableDiffusion::load(&fixture("tiny-sdxl"), DType::F32, &device()).unwrap();
     assert!(fresh.apply_networks(&[(&lora, 1.0)]).unwrap().is_empty());
     // Wrong family is refused before any work, naming the key.
     cfg.model_family = ModelFamily::Sd15;
-    let err = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    let err = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new()).unwrap_err();
     assert!(format!("{err:#}").contains("model_family"), "{err:#}");
 }
 
@@ -269,10 +281,10 @@ fn bad_images_are_skipped_by_name_or_fatal() {
     cfg.max_train_steps = 1;
     std::fs::write(cfg.train_data_dir.join("4_shapes/broken.png"), b"not a png").unwrap();
     let mut events = EventLog::default();
-    run(&cfg, &RunOptions::default(), &mut events, &CancelToken::new()).unwrap();
+    run(&cfg, &on_device(RunOptions::default()), &mut events, &CancelToken::new()).unwrap();
     assert!(events.0.iter().any(|e| matches!(e, TrainEvent::Log { level, message } if level == "warn" && message.contains("broken.png"))));
     cfg.skip_bad_images = false;
-    let err = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    let err = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new()).unwrap_err();
     assert!(format!("{err:#}").contains("broken.png"), "{err:#}");
 }
 
@@ -284,14 +296,14 @@ fn trains_from_a_single_file_checkpoint() {
     let mut cfg = base_config(tmp.path(), NetworkAlgo::Lora);
     cfg.pretrained_model_name_or_path = fixture("tiny-sd15.safetensors");
     cfg.max_train_steps = 3;
-    let out = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()).unwrap();
+    let out = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new()).unwrap();
     let lora = LoraFile::load(&out.network_file.unwrap()).unwrap();
     // Same module names as when training from the diffusers folder.
-    let folder = StableDiffusion::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu).unwrap();
+    let folder = StableDiffusion::load(&fixture("tiny-sd15"), DType::F32, &device()).unwrap();
     let names: std::collections::HashSet<String> = folder.named_layers().into_iter().map(|n| n.kohya_name).collect();
     assert!(lora.modules.iter().all(|m| names.contains(&m.name)));
     // Both layouts encode prompts alike.
-    let single = StableDiffusion::load(&fixture("tiny-sd15.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    let single = StableDiffusion::load(&fixture("tiny-sd15.safetensors"), DType::F32, &device()).unwrap();
     let p = vec!["a photo of a cat".to_string()];
     let (a, b) = (folder.encode_prompts(&p, 1, 75).unwrap().hidden, single.encode_prompts(&p, 1, 75).unwrap().hidden);
     let diff: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
@@ -305,7 +317,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     use loft_worker::grad_checkpoint::GradientCheckpointing;
     use loft_worker::train::network::Network;
     for (name, family) in [("tiny-sd15", ModelFamily::Sd15), ("tiny-sdxl", ModelFamily::Sdxl)] {
-        let dev = Device::Cpu;
+        let dev = device();
         let model = StableDiffusion::load(&fixture(name), DType::F32, &dev).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = base_config(tmp.path(), NetworkAlgo::Locon);
@@ -368,7 +380,7 @@ fn gradient_checkpointing_trains_the_same_weights() {
             cfg.rank_dropout = 0.3;
             cfg.module_dropout = 0.2;
             cfg.gradient_checkpointing = checkpointing;
-            let out = run(&cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new())
+            let out = run(&cfg, &on_device(RunOptions::default()), &mut EventLog::default(), &CancelToken::new())
                 .unwrap_or_else(|e| panic!("{} checkpointing={checkpointing}: {e:#}", algo.name()));
             final_tensors(&out.network_file.unwrap())
         };
@@ -445,7 +457,7 @@ fn bench_checkpointing_child() {
     cfg.cache_latents = true;
     cfg.max_train_steps = if case == "warm-cache" { 1 } else { 3 };
     cfg.gradient_checkpointing = case == "on";
-    let options = RunOptions { cache_dir: Some(dir.join("latents")), ..Default::default() };
+    let options = on_device(RunOptions { cache_dir: Some(dir.join("latents")), ..Default::default() });
     let base = vm_kib("VmRSS:");
     let t0 = std::time::Instant::now();
     let out = run(&cfg, &options, &mut EventLog::default(), &CancelToken::new()).unwrap();
@@ -468,7 +480,7 @@ fn logs(events: &EventLog) -> Vec<String> {
 #[test]
 fn mixed_precision_fp16_on_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let cache = RunOptions { cache_dir: Some(tmp.path().join("latents")), ..Default::default() };
+    let cache = on_device(RunOptions { cache_dir: Some(tmp.path().join("latents")), ..Default::default() });
     let mut cfg = base_config(tmp.path(), NetworkAlgo::Lora);
     cfg.max_train_steps = 10;
     cfg.learning_rate = 5e-3;

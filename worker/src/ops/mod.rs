@@ -59,6 +59,12 @@ pub fn with_device_generic_ops<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether an optimizer steps `t` with its host loops (a CPU tensor, outside
+/// [`with_device_generic_ops`]) rather than with tensor ops on the tensor's device.
+pub(crate) fn host_loops(t: &Tensor) -> bool {
+    t.device().is_cpu() && !DEVICE_GENERIC.with(|r| r.get())
+}
+
 /// Whether `t` may take an op's fused CPU loop: an f32 CPU tensor, outside
 /// [`with_device_generic_ops`].
 pub(crate) fn cpu_fused(t: &Tensor) -> bool {

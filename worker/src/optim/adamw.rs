@@ -8,8 +8,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
 use super::{
-    check_adam_hyper, check_groups, grad_of, lerp, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
+    check_adam_hyper, check_groups, grad_of, grad_tensor, lerp, lerp_tensor, read, to_device_like, write, Args,
+    Optimizer, ParamGroup, StateIn, StateOut,
 };
+use crate::ops::host_loops;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -54,10 +56,22 @@ struct State {
     max_exp_avg_sq: Vec<f32>,
 }
 
+/// [`State`] kept on the parameter's device (f32 tensors shaped like it).
+#[derive(Clone, Debug)]
+struct DeviceState {
+    step: f64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Option<Tensor>,
+}
+
 pub struct AdamW {
     groups: Vec<ParamGroup>,
     cfg: AdamWConfig,
+    /// State of the parameters stepped by host loops (and all of it right after a load).
     state: HashMap<String, State>,
+    /// State of the parameters stepped on their device.
+    device_state: HashMap<String, DeviceState>,
 }
 
 impl AdamW {
@@ -68,7 +82,64 @@ impl AdamW {
             groups,
             cfg,
             state: HashMap::new(),
+            device_state: HashMap::new(),
         })
+    }
+
+    /// One step of `var` with tensor ops on its device; the same arithmetic as the host loop.
+    fn step_on_device(
+        cfg: &AdamWConfig,
+        host_state: &mut HashMap<String, State>,
+        device_state: &mut HashMap<String, DeviceState>,
+        (name, var): (&str, &candle_core::Var),
+        g: Tensor,
+        lr: f64,
+    ) -> Result<()> {
+        let (beta1, beta2) = cfg.betas;
+        let wd = cfg.weight_decay;
+        let amsgrad = cfg.amsgrad;
+        if !device_state.contains_key(name) {
+            // First step, or the first after a resume (whose state was loaded to the host).
+            let st = match host_state.remove(name) {
+                Some(h) => DeviceState {
+                    step: h.step,
+                    exp_avg: to_device_like(&h.exp_avg, var)?,
+                    exp_avg_sq: to_device_like(&h.exp_avg_sq, var)?,
+                    max_exp_avg_sq: if amsgrad { Some(to_device_like(&h.max_exp_avg_sq, var)?) } else { None },
+                },
+                None => {
+                    let zeros = g.zeros_like()?;
+                    DeviceState {
+                        step: 0.0,
+                        exp_avg: zeros.clone(),
+                        exp_avg_sq: zeros.clone(),
+                        max_exp_avg_sq: amsgrad.then_some(zeros),
+                    }
+                }
+            };
+            device_state.insert(name.to_string(), st);
+        }
+        let st = device_state.get_mut(name).expect("inserted above");
+        st.step += 1.0;
+        let mut p = var.as_tensor().detach().to_dtype(candle_core::DType::F32)?;
+        if wd != 0.0 {
+            p = (p * (1.0 - lr * wd) as f32 as f64)?;
+        }
+        st.exp_avg = lerp_tensor(&st.exp_avg, &g, (1.0 - beta1) as f32)?;
+        st.exp_avg_sq = ((&st.exp_avg_sq * beta2 as f32 as f64)? + (g.sqr()? * (1.0 - beta2) as f32 as f64)?)?;
+        let v = match &mut st.max_exp_avg_sq {
+            Some(mx) => {
+                *mx = mx.maximum(&st.exp_avg_sq)?;
+                mx.clone()
+            }
+            None => st.exp_avg_sq.clone(),
+        };
+        let bc1 = 1.0 - beta1.powf(st.step);
+        let bc2_sqrt = (1.0 - beta2.powf(st.step)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let denom = ((v.sqrt()? / bc2_sqrt as f64)? + cfg.eps as f32 as f64)?;
+        let p = (p - ((&st.exp_avg / denom)? * step_size as f64)?)?;
+        var.set(&p.to_dtype(var.dtype())?)
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -91,6 +162,12 @@ impl Optimizer for AdamW {
         for group in &self.groups {
             let lr = group.lr * lr_scale;
             for (name, var) in &group.params {
+                if !host_loops(var.as_tensor()) {
+                    if let Some(g) = grad_tensor(grads, name, var)? {
+                        Self::step_on_device(&self.cfg, &mut self.state, &mut self.device_state, (name, var), g, lr)?;
+                    }
+                    continue;
+                }
                 let Some(g) = grad_of(grads, name, var)? else {
                     continue;
                 };
@@ -143,7 +220,14 @@ impl Optimizer for AdamW {
         let mut out = StateOut::default();
         for group in &self.groups {
             for (name, _) in &group.params {
-                if let Some(st) = self.state.get(name) {
+                if let Some(st) = self.device_state.get(name) {
+                    out.param_scalar(name, "step", st.step)?;
+                    out.buf(name, "exp_avg", &read(&st.exp_avg)?)?;
+                    out.buf(name, "exp_avg_sq", &read(&st.exp_avg_sq)?)?;
+                    if let Some(mx) = &st.max_exp_avg_sq {
+                        out.buf(name, "max_exp_avg_sq", &read(mx)?)?;
+                    }
+                } else if let Some(st) = self.state.get(name) {
                     out.param_scalar(name, "step", st.step)?;
                     out.buf(name, "exp_avg", &st.exp_avg)?;
                     out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
@@ -181,6 +265,7 @@ impl Optimizer for AdamW {
             }
         }
         self.state = new;
+        self.device_state.clear();
         Ok(())
     }
 }

@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use super::{check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{
+    check_groups, grad_of, grad_tensor, read, to_device_like, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
+};
+use crate::ops::host_loops;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LionConfig {
@@ -41,7 +44,10 @@ impl LionConfig {
 pub struct Lion {
     groups: Vec<ParamGroup>,
     cfg: LionConfig,
+    /// Momentum of the parameters stepped by host loops (and all of it right after a load).
     exp_avg: HashMap<String, Vec<f32>>,
+    /// Momentum of the parameters stepped on their device (f32, shaped like the parameter).
+    device_exp_avg: HashMap<String, Tensor>,
 }
 
 impl Lion {
@@ -55,6 +61,7 @@ impl Lion {
             groups,
             cfg,
             exp_avg: HashMap::new(),
+            device_exp_avg: HashMap::new(),
         })
     }
 }
@@ -88,6 +95,22 @@ impl Optimizer for Lion {
             let (b1, w1) = (beta1 as f32, (1.0 - beta1) as f32);
             let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
             for (name, var) in &group.params {
+                if !host_loops(var.as_tensor()) {
+                    // The same three lines as the loop below, as tensor ops on the device.
+                    let Some(g) = grad_tensor(grads, name, var)? else { continue };
+                    let m = match (self.device_exp_avg.remove(name), self.exp_avg.remove(name)) {
+                        (Some(m), _) => m,
+                        (None, Some(host)) => to_device_like(&host, var)?,
+                        (None, None) => g.zeros_like()?,
+                    };
+                    let p = (var.as_tensor().detach().to_dtype(candle_core::DType::F32)? * decay as f64)?;
+                    let update = ((&m * b1 as f64)? + (&g * w1 as f64)?)?.sign()?;
+                    let p = (p + (update * neg_lr as f64)?)?;
+                    let m = ((m * b2 as f64)? + (g * w2 as f64)?)?;
+                    var.set(&p.to_dtype(var.dtype())?)?;
+                    self.device_exp_avg.insert(name.clone(), m);
+                    continue;
+                }
                 let Some(g) = grad_of(grads, name, var)? else {
                     continue;
                 };
@@ -112,7 +135,9 @@ impl Optimizer for Lion {
         let mut out = StateOut::default();
         for group in &self.groups {
             for (name, _) in &group.params {
-                if let Some(m) = self.exp_avg.get(name) {
+                if let Some(m) = self.device_exp_avg.get(name) {
+                    out.buf(name, "exp_avg", &read(m)?)?;
+                } else if let Some(m) = self.exp_avg.get(name) {
                     out.buf(name, "exp_avg", m)?;
                 }
             }
@@ -131,6 +156,7 @@ impl Optimizer for Lion {
             }
         }
         self.exp_avg = new;
+        self.device_exp_avg.clear();
         Ok(())
     }
 }

@@ -22,9 +22,12 @@
 //! for this step: each group then steps with `group.lr * lr_scale`, as torch's `LambdaLR` sets
 //! `lr = base_lr * lambda(step)`. A parameter without a gradient is skipped, as in torch.
 //!
-//! The math runs on the host in f32 (parameters of any float dtype are read as f32 and written
-//! back in their dtype); the scalar bookkeeping (step counts, Prodigy's d) is f64, as Python's
-//! floats are.
+//! The math runs in f32 (parameters of any float dtype are read as f32 and written back in
+//! their dtype); the scalar bookkeeping (step counts, Prodigy's d) is f64, as Python's floats
+//! are. On the CPU it runs as host loops. AdamW and Lion keep their state on the parameter's
+//! device when that is a GPU and step with tensor ops there (nothing read back to the host;
+//! `ops::with_device_generic_ops` runs that path on the CPU for the tests); Prodigy, Adafactor
+//! and AdamW8bit still step on the host (a GPU run reads their tensors each step).
 //!
 //! Also here: [`clip_grad_norm`] (torch's `clip_grad_norm_`), [`GradAccumulator`] (gradient
 //! accumulation over micro-batches) and [`parse_optimizer_args`] (sd-scripts' `optimizer_args`).
@@ -286,6 +289,34 @@ pub(crate) fn grad_of(grads: &GradStore, name: &str, var: &Var) -> Result<Option
             }
             Ok(Some(read(g)?))
         }
+    }
+}
+
+/// The gradient of `var` as a detached f32 tensor on its device, if it has one (shape checked):
+/// the input of the device-side steps, which never read it to the host.
+pub(crate) fn grad_tensor(grads: &GradStore, name: &str, var: &Var) -> Result<Option<Tensor>> {
+    match grads.get(var.as_tensor()) {
+        None => Ok(None),
+        Some(g) => {
+            if g.dims() != var.dims() {
+                bail!("gradient of {name:?} has shape {:?}, parameter {:?}", g.dims(), var.dims());
+            }
+            Ok(Some(g.detach().to_dtype(DType::F32)?))
+        }
+    }
+}
+
+/// Host state values as an f32 tensor shaped and placed like `var` (resuming onto a device).
+pub(crate) fn to_device_like(data: &[f32], var: &Var) -> Result<Tensor> {
+    Tensor::from_slice(data, var.shape().clone(), var.device())
+}
+
+/// `torch.lerp` on tensors, with the same two formulas as [`lerp`] (`weight` is one number).
+pub(crate) fn lerp_tensor(start: &Tensor, end: &Tensor, weight: f32) -> Result<Tensor> {
+    if weight.abs() < 0.5 {
+        start + ((end - start)? * weight as f64)?
+    } else {
+        end - ((end - start)? * (1.0 - weight) as f64)?
     }
 }
 
