@@ -4,6 +4,9 @@
 //!   te1 / te2, by block), module count, base model version and the `ss_*` metadata.
 //! - `loft lora resize FILE --rank R [--dynamic sv_fro=0.9] --out FILE`: SVD rank reduction
 //!   as sd-scripts' `resize_lora.py`, reporting the retained Frobenius energy per module.
+//! - `loft lora convert FILE --to lora (--rank R | --energy E) [--conv-rank R] --base MODEL
+//!   --out FILE`: any algorithm's modules as a plain kohya LoRA/LoCon by truncated SVD of
+//!   their effective ΔW, with the retained energy per module ([`loft_worker::lora_file::convert`]).
 //! - `loft lora merge --base MODEL --lora FILE[:weight] … --out PATH`: merges networks into a
 //!   diffusers folder or a single-file checkpoint, writing the same layout
 //!   ([`loft_worker::lora_file::merge`]).
@@ -13,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
-use loft_worker::lora_file::merge::{merge, parse_lora_arg, MergeInput};
+use loft_worker::lora_file::convert::{convert, Conversion, RankChoice};
+use loft_worker::lora_file::merge::{merge, parse_lora_arg, BaseModel, MergeInput};
 use loft_worker::lora_file::resize::{resize, DynamicMethod};
 use loft_worker::lora_file::{
     module_group, parse_save_precision, py_float, save_tensors, LoraFile,
@@ -47,6 +51,42 @@ pub enum LoraCommand {
         #[arg(long, default_value = "float")]
         save_precision: String,
         /// Print the per-module report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite any network file (LoHa, LoKr, IA3, OFT, BOFT, GLoRA, ABBA, DoRA, full, …) as a
+    /// plain kohya LoRA/LoCon that every client reads: each module's effective ΔW at
+    /// multiplier 1, truncated by SVD (exact near full rank, randomised otherwise).
+    Convert {
+        /// The network file to convert.
+        file: PathBuf,
+        /// The target format (only `lora`: kohya lora_down / lora_up / alpha).
+        #[arg(long, default_value = "lora")]
+        to: String,
+        /// Rank of every module (capped by its full rank).
+        #[arg(long, conflicts_with = "energy", required_unless_present = "energy")]
+        rank: Option<usize>,
+        /// Pick each module's rank: the smallest that keeps this fraction of ‖ΔW‖² (e.g. 0.99).
+        #[arg(long)]
+        energy: Option<f64>,
+        /// Rank of the k×k convolutions, if it should differ from --rank.
+        #[arg(long, requires = "rank")]
+        conv_rank: Option<usize>,
+        /// The base model the network was trained on (diffusers folder or single file):
+        /// OFT, IA3, DoRA and GLoRA change the weight in a way that depends on it, and it
+        /// gives every conv layer its kernel shape.
+        #[arg(long)]
+        base: PathBuf,
+        /// For a single-file base whose sizes break the family rules: its configs' folder.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write the LoRA; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// Precision of the saved tensors: float, fp16 or bf16.
+        #[arg(long, default_value = "float")]
+        save_precision: String,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +176,39 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             }
             Ok(())
         }
+        LoraCommand::Convert { file, to, rank, energy, conv_rank, base, config, out, save_precision, json } => {
+            if to != "lora" {
+                anyhow::bail!("--to {to:?}: the only target is `lora` (kohya LoRA/LoCon)");
+            }
+            if out.exists() {
+                anyhow::bail!("{} already exists; convert writes a new file", out.display());
+            }
+            let choice = match (rank, energy) {
+                (Some(linear), None) => RankChoice::Rank { linear, conv: conv_rank },
+                (None, Some(e)) => RankChoice::Energy(e),
+                _ => anyhow::bail!("give exactly one of --rank or --energy"),
+            };
+            let dtype = parse_save_precision(&save_precision)?;
+            let f = LoraFile::load(&file)?;
+            let model = BaseModel::open(&base, config.as_deref())?;
+            let c = convert(&f, choice, dtype, &|m| model.layer_for(m))?;
+            save_tensors(&out, &c.tensors, &c.metadata)?;
+            if json {
+                let v = json!({
+                    "file": file.display().to_string(),
+                    "out": out.display().to_string(),
+                    "retained_energy": c.overall_energy(),
+                    "rel_error": c.overall_rel_error(),
+                    "modules": c.modules,
+                    "skipped": c.skipped,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", convert_table(&c));
+                println!("wrote {}", out.display());
+            }
+            Ok(())
+        }
         LoraCommand::Merge { base, loras, out, config, json } => {
             let inputs = loras
                 .iter()
@@ -167,6 +240,39 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The per-module report of a conversion and its overall figures.
+pub fn convert_table(c: &Conversion) -> String {
+    let mut out = format!(
+        "{:<72} {:<14} {:>5} {:>5} {:>10} {:>10}  {}\n",
+        "module", "from", "full", "rank", "energy", "rel err", "svd"
+    );
+    for m in &c.modules {
+        out += &format!(
+            "{:<72} {:<14} {:>5} {:>5} {:>9.4}% {:>10.3e}  {}\n",
+            m.name,
+            m.algo,
+            m.full_rank,
+            m.rank,
+            100.0 * m.energy,
+            m.rel_error,
+            m.svd
+        );
+        for d in &m.dropped {
+            out += &format!("    left out: {d}\n");
+        }
+    }
+    for s in &c.skipped {
+        out += &format!("{:<72} {:<14} skipped: {}\n", s.name, s.algo, s.reason);
+    }
+    out += &format!(
+        "overall: {} modules, retained energy {:.4}%, relative error {:.3e}\n",
+        c.modules.len(),
+        100.0 * c.overall_energy(),
+        c.overall_rel_error()
+    );
+    out
 }
 
 fn fmt_set<T: ToString>(v: &BTreeSet<T>) -> String {

@@ -362,3 +362,66 @@ fn merge_writes_the_layout_it_read() {
     assert!(!ok && err.contains("LoRA/LyCORIS network file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `loft lora convert` on the tiny SD1.5 pipeline: the LyCORIS LoKr and LoCon files converted at
+/// full rank merge (through `loft lora merge`) to the same weights as the originals; at
+/// `--energy 0.99` the report gives each module's rank and energy and the file is a plain LoRA.
+#[test]
+fn convert_to_lora_merges_like_the_original() {
+    let dir = tmp("convert");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = model_fixtures();
+    let base = m.join("tiny-sd15");
+    let merged = |lora: &Path, tag: &str| -> HashMap<String, Tensor> {
+        let out = dir.join(format!("merged-{tag}"));
+        let (ok, _, err) = loft(&[
+            "lora", "merge", "--base", base.to_str().unwrap(), "--lora", lora.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        loft_worker::candle_core::safetensors::load(out.join("unet/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    for algo in ["lokr", "locon"] {
+        let src = m.join(format!("merge/tiny-sd15-{algo}.safetensors"));
+        let out = dir.join(format!("{algo}-as-lora.safetensors"));
+        let (ok, stdout, err) = loft(&[
+            "lora", "convert", src.to_str().unwrap(), "--to", "lora", "--rank", "100000",
+            "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        assert!(stdout.contains("retained energy 100.0000%"), "{stdout}");
+        let f = LoraFile::load(&out).unwrap();
+        assert_eq!(f.metadata["ss_network_module"], "networks.lora");
+        assert!(f.modules.iter().all(|x| x.tensors.keys().all(|k| ["lora_down.weight", "lora_up.weight", "alpha"].contains(&k.as_str()))));
+        let (a, b) = (merged(&src, &format!("{algo}-orig")), merged(&out, &format!("{algo}-conv")));
+        let mut worst = 0f32;
+        for (k, t) in &a {
+            let d = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(d);
+        }
+        assert!(worst < 1e-5, "{algo}: merged weights differ by {worst}");
+
+        let out = dir.join(format!("{algo}-energy.safetensors"));
+        let (ok, stdout, err) = loft(&[
+            "lora", "convert", src.to_str().unwrap(), "--energy", "0.99", "--base", base.to_str().unwrap(),
+            "--out", out.to_str().unwrap(), "--json",
+        ]);
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert!(r["retained_energy"].as_f64().unwrap() >= 0.99, "{stdout}");
+        for module in r["modules"].as_array().unwrap() {
+            assert!(module["energy"].as_f64().unwrap() >= 0.99 - 1e-9 && module["rank"].as_u64().unwrap() >= 1, "{module}");
+        }
+    }
+    // Bad arguments: both or neither of --rank/--energy, an energy outside (0, 1], no base layer.
+    let src = m.join("merge/tiny-sd15-lokr.safetensors");
+    let out = dir.join("bad.safetensors");
+    let (ok, _, err) = loft(&["lora", "convert", src.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--rank"), "{err}");
+    let (ok, _, err) = loft(&["lora", "convert", src.to_str().unwrap(), "--energy", "1.5", "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--energy must be in (0, 1]"), "{err}");
+    let (ok, _, err) = loft(&["lora", "convert", src.to_str().unwrap(), "--rank", "4", "--base", m.join("tiny-sdxl").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("module"), "{err}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -167,6 +167,39 @@ impl Base {
     }
 }
 
+/// A base model opened for looking up the layers network modules adapt (a diffusers folder
+/// or a single-file checkpoint), for what needs base weights without merging
+/// (`loft lora convert`).
+pub struct BaseModel(Base);
+
+impl BaseModel {
+    /// Opens `path`; `config_dir` as for [`merge`].
+    pub fn open(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
+        Ok(Self(if path.is_dir() {
+            if !path.join("unet/config.json").is_file() {
+                bail!("{} is a folder but not a diffusers pipeline (no unet/config.json)", path.display());
+            }
+            Base::diffusers(path)?
+        } else {
+            Base::single_file(path, config_dir)?
+        }))
+    }
+
+    pub fn family(&self) -> ModelFamily {
+        self.0.family
+    }
+
+    /// The base layer (weight and bias, f32) that module `name` adapts, or `None` when the
+    /// model has no layer of that name.
+    pub fn layer_for(&self, m: &LoadedModule) -> Result<Option<BaseLayer>> {
+        let Some(t) = self.0.targets.get(&m.name) else { return Ok(None) };
+        if let Some(why) = misfit(m, t) {
+            bail!("module {}: {why}", m.name);
+        }
+        base_layer(&self.0, t).map(Some)
+    }
+}
+
 /// One contribution to a stored tensor.
 #[derive(Clone, Debug)]
 struct Contribution {
@@ -429,8 +462,8 @@ fn fit(d: &Tensor, c: &Contribution, stored: &Tensor) -> candle_core::Result<Ten
     }
 }
 
-/// ΔW (and Δb) of module `m` on the base layer `t`, at multiplier 1.
-fn module_delta(b: &Base, t: &Target, m: &LoadedModule) -> Result<ModuleDelta> {
+/// The base layer `t` as stored in the model (f32).
+fn base_layer(b: &Base, t: &Target) -> Result<BaseLayer> {
     let read = |suffix: &str| -> Result<Option<Tensor>> {
         let name = format!("{}.{suffix}", t.module);
         match (b.locate)(t.component, &name) {
@@ -442,6 +475,12 @@ fn module_delta(b: &Base, t: &Target, m: &LoadedModule) -> Result<ModuleDelta> {
     let bias = if t.has_bias { read("bias")? } else { None };
     let base = BaseLayer { kind: t.kind.clone(), weight, bias };
     base.check().map_err(|e| anyhow!("{}: {e}", t.module))?;
+    Ok(base)
+}
+
+/// ΔW (and Δb) of module `m` on the base layer `t`, at multiplier 1.
+fn module_delta(b: &Base, t: &Target, m: &LoadedModule) -> Result<ModuleDelta> {
+    let base = base_layer(b, t)?;
     m.delta(Some(&base)).with_context(|| format!("merging module {} into {}", m.name, t.module))
 }
 
