@@ -336,8 +336,11 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value> {
     for m in &f.modules {
         *parts.entry(module_group(&m.name).0).or_default() += 1;
     }
+    let clients = loft_worker::lora_file::compat::of_file(&f);
     Ok(json!({
         "file": path.display().to_string(),
+        "clients": clients,
+        "needs_conversion": loft_worker::lora_file::compat::file_needs_conversion(&f),
         "algorithms": algos,
         "module_count": f.modules.len(),
         "modules_per_part": parts,
@@ -385,6 +388,29 @@ pub fn inspect_table(r: &serde_json::Value) -> String {
         s(&r["network_dim"]),
         s(&r["network_alpha"])
     );
+    out += "clients:\n";
+    for v in r["clients"].as_array().into_iter().flatten() {
+        let client = match v["client"].as_str() {
+            Some("comfy_ui") => "ComfyUI",
+            Some("a1111") => "A1111/Forge",
+            Some("diffusers") => "diffusers",
+            _ => "?",
+        };
+        let level = match v["level"].as_str() {
+            Some("exact") => "exact",
+            Some("loads") => "loads (not verified)",
+            Some("partly") => "partly",
+            _ => "not applied",
+        };
+        out += &format!("  {client:<12} {level}\n");
+        for n in v["notes"].as_array().into_iter().flatten() {
+            out += &format!("               - {}\n", s(n));
+        }
+    }
+    if r["needs_conversion"] == true {
+        out += "  → `loft lora convert FILE --to lora --energy 0.999 --base MODEL --out OUT` makes a plain LoRA every client applies exactly.\n";
+    }
+    out += "\n";
     out += &format!(
         "{:<8} {:<20} {:>7}  {:<16} {:<10} {:<10}\n",
         "part", "block", "modules", "algorithm", "rank", "alpha"

@@ -393,6 +393,14 @@ fn convert_to_lora_merges_like_the_original() {
         let f = LoraFile::load(&out).unwrap();
         assert_eq!(f.metadata["ss_network_module"], "networks.lora");
         assert!(f.modules.iter().all(|x| x.tensors.keys().all(|k| ["lora_down.weight", "lora_up.weight", "alpha"].contains(&k.as_str()))));
+        // The converted file is a plain LoRA: ComfyUI and A1111 apply it exactly, nothing to convert.
+        let (ok, stdout, err) = loft(&["lora", "inspect", out.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["needs_conversion"], false, "{}", r["clients"]);
+        for c in r["clients"].as_array().unwrap().iter().filter(|c| c["client"] != "diffusers") {
+            assert_eq!(c["level"], "exact", "{c}");
+        }
         let (a, b) = (merged(&src, &format!("{algo}-orig")), merged(&out, &format!("{algo}-conv")));
         let mut worst = 0f32;
         for (k, t) in &a {
@@ -413,6 +421,9 @@ fn convert_to_lora_merges_like_the_original() {
             assert!(module["energy"].as_f64().unwrap() >= 0.99 - 1e-9 && module["rank"].as_u64().unwrap() >= 1, "{module}");
         }
     }
+    // An IA3 file: ComfyUI does not apply it, and inspect says to convert.
+    let (ok, stdout, _) = loft(&["lora", "inspect", "worker/../tests/fixtures/networks/loft-written/ia3.safetensors"]);
+    assert!(ok && stdout.contains("ComfyUI      not applied") && stdout.contains("loft lora convert"), "{stdout}");
     // Bad arguments: both or neither of --rank/--energy, an energy outside (0, 1], no base layer.
     let src = m.join("merge/tiny-sd15-lokr.safetensors");
     let out = dir.join("bad.safetensors");

@@ -1385,6 +1385,7 @@ pub fn module_group(name: &str) -> (String, String) {
     (part.to_string(), block)
 }
 
+pub mod compat;
 pub mod convert;
 pub mod merge;
 pub mod resize;
