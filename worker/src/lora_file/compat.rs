@@ -3,7 +3,8 @@
 //! tab (for the current choice, before training).
 //!
 //! The facts, from checking the clients' own code with files Loft trained
-//! (`../shared/reference/algorithms.md` §6; ComfyUI 0.3.64, diffusers 0.37):
+//! (the project's reference notes on algorithms, "facts found while checking the references";
+//! ComfyUI 0.3.64, diffusers 0.37):
 //!
 //! | | ComfyUI | A1111 / Forge | diffusers |
 //! |---|---|---|---|
