@@ -336,7 +336,16 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value> {
     for m in &f.modules {
         *parts.entry(module_group(&m.name).0).or_default() += 1;
     }
-    let clients = loft_worker::lora_file::compat::of_file(&f);
+    // Each verdict with its display labels, so the table below needs no second mapping.
+    let clients: Vec<serde_json::Value> = loft_worker::lora_file::compat::of_file(&f)
+        .into_iter()
+        .map(|v| {
+            json!({
+                "client": v.client, "client_label": v.client.label(),
+                "level": v.level, "level_label": v.level.label(), "notes": v.notes,
+            })
+        })
+        .collect();
     Ok(json!({
         "file": path.display().to_string(),
         "clients": clients,
@@ -390,19 +399,7 @@ pub fn inspect_table(r: &serde_json::Value) -> String {
     );
     out += "clients:\n";
     for v in r["clients"].as_array().into_iter().flatten() {
-        let client = match v["client"].as_str() {
-            Some("comfy_ui") => "ComfyUI",
-            Some("a1111") => "A1111/Forge",
-            Some("diffusers") => "diffusers",
-            _ => "?",
-        };
-        let level = match v["level"].as_str() {
-            Some("exact") => "exact",
-            Some("loads") => "loads (not verified)",
-            Some("partly") => "partly",
-            _ => "not applied",
-        };
-        out += &format!("  {client:<12} {level}\n");
+        out += &format!("  {:<12} {}\n", s(&v["client_label"]), s(&v["level_label"]));
         for n in v["notes"].as_array().into_iter().flatten() {
             out += &format!("               - {}\n", s(n));
         }

@@ -422,7 +422,7 @@ fn convert_to_lora_merges_like_the_original() {
         }
     }
     // An IA3 file: ComfyUI does not apply it, and inspect says to convert.
-    let (ok, stdout, _) = loft(&["lora", "inspect", "worker/../tests/fixtures/networks/loft-written/ia3.safetensors"]);
+    let (ok, stdout, _) = loft(&["lora", "inspect", m.parent().unwrap().join("networks/loft-written/ia3.safetensors").to_str().unwrap()]);
     assert!(ok && stdout.contains("ComfyUI      not applied") && stdout.contains("loft lora convert"), "{stdout}");
     // Bad arguments: both or neither of --rank/--energy, an energy outside (0, 1], no base layer.
     let src = m.join("merge/tiny-sd15-lokr.safetensors");

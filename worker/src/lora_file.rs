@@ -609,6 +609,26 @@ impl FileAlgo {
         }
     }
 
+    /// What Loft writes for a module of `algo` (`kxk_conv`: the layer is a k×k convolution,
+    /// where kohya's LoRA module is a LoCon).
+    pub fn written_by(algo: NetworkAlgo, kxk_conv: bool) -> Self {
+        match algo {
+            NetworkAlgo::Lora | NetworkAlgo::Locon if kxk_conv => FileAlgo::Locon,
+            NetworkAlgo::Lora | NetworkAlgo::Locon => FileAlgo::Lora,
+            NetworkAlgo::LycorisLocon => FileAlgo::LycorisLocon,
+            NetworkAlgo::Loha => FileAlgo::Loha,
+            NetworkAlgo::Ia3 => FileAlgo::Ia3,
+            NetworkAlgo::Lokr => FileAlgo::Lokr,
+            NetworkAlgo::Dylora => FileAlgo::Dylora,
+            NetworkAlgo::DiagOft => FileAlgo::DiagOft,
+            NetworkAlgo::Boft => FileAlgo::Boft,
+            NetworkAlgo::Glora => FileAlgo::Glora,
+            NetworkAlgo::GloraEx => FileAlgo::GloraEx,
+            NetworkAlgo::Abba => FileAlgo::Abba,
+            NetworkAlgo::Full => FileAlgo::Full,
+        }
+    }
+
     /// The Loft algorithm that computes this module's ΔW (`None` for norms, which any
     /// algorithm reads through the norm adapter).
     pub fn network_algo(self) -> Option<NetworkAlgo> {

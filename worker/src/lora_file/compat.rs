@@ -109,7 +109,7 @@ impl Traits {
             algo: Some(m.algo),
             dora: m.dora,
             wd_on_output: m.wd_on_output.unwrap_or(true),
-            tucker_conv: m.tucker && (spatial || m.weight_shape.len() == 4),
+            tucker_conv: m.tucker && spatial,
             constraint: matches!(m.algo, FileAlgo::DiagOft | FileAlgo::Boft) && m.alpha.is_some_and(|a| a > 0.0),
             rescaled: m.tensors.contains_key("rescale"),
             edge_module: is_edge_module(&m.name),
@@ -247,22 +247,8 @@ pub fn of_config(algo: NetworkAlgo, opts: &NetworkOptions, edge_modules: bool) -
 
 /// The module traits training `algo` with `opts` gives.
 pub fn config_traits(algo: NetworkAlgo, opts: &NetworkOptions, edge_modules: bool) -> Vec<Traits> {
-    let file_algo = match algo {
-        NetworkAlgo::Lora if opts.conv_dim.is_some() => FileAlgo::Locon,
-        NetworkAlgo::Lora => FileAlgo::Lora,
-        NetworkAlgo::Locon => FileAlgo::Locon,
-        NetworkAlgo::LycorisLocon => FileAlgo::LycorisLocon,
-        NetworkAlgo::Loha => FileAlgo::Loha,
-        NetworkAlgo::Lokr => FileAlgo::Lokr,
-        NetworkAlgo::Ia3 => FileAlgo::Ia3,
-        NetworkAlgo::Dylora => FileAlgo::Dylora,
-        NetworkAlgo::DiagOft => FileAlgo::DiagOft,
-        NetworkAlgo::Boft => FileAlgo::Boft,
-        NetworkAlgo::Glora => FileAlgo::Glora,
-        NetworkAlgo::GloraEx => FileAlgo::GloraEx,
-        NetworkAlgo::Abba => FileAlgo::Abba,
-        NetworkAlgo::Full => FileAlgo::Full,
-    };
+    // At the config level a conv rank means the k×k convs are adapted (as LoCon modules).
+    let file_algo = FileAlgo::written_by(algo, opts.conv_dim.is_some());
     let dora_algos = matches!(algo, NetworkAlgo::LycorisLocon | NetworkAlgo::Loha | NetworkAlgo::Lokr | NetworkAlgo::Abba);
     let main = Traits {
         algo: Some(file_algo),

@@ -263,8 +263,8 @@ fn truncated_svd(a: &Mat, k: usize, seed_label: &str) -> (&'static str, Factors)
         let f = svd(a);
         return ("exact", Factors { u: f.u, s: f.s, vt: f.vt });
     }
-    // Range finder on the wide side: work with Aᵀ when A has more columns than rows is not
-    // needed — Y = A·Ω is rows×width either way, and QR needs rows ≥ width (true: width < full).
+    // Y = A·Ω is rows×width and Aᵀ·Q is cols×width; both have at least `width` rows (width <
+    // full = min(rows, cols)), as QR needs.
     let mut rng = Gaussian::new(seed_label);
     let omega = Mat::new(a.cols, width, (0..a.cols * width).map(|_| rng.next()).collect());
     let at = a.t();

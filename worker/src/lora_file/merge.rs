@@ -185,10 +185,6 @@ impl BaseModel {
         }))
     }
 
-    pub fn family(&self) -> ModelFamily {
-        self.0.family
-    }
-
     /// The base layer (weight and bias, f32) that module `name` adapts, or `None` when the
     /// model has no layer of that name.
     pub fn layer_for(&self, m: &LoadedModule) -> Result<Option<BaseLayer>> {
@@ -221,14 +217,7 @@ pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<
         bail!("{} already exists; merge writes a new file or folder", out.display());
     }
     let is_dir = base.is_dir();
-    let b = if is_dir {
-        if !base.join("unet/config.json").is_file() {
-            bail!("{} is a folder but not a diffusers pipeline (no unet/config.json)", base.display());
-        }
-        Base::diffusers(base)?
-    } else {
-        Base::single_file(base, config_dir)?
-    };
+    let b = BaseModel::open(base, config_dir)?.0;
 
     // Plan: which stored tensors change, and from which modules.
     let mut warnings = Vec::new();

@@ -170,26 +170,7 @@ fn expected_keys(algo: NetworkAlgo) -> Vec<&'static str> {
 
 fn expected_file_algo(algo: NetworkAlgo, base: &BaseLayer) -> FileAlgo {
     let kxk = matches!(base.kind, LayerKind::Conv2d { kernel, .. } if kernel != (1, 1));
-    match algo {
-        NetworkAlgo::Lora | NetworkAlgo::Locon => {
-            if kxk {
-                FileAlgo::Locon
-            } else {
-                FileAlgo::Lora
-            }
-        }
-        NetworkAlgo::LycorisLocon => FileAlgo::LycorisLocon,
-        NetworkAlgo::Loha => FileAlgo::Loha,
-        NetworkAlgo::Ia3 => FileAlgo::Ia3,
-        NetworkAlgo::Lokr => FileAlgo::Lokr,
-        NetworkAlgo::Dylora => FileAlgo::Dylora,
-        NetworkAlgo::DiagOft => FileAlgo::DiagOft,
-        NetworkAlgo::Boft => FileAlgo::Boft,
-        NetworkAlgo::Glora => FileAlgo::Glora,
-        NetworkAlgo::GloraEx => FileAlgo::GloraEx,
-        NetworkAlgo::Abba => FileAlgo::Abba,
-        NetworkAlgo::Full => FileAlgo::Full,
-    }
+    FileAlgo::written_by(algo, kxk)
 }
 
 fn round_trip(algo: NetworkAlgo, opts: &NetworkOptions, tag: &str, dtype: Option<DType>) {
