@@ -333,6 +333,25 @@ fn an_old_database_upgrades_in_place() {
     assert_eq!((config.as_str(), description.as_str()), ("{\"network_dim\": 12}", ""));
     let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
+    drop(conn);
+    drop(db);
+
+    // A database from before converted files: its job files survive the artifacts table's
+    // rebuild, ids and all, and a converted file can be recorded.
+    let path = dir.path().join("v3.db");
+    {
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        loft::db::migrations().to_version(&mut conn, 3).unwrap();
+        conn.execute("INSERT INTO jobs (name, config, seq) VALUES ('j', '{}', 1)", []).unwrap();
+        conn.execute("INSERT INTO artifacts (id, job_id, kind, path, step, epoch) VALUES (7, 1, 'epoch', '/x/a.safetensors', 3, 1)", []).unwrap();
+        assert!(conn.execute("INSERT INTO artifacts (job_id, kind, path) VALUES (1, 'converted', '/x/b.safetensors')", []).is_err());
+    }
+    let db = loft::db::Db::open(&path).unwrap();
+    let conn = db.conn();
+    let (id, kind, step): (i64, String, i64) = conn.query_row("SELECT id, kind, step FROM artifacts", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+    assert_eq!((id, kind.as_str(), step), (7, "epoch", 3));
+    conn.execute("INSERT INTO artifacts (job_id, kind, path) VALUES (1, 'converted', '/x/b.safetensors')", []).unwrap();
+    assert!(conn.execute("INSERT INTO artifacts (job_id, kind, path) VALUES (1, 'nonsense', '/x/c')", []).is_err());
 }
 
 #[test]
@@ -365,4 +384,96 @@ fn start_up_errors_are_clear() {
         }))
         .unwrap_err();
     assert!(err.to_string().contains("--token"), "{err}");
+}
+
+/// The Network tab says, before training, how ComfyUI, A1111/Forge and diffusers will load the
+/// current choice, and warns where one falls short.
+#[tokio::test]
+async fn network_tab_warns_when_a_client_misreads_the_choice() {
+    let app = app();
+    let (_, html) = get(&app, "/ui/tab/network").await;
+    assert!(html.contains("id=\"clients\"") && html.contains("Clients that load this network"), "plain LoRA: every client exact");
+    assert!(!html.contains("Not every client"));
+    let (_, html) = post_form(&app, "/ui/tab/network", "_section=network&network_algo=ia3").await;
+    assert!(html.contains("Not every client will apply this network"), "IA3 warns");
+    assert!(html.contains("ComfyUI has no IA3 loader") && html.contains("Convert to LoRA"), "and says what to do");
+    let (_, html) = post_form(&app, "/ui/tab/network", "_section=network&network_algo=lycoris_locon&dora_wd=true&wd_on_output=true").await;
+    assert!(html.contains("DoRA per output row"), "DoRA per row: ComfyUI misreads it");
+    assert!(html.contains("dora_scale"), "diffusers drops DoRA's scale");
+    // Other tabs have no such box.
+    let (_, html) = get(&app, "/ui/tab/dataset").await;
+    assert!(!html.contains("id=\"clients\""));
+}
+
+/// "Convert to LoRA…" on a job's file: the file table shows each client's verdict and offers the
+/// conversion; the preview gives ranks and energy and writes nothing; writing adds the plain
+/// LoRA to the job's files, where every client is exact. The JSON API does the same.
+#[tokio::test]
+async fn a_job_file_converts_to_a_plain_lora_from_its_page() {
+    use loft::jobs::queue::{PostedEvent, RunEnd};
+    use loft::jobs::JobSource;
+    use loft_worker::train::{CheckpointKind, TrainEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = open_state(&data, None).unwrap();
+    let jobs = state.jobs.clone();
+    let app = App { router: router(state), dir: data.clone(), _dir: tempfile::tempdir().unwrap() };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let ds = dir.path().join("dataset/5_thing");
+    std::fs::create_dir_all(&ds).unwrap();
+    let config = json!({
+        "pretrained_model_name_or_path": fixtures.join("tiny-sd15"),
+        "train_data_dir": ds.parent().unwrap(),
+        "output_name": "x",
+    });
+    let id = jobs.enqueue(Some("lokr"), JobSource::Config(config.as_object().unwrap()), 0).unwrap();
+    let claim = jobs.claim("w", std::time::Duration::from_secs(60)).unwrap().unwrap();
+    std::fs::create_dir_all(jobs.job_dir(id)).unwrap();
+    let file = jobs.job_dir(id).join("x-000001.safetensors");
+    std::fs::copy(fixtures.join("merge/tiny-sd15-lokr.safetensors"), &file).unwrap();
+    let saved = TrainEvent::Checkpoint { step: 4, epoch: 1, checkpoint: CheckpointKind::Epoch, path: file.clone() };
+    jobs.record(id, &claim.lease, &[PostedEvent { seq: 1, event: saved }], std::time::Duration::from_secs(60)).unwrap();
+    jobs.finish(id, &claim.lease, &RunEnd::Done { final_step: 4, network_file: None, cancelled: false }).unwrap();
+    let artifact = jobs.artifacts(id).unwrap().into_iter().find(|a| a.kind == "epoch").unwrap().id;
+
+    let (status, page) = get(&app, &format!("/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("badge level-loads") && page.contains("badge level-no"), "LoKr: A1111 loads, diffusers does not");
+    assert!(page.contains(&format!("/ui/jobs/{id}/files/{artifact}/convert")), "offers Convert to LoRA…");
+
+    let (_, panel) = get(&app, &format!("/ui/jobs/{id}/files/{artifact}/convert")).await;
+    assert!(panel.contains("x-000001.safetensors") && panel.contains("value=\"0.999\""), "{panel}");
+    let url = format!("/ui/jobs/{id}/files/{artifact}/convert");
+    let (_, preview) = post_form(&app, &url, "how=energy&energy=0.999&apply=0").await;
+    assert!(preview.contains("Retained energy") && preview.contains("Write x-000001-lora.safetensors"), "{preview}");
+    assert!(!jobs.job_dir(id).join("x-000001-lora.safetensors").exists(), "a preview writes nothing");
+    let (_, bad) = post_form(&app, &url, "how=rank&rank=abc&apply=0").await;
+    assert!(bad.contains("Rank must be a whole number"), "{bad}");
+    let (_, written) = post_form(&app, &url, "how=energy&energy=0.999&apply=1").await;
+    assert!(written.contains("Wrote ") && written.contains("hx-swap-oob"), "{written}");
+    let converted = jobs.job_dir(id).join("x-000001-lora.safetensors");
+    let f = loft_worker::lora_file::LoraFile::load(&converted).unwrap();
+    assert_eq!(f.metadata["ss_network_module"], "networks.lora");
+    let rows = jobs.artifacts(id).unwrap();
+    let row = rows.iter().find(|a| a.kind == "converted").expect("the converted file is one of the job's files");
+    assert!(row.label.contains("energy"), "{}", row.label);
+    let (_, page) = get(&app, &format!("/jobs/{id}")).await;
+    assert!(page.contains("x-000001-lora.safetensors"));
+
+    // The JSON API: a full-rank preview keeps all the energy; bad requests name the field.
+    let api = format!("/api/jobs/{id}/files/{artifact}/convert");
+    let (status, r) = json_req(&app, "POST", &api, json!({ "rank": 100000 })).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert!((r["retained_energy"].as_f64().unwrap() - 1.0).abs() < 1e-9 && r["written"].is_null(), "{r}");
+    let (status, r) = json_req(&app, "POST", &api, json!({ "rank": 4, "energy": 0.9 })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
+    let (status, r) = json_req(&app, "POST", &api, json!({ "energy": 1.5 })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r["errors"][0]["field"], "energy", "{r}");
+    let (status, r) = json_req(&app, "POST", &api, json!({ "energy": 0.99, "apply": true })).await;
+    assert_eq!(status, StatusCode::CREATED, "{r}");
+    assert!(r["written"].as_str().unwrap().ends_with("x-000001-lora-2.safetensors"), "{r}");
+    let (status, _) = json_req(&app, "POST", &format!("/api/jobs/{id}/files/99999/convert"), json!({ "energy": 0.99 })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let _ = app.dir;
 }

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod charts;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod demo;
 pub mod hub;
 pub mod queue;

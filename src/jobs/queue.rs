@@ -806,6 +806,15 @@ pub fn artifact(conn: &Connection, job_id: i64, artifact_id: i64) -> Result<Arti
     .ok_or_else(|| JobError::Missing(format!("job {job_id} has no file {artifact_id}")))
 }
 
+/// Records a file made from a job's file after the run (a converted LoRA), returning its row.
+pub fn add_artifact(conn: &mut Connection, job_id: i64, kind: &str, path: &str, step: u64, epoch: u64, label: &str) -> Result<Artifact, JobError> {
+    let tx = immediate(conn)?;
+    upsert_artifact(&tx, job_id, kind, path, step, epoch, label)?;
+    let row = qrow(&tx, &format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ?1 AND path = ?2"), params![job_id, path], artifact_row)?;
+    tx.commit()?;
+    Ok(row)
+}
+
 pub fn set_kept(conn: &Connection, artifact_id: i64, kept: &str) -> rusqlite::Result<()> {
     exec(conn, "UPDATE artifacts SET kept = ?2 WHERE id = ?1", params![artifact_id, kept])?;
     Ok(())

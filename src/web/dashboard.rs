@@ -8,7 +8,9 @@ use std::path::Path;
 use askama::Template;
 use serde_json::Value;
 
+use super::clients::{views, ClientView};
 use crate::jobs::charts::{line_chart, short, smooth, Line};
+use crate::jobs::convert::{file_clients, CONVERTED_KIND};
 use crate::jobs::{fmt_duration, Artifact, EventRow, JobState, JobSummary};
 
 /// A job as a card (list) or page head.
@@ -145,6 +147,10 @@ pub struct FileView {
     pub size: String,
     pub on_disk: bool,
     pub kept: String,
+    /// How each client loads it (empty when it cannot be read as a network file).
+    pub clients: Vec<ClientView>,
+    /// A client falls short and a plain LoRA would fix it: offer "Convert to LoRA…".
+    pub convertible: bool,
 }
 
 #[derive(Template)]
@@ -212,7 +218,7 @@ pub fn samples_html(job: i64, artifacts: &[Artifact], has_prompts: bool) -> Stri
     render(&Samples { job, samples, has_prompts })
 }
 
-fn human_size(bytes: u64) -> String {
+pub fn human_size(bytes: u64) -> String {
     match bytes {
         0..=1023 => format!("{bytes} B"),
         1024..=1_048_575 => format!("{:.1} KiB", bytes as f64 / 1024.0),
@@ -220,15 +226,21 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
+/// The saved-files table. It reads each network file once (cached until it changes) to say how
+/// the clients load it: call it off the async threads.
 pub fn files_html(job: i64, artifacts: &[Artifact]) -> String {
     let files = artifacts
         .iter()
-        .filter(|a| matches!(a.kind.as_str(), "epoch" | "step" | "final"))
+        .filter(|a| matches!(a.kind.as_str(), "epoch" | "step" | "final" | CONVERTED_KIND))
         .filter(|a| !a.pruned || a.kept.is_some())
         .map(|a| {
             let path = Path::new(&a.path);
             let size = path.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+            let on_disk = if size.is_some() { Some(path) } else { a.kept.as_deref().map(Path::new) };
+            let clients = on_disk.and_then(file_clients);
             FileView {
+                convertible: clients.as_ref().is_some_and(|c| c.needs_conversion),
+                clients: clients.map(|c| views(&c.verdicts)).unwrap_or_default(),
                 id: a.id,
                 name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.path.clone()),
                 kind: a.kind.clone(),

@@ -22,6 +22,8 @@ use super::ui::{draft_id, merge_open_section, with_cookie, ErrorLine};
 use super::api::json_body;
 use super::{render, AppState};
 use crate::drafts;
+use crate::jobs::convert::ConvertRequest;
+use crate::jobs::convert::ConvertReport;
 use crate::jobs::{demo, queue, JobError, JobSource, Jobs, Move};
 use crate::registry::{Config, FieldError};
 
@@ -361,9 +363,14 @@ async fn html_stream(jobs: Jobs, id: i64, toast_after: i64, tx: mpsc::Sender<Eve
             out.push(event("lr", live.lr_svg()));
         }
         if first || changed.files {
-            let artifacts = blocking(&jobs, move |j| j.artifacts(id)).await.unwrap_or_default();
+            let (artifacts, files) = blocking(&jobs, move |j| {
+                let artifacts = j.artifacts(id).unwrap_or_default();
+                let files = dashboard::files_html(id, &artifacts);
+                (artifacts, files)
+            })
+            .await;
             out.push(event("samples", dashboard::samples_html(id, &artifacts, has_prompts)));
-            out.push(event("files", dashboard::files_html(id, &artifacts)));
+            out.push(event("files", files));
         }
         if first || changed.log {
             out.push(event("log", dashboard::log_html(&live.log)));
@@ -464,10 +471,12 @@ pub async fn queue_page(State(state): State<AppState>, headers: HeaderMap) -> Re
 /// `GET /jobs/{id}`: one job, rendered complete, then kept live by its stream.
 pub async fn job_page(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
     let result = blocking(&state.jobs, move |j| {
-        Ok::<_, JobError>((j.get(id)?, j.artifacts(id)?, j.config(id)?, j.events_after(Some(id), 0, i64::MAX)?))
+        let artifacts = j.artifacts(id)?;
+        let files = dashboard::files_html(id, &artifacts);
+        Ok::<_, JobError>((j.get(id)?, artifacts, files, j.config(id)?, j.events_after(Some(id), 0, i64::MAX)?))
     })
     .await;
-    let (job, artifacts, config, events) = match result {
+    let (job, artifacts, files, config, events) = match result {
         Ok(v) => v,
         Err(JobError::NotFound(_)) => {
             return (StatusCode::NOT_FOUND, Html(format!("<p>No job {id}. <a href=\"/jobs\">Back to the queue</a></p>"))).into_response()
@@ -489,7 +498,7 @@ pub async fn job_page(State(state): State<AppState>, Path(id): Path<i64>) -> Res
         loss: live.loss_svg(),
         lr: live.lr_svg(),
         samples: dashboard::samples_html(id, &artifacts, has_prompts),
-        files: dashboard::files_html(id, &artifacts),
+        files,
         log: dashboard::log_html(&live.log),
         config: serde_json::to_string_pretty(&shown).unwrap_or_default(),
     })
@@ -596,16 +605,152 @@ pub async fn ui_action(State(state): State<AppState>, headers: HeaderMap, Path((
 pub async fn ui_keep(State(state): State<AppState>, Path((id, file)): Path<(i64, i64)>) -> Response {
     let result = blocking(&state.jobs, move |jobs| {
         let kept = jobs.keep(id, file);
-        (kept, jobs.artifacts(id))
+        (kept, jobs.artifacts(id).map(|a| dashboard::files_html(id, &a)))
     })
     .await;
     match result {
-        (Ok(_), Ok(artifacts)) => Html(dashboard::files_html(id, &artifacts)).into_response(),
-        (Err(e), Ok(artifacts)) => Html(format!("<p class=\"notice bad\">{}</p>{}", askama_escape(&e.to_string()), dashboard::files_html(id, &artifacts))).into_response(),
+        (Ok(_), Ok(files)) => Html(files).into_response(),
+        (Err(e), Ok(files)) => Html(format!("<p class=\"notice bad\">{}</p>{}", askama_escape(&e.to_string()), files)).into_response(),
         (_, Err(e)) => job_error(e),
     }
 }
 
 fn askama_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+// ---------------------------------------------------------------- convert to LoRA
+
+#[derive(askama::Template)]
+#[template(path = "_convert_panel.html")]
+struct ConvertPanel {
+    job: i64,
+    file: i64,
+    file_name: String,
+    how: String,
+    energy: String,
+    rank: String,
+    conv_rank: String,
+    report: Option<ConvertReport>,
+    energy_pct: String,
+    rel_error: String,
+    ranks: String,
+    size: String,
+    error: String,
+    /// After writing: the refreshed file table, swapped in out of band.
+    files_oob: String,
+}
+
+impl ConvertPanel {
+    fn new(job: i64, file: i64, file_name: String) -> Self {
+        ConvertPanel {
+            job,
+            file,
+            file_name,
+            how: "energy".into(),
+            energy: "0.999".into(),
+            rank: String::new(),
+            conv_rank: String::new(),
+            report: None,
+            energy_pct: String::new(),
+            rel_error: String::new(),
+            ranks: String::new(),
+            size: String::new(),
+            error: String::new(),
+            files_oob: String::new(),
+        }
+    }
+
+    fn with_report(mut self, r: ConvertReport) -> Self {
+        self.energy_pct = format!("{:.4}%", 100.0 * r.retained_energy);
+        self.rel_error = format!("{:.3e}", r.rel_error);
+        self.ranks = if r.min_rank == r.max_rank { format!("{}", r.max_rank) } else { format!("{}–{}", r.min_rank, r.max_rank) };
+        self.size = dashboard::human_size(r.bytes);
+        self.report = Some(r);
+        self
+    }
+}
+
+fn file_name_of(a: &queue::Artifact) -> String {
+    std::path::Path::new(&a.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| a.path.clone())
+}
+
+/// `GET /ui/jobs/{id}/files/{file}/convert`: the "Convert to LoRA…" panel for one file.
+pub async fn ui_convert_form(State(state): State<AppState>, Path((id, file)): Path<(i64, i64)>) -> Response {
+    match blocking(&state.jobs, move |jobs| jobs.artifact(id, file)).await {
+        Ok(a) => render(&ConvertPanel::new(id, file, file_name_of(&a))),
+        Err(e) => Html(format!("<p class=\"notice bad\">{}</p>", askama_escape(&e.to_string()))).into_response(),
+    }
+}
+
+/// Reads the panel's form (`how` = energy | rank, `energy`, `rank`, `conv_rank`, `apply` = 0 | 1).
+fn convert_request(form: &std::collections::HashMap<String, String>) -> Result<ConvertRequest, String> {
+    let field = |k: &str| form.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let number = |k: &str, label: &str| -> Result<Option<usize>, String> {
+        field(k).map(|v| v.parse::<usize>().map_err(|_| format!("{label} must be a whole number ≥ 1, not {v:?}"))).transpose()
+    };
+    let mut request = ConvertRequest { apply: field("apply") == Some("1"), ..Default::default() };
+    if field("how") == Some("rank") {
+        request.rank = Some(number("rank", "Rank")?.ok_or("give a rank (e.g. 16)")?);
+        request.conv_rank = number("conv_rank", "Conv rank")?;
+    } else {
+        let v = field("energy").ok_or("give the share of energy to keep (e.g. 0.999)")?;
+        request.energy = Some(v.parse::<f64>().map_err(|_| format!("Energy must be a number in (0, 1], not {v:?}"))?);
+    }
+    Ok(request)
+}
+
+fn convert_error(e: &JobError) -> String {
+    match e {
+        JobError::Invalid(errors) => errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// `POST /ui/jobs/{id}/files/{file}/convert`: preview (`apply=0`) or write (`apply=1`) the
+/// conversion; the panel comes back with the ranks, energy, error and size, and after writing the
+/// file table is refreshed out of band.
+pub async fn ui_convert(State(state): State<AppState>, Path((id, file)): Path<(i64, i64)>, Form(form): Form<std::collections::HashMap<String, String>>) -> Response {
+    let parsed = convert_request(&form);
+    let outcome = blocking(&state.jobs, move |jobs| {
+        let name = jobs.artifact(id, file).map(|a| file_name_of(&a)).unwrap_or_default();
+        let result = parsed.map_err(|m| JobError::Invalid(vec![FieldError { field: "convert".into(), message: m }])).and_then(|r| jobs.convert_file(id, file, &r));
+        let files = match &result {
+            Ok(r) if r.written.is_some() => jobs.artifacts(id).ok().map(|a| dashboard::files_html(id, &a)),
+            _ => None,
+        };
+        (name, result, files)
+    })
+    .await;
+    let (name, result, files) = outcome;
+    let mut panel = ConvertPanel::new(id, file, name);
+    if form.get("how").map(String::as_str) == Some("rank") {
+        panel.how = "rank".into();
+    }
+    for (key, slot) in [("energy", &mut panel.energy), ("rank", &mut panel.rank), ("conv_rank", &mut panel.conv_rank)] {
+        if let Some(v) = form.get(key) {
+            *slot = v.clone();
+        }
+    }
+    let mut panel = match result {
+        Ok(r) => panel.with_report(r),
+        Err(e) => ConvertPanel { error: convert_error(&e), ..panel },
+    };
+    if let Some(files) = files {
+        panel.files_oob = format!("<div id=\"files\" hx-swap-oob=\"innerHTML\">{files}</div>");
+    }
+    render(&panel)
+}
+
+/// `POST /api/jobs/{id}/files/{file}/convert` `{"rank"?, "conv_rank"?, "energy"?, "apply"?}`:
+/// the conversion report (a preview unless `apply` is true, then the written file and its row).
+pub async fn api_convert(State(state): State<AppState>, Path((id, file)): Path<(i64, i64)>, body: Result<Json<ConvertRequest>, JsonRejection>) -> Response {
+    let request = match json_body(body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match blocking(&state.jobs, move |jobs| jobs.convert_file(id, file, &request)).await {
+        Ok(report) => (if report.written.is_some() { StatusCode::CREATED } else { StatusCode::OK }, Json(report)).into_response(),
+        Err(e) => job_error(e),
+    }
 }

@@ -2,6 +2,7 @@
 //! they parse the request, call a service (registry, presets, drafts, jobs) and render JSON or HTML.
 
 mod api;
+mod clients;
 mod dashboard;
 mod export;
 mod hub;
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/jobs/{id}/priority", post(jobs::api_priority))
         .route("/api/jobs/{id}/move", post(jobs::api_move))
         .route("/api/jobs/{id}/files/{file}/keep", post(jobs::api_keep))
+        .route("/api/jobs/{id}/files/{file}/convert", post(jobs::api_convert))
         .route("/api/demo", post(jobs::api_demo))
         .route("/api/export/sd-scripts", post(export::api_export))
         .route("/ui/export/sd-scripts", post(export::ui_export))
@@ -70,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/queue", post(jobs::ui_queue))
         .route("/ui/demo", post(jobs::ui_demo))
         .route("/ui/jobs/{id}/files/{file}/keep", post(jobs::ui_keep))
+        .route("/ui/jobs/{id}/files/{file}/convert", get(jobs::ui_convert_form).post(jobs::ui_convert))
         .route("/ui/jobs/{id}/{action}", post(jobs::ui_action))
         .route("/static/{*path}", get(static_file))
         .route("/healthz", get(|| async { "ok" }))

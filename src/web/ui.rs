@@ -11,6 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Form;
 use serde_json::Value;
 
+use loft_worker::train::TrainConfig;
+
+use super::clients::ClientsBox;
 use super::{cookie, render, AppState};
 use crate::drafts;
 use crate::presets::{PresetError, PresetSummary, Presets};
@@ -18,6 +21,7 @@ use crate::registry::{fmt_num, Config, FieldError, FieldState, Kind, Registry};
 
 const DRAFT_COOKIE: &str = "loft_draft";
 pub const PRESETS_TAB: &str = "presets";
+const NETWORK_TAB: &str = "network";
 
 pub struct TabLink {
     pub id: String,
@@ -75,6 +79,8 @@ pub struct SectionTemplate {
     pub title: String,
     pub intro: String,
     pub groups: Vec<GroupView>,
+    /// The Network tab's client-compatibility box (HTML), empty elsewhere.
+    pub clients: String,
     pub tabs: Vec<TabLink>,
     pub oob: bool,
 }
@@ -173,7 +179,9 @@ fn section_template(registry: &Registry, id: &str, config: &Config, oob: bool) -
             _ => groups.push(GroupView { title, fields: vec![field_view(state)] }),
         }
     }
+    let clients = if section.meta.id == NETWORK_TAB { network_clients_html(registry, config) } else { String::new() };
     Some(SectionTemplate {
+        clients,
         id: section.meta.id.clone(),
         title: section.meta.title.clone(),
         intro: section.meta.intro.clone(),
@@ -181,6 +189,21 @@ fn section_template(registry: &Registry, id: &str, config: &Config, oob: bool) -
         tabs: tab_links(registry, config, id),
         oob,
     })
+}
+
+/// How ComfyUI, A1111/Forge and diffusers will load what the draft trains (empty while the
+/// draft's values cannot be read, e.g. a number field holding text).
+fn network_clients_html(registry: &Registry, config: &Config) -> String {
+    let mut config = config.clone();
+    registry.apply_links(&mut config, &[]);
+    let active = crate::jobs::config::active_config(registry, &registry.resolve(&config));
+    match TrainConfig::read_fields(&active) {
+        Ok(train) => {
+            let (verdicts, convert) = train.client_verdicts();
+            ClientsBox::new(&verdicts, convert).render().unwrap_or_default()
+        }
+        Err(_) => String::new(),
+    }
 }
 
 fn presets_template(state: &AppState, config: &Config, message: String, problem: String, errors: &[FieldError], name: String, oob: bool) -> PresetsTemplate {

@@ -391,18 +391,10 @@ impl TrainConfig {
                 }
             }
         }
-        let mut known = serde_json::Map::new();
-        let fields = serde_json::to_value(TrainConfig::default()).expect("serializable");
-        let fields = fields.as_object().expect("object");
-        for (k, v) in map {
-            if fields.contains_key(k) && !v.is_null() {
-                known.insert(k.clone(), v.clone());
-            }
-        }
-        let config: TrainConfig = match serde_json::from_value(serde_json::Value::Object(known)) {
+        let config = match TrainConfig::read_fields(map) {
             Ok(c) => c,
             Err(e) => {
-                errors.push(err("config", e.to_string()));
+                errors.push(e);
                 return Err(errors);
             }
         };
@@ -412,6 +404,21 @@ impl TrainConfig {
         } else {
             Err(errors)
         }
+    }
+
+    /// Reads the fields this engine knows from a resolved registry config, without checking that
+    /// the run is possible: what the form uses to describe a draft (its network, say) before
+    /// every required value is filled in. Training goes through [`TrainConfig::from_map`].
+    pub fn read_fields(map: &serde_json::Map<String, serde_json::Value>) -> Result<TrainConfig, ConfigError> {
+        let mut known = serde_json::Map::new();
+        let fields = serde_json::to_value(TrainConfig::default()).expect("serializable");
+        let fields = fields.as_object().expect("object");
+        for (k, v) in map {
+            if fields.contains_key(k) && !v.is_null() {
+                known.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(serde_json::Value::Object(known)).map_err(|e| err("config", e.to_string()))
     }
 
     /// Checks that the run is one this engine can do, before any work.
@@ -498,6 +505,18 @@ impl TrainConfig {
             seed: self.seed,
             ..NetworkOptions::default()
         }
+    }
+
+    /// What ComfyUI, A1111/Forge and diffusers will make of the file this run writes, and whether
+    /// converting it to a plain LoRA afterwards would help (the Network tab shows this before
+    /// training).
+    pub fn client_verdicts(&self) -> (Vec<crate::lora_file::compat::Verdict>, bool) {
+        use crate::lora_file::compat;
+        let edge = crate::train::network::adapts_edge_modules(self.network_algo, &self.lycoris_preset, self.trains_unet());
+        let opts = self.network_options();
+        let verdicts = compat::of_config(self.network_algo, &opts, edge);
+        let convert = compat::needs_conversion(&verdicts, &compat::config_traits(self.network_algo, &opts, edge));
+        (verdicts, convert)
     }
 
     /// The prompt length in tokens.

@@ -56,6 +56,26 @@ fn classify(part: Part, path: &str) -> Block {
     }
 }
 
+/// A LyCORIS preset's targets: (U-Net module kinds, text-encoder modules, convolutions enabled).
+fn preset_targets(preset: &str) -> (&'static [&'static str], bool, bool) {
+    match preset {
+        "full" => (&["transformer", "conv_block", "named"], true, true),
+        "full-lin" => (&["transformer", "conv_block", "named"], true, false),
+        "attn-mlp" => (&["transformer"], true, false),
+        "attn-only" => (&["attention"], true, false),
+        "unet-only" => (&["transformer", "conv_block", "named"], false, true),
+        "unet-transformer-only" => (&["transformer"], false, false),
+        "unet-convblock-only" => (&["conv_block"], false, true),
+        _ => (&["transformer", "conv_block", "named"], true, true),
+    }
+}
+
+/// Whether training `algo` with `preset` adapts `conv_in`, `conv_out` or the time embedding
+/// (LyCORIS's named targets, which diffusers drops when it loads the file).
+pub fn adapts_edge_modules(algo: NetworkAlgo, preset: &str, trains_unet: bool) -> bool {
+    trains_unet && !algo.is_kohya() && preset != "ia3" && preset_targets(preset).0.contains(&"named")
+}
+
 /// Whether `layer` gets an adapter for this algorithm and preset, and (IA3 preset) whether it
 /// scales its input.
 fn selects(algo: NetworkAlgo, opts: &NetworkOptions, preset: &str, part: Part, path: &str, kind: &LayerKind) -> Option<bool> {
@@ -82,17 +102,7 @@ fn selects(algo: NetworkAlgo, opts: &NetworkOptions, preset: &str, part: Part, p
         let ok = path.ends_with("to_k") || path.ends_with("to_v") || path.ends_with("k_proj") || path.ends_with("v_proj") || on_input;
         return (ok && !is_norm).then_some(on_input);
     }
-    // (unet modules, text-encoder modules, convs enabled)
-    let (unet_blocks, te, enable_conv): (&[&str], bool, bool) = match preset {
-        "full" => (&["transformer", "conv_block", "named"], true, true),
-        "full-lin" => (&["transformer", "conv_block", "named"], true, false),
-        "attn-mlp" => (&["transformer"], true, false),
-        "attn-only" => (&["attention"], true, false),
-        "unet-only" => (&["transformer", "conv_block", "named"], false, true),
-        "unet-transformer-only" => (&["transformer"], false, false),
-        "unet-convblock-only" => (&["conv_block"], false, true),
-        _ => (&["transformer", "conv_block", "named"], true, true),
-    };
+    let (unet_blocks, te, enable_conv) = preset_targets(preset);
     let in_unet = match block {
         Block::Transformer { attention } => unet_blocks.contains(&"transformer") || (attention && unet_blocks.contains(&"attention")),
         Block::ConvBlock => unet_blocks.contains(&"conv_block"),
