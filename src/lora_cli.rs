@@ -20,7 +20,7 @@ use loft_worker::lora_file::convert::{convert, Conversion, RankChoice};
 use loft_worker::lora_file::merge::{merge, parse_lora_arg, BaseModel, MergeInput};
 use loft_worker::lora_file::resize::{resize, DynamicMethod};
 use loft_worker::lora_file::{
-    module_group, parse_save_precision, py_float, save_tensors, LoraFile,
+    module_group, parse_save_precision, py_float, save_tensors, LoraFile, MultiplierRule,
 };
 use serde_json::json;
 
@@ -95,9 +95,15 @@ pub enum LoraCommand {
         /// The base model: a diffusers folder or a single-file .safetensors checkpoint.
         #[arg(long)]
         base: PathBuf,
-        /// A network file, optionally with its weight (FILE:0.7); repeat for several.
+        /// A network file, optionally with its strength (FILE:0.7); repeat for several. The
+        /// strength follows LyCORIS's definition: inside DoRA's weight norm and the DIAG-OFT/BOFT
+        /// rotation, a plain scale of ΔW for every other algorithm.
         #[arg(long = "lora", required = true)]
         loras: Vec<String>,
+        /// Scale every file's ΔW(1) by its strength instead (what ComfyUI's strength slider
+        /// does); differs from the default only for DoRA, DIAG-OFT and BOFT at strengths ≠ 1.
+        #[arg(long)]
+        linear_multiplier: bool,
         /// Where to write the merged model (a folder for a diffusers base, a .safetensors
         /// file for a single file); must not exist.
         #[arg(long)]
@@ -209,12 +215,13 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             }
             Ok(())
         }
-        LoraCommand::Merge { base, loras, out, config, json } => {
+        LoraCommand::Merge { base, loras, out, config, json, linear_multiplier } => {
+            let rule = if linear_multiplier { MultiplierRule::Linear } else { MultiplierRule::Lycoris };
             let inputs = loras
                 .iter()
                 .map(|arg| {
                     let (path, multiplier) = parse_lora_arg(arg);
-                    Ok(MergeInput { file: LoraFile::load(&path)?, multiplier })
+                    Ok(MergeInput { file: LoraFile::load(&path)?, multiplier, rule })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let r = merge(&base, &inputs, &out, config.as_deref())?;

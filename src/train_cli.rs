@@ -13,7 +13,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loft_worker::candle_core::DType;
 use loft_worker::lora_file::merge::parse_lora_arg;
-use loft_worker::lora_file::LoraFile;
+use loft_worker::lora_file::{LoraFile, MultiplierRule};
 use loft_worker::models::pipeline::StableDiffusion;
 use loft_worker::noise::NoiseSchedule;
 use loft_worker::sample::{sample_image, save_png, SampleRequest, Sampler};
@@ -68,7 +68,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
             rt.block_on(async {
-                crate::jobs::cli::stop_signal().await;
+                crate::signal::stop_signal().await;
                 eprintln!("\nstopping after this step (a state is saved; continue with --resume)…");
                 on_signal.cancel();
             });
@@ -139,9 +139,15 @@ pub struct SampleArgs {
     /// A diffusers folder or a single-file .safetensors checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// A network file to apply, optionally with a weight: `my.safetensors:0.8` (repeatable).
+    /// A network file to apply, optionally with a strength: `my.safetensors:0.8` (repeatable).
+    /// The strength follows LyCORIS's definition: inside DoRA's weight norm and the
+    /// DIAG-OFT/BOFT rotation, a plain scale of ΔW for every other algorithm.
     #[arg(long = "lora")]
     pub loras: Vec<String>,
+    /// Scale every file's ΔW(1) by its strength instead (what ComfyUI's strength slider does);
+    /// differs from the default only for DoRA, DIAG-OFT and BOFT at strengths other than 1.
+    #[arg(long)]
+    pub linear_multiplier: bool,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -188,7 +194,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         files.push((LoraFile::load(&path)?, weight));
     }
     let refs: Vec<(&LoraFile, f64)> = files.iter().map(|(f, w)| (f, *w)).collect();
-    let unmatched = model.apply_networks(&refs)?;
+    let rule = if args.linear_multiplier { MultiplierRule::Linear } else { MultiplierRule::Lycoris };
+    let unmatched = model.apply_networks_with(&refs, rule)?;
     if !unmatched.is_empty() {
         eprintln!("warning: {} network modules match no layer of this model, e.g. {}", unmatched.len(), unmatched[0]);
     }

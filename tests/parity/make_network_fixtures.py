@@ -966,6 +966,11 @@ FILE_SETS = {
 }
 
 
+# The files whose expected output also holds W′ at these multipliers (LyCORIS 4.1.3's math).
+MULTIPLIER_FILES = ("lycoris_locon_dora", "diag_oft", "boft")
+MULTIPLIER_CHECKS = (0.5, 1.5)
+
+
 def file_module_state(algo, c, o):
     """The tensors LyCORIS (or kohya / the fork) writes for one module."""
     if algo in ("lora", "locon", "abba", "glora_ex"):
@@ -1029,6 +1034,13 @@ def write_files():
             exp[f"{lora_name}.dw"] = t32(dw)
             if db is not None:
                 exp[f"{lora_name}.db"] = t32(db)
+            # Where LyCORIS applies the multiplier inside the math (DoRA's norm, the OFT
+            # rotation), W′ at m ≠ 1 is not W + m·ΔW(1): record it at two strengths.
+            if fname in MULTIPLIER_FILES:
+                for m in MULTIPLIER_CHECKS:
+                    cm, _ = build(f"file_{fname}_{lora_name}", algo, spec, o, m)
+                    assert torch.equal(org_weight(cm), org_weight(c)), "the same seeded module at every multiplier"
+                    exp[f"{lora_name}.merged_m{m}"] = t32(cm.merged[0])
         net_args = {k: v for k, v in o.items() if k not in ("rank", "alpha")}
         if algo in ("lora", "locon"):
             module = "networks.lora"
@@ -1054,6 +1066,7 @@ def write_files():
             "layers": json.dumps(layer_meta, sort_keys=True),
             "multiplier": "1.0",
             "dw": "W′ − W at multiplier 1, by the correct math (loader view; DyLoRA read as alpha/r)",
+            "merged_m": "W′ at multipliers " + ", ".join(map(str, MULTIPLIER_CHECKS)) + " with LyCORIS's semantics (m inside DoRA's norm and the OFT rotation)" if fname in MULTIPLIER_FILES else "",
         })
 
 

@@ -673,6 +673,17 @@ pub struct LoadedModule {
     pub weight_shape: Vec<usize>,
 }
 
+/// How a file's strength m (`FILE:m`) is applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MultiplierRule {
+    /// As LyCORIS (and Loft's training) defines it: m inside DoRA's weight norm and inside the
+    /// DIAG-OFT/BOFT rotation, m·ΔW for every other algorithm.
+    #[default]
+    Lycoris,
+    /// m·ΔW(m = 1) for every algorithm: what ComfyUI's strength slider does (`--linear-multiplier`).
+    Linear,
+}
+
 /// ΔW = W′ − W and Δb at multiplier 1.
 #[derive(Clone, Debug)]
 pub struct ModuleDelta {
@@ -710,10 +721,49 @@ impl LoadedModule {
             .collect()
     }
 
+    /// Whether LyCORIS applies the strength inside the math (DoRA's norm, the OFT rotation), so
+    /// that W′(m) − W is not m·ΔW(1).
+    pub fn multiplier_is_nonlinear(&self) -> bool {
+        self.dora || matches!(self.algo, FileAlgo::DiagOft | FileAlgo::Boft)
+    }
+
+    /// ΔW and Δb at strength `m` under `rule` (see [`MultiplierRule`]); `base` as for
+    /// [`Self::delta`].
+    pub fn delta_at(&self, base: Option<&BaseLayer>, m: f64, rule: MultiplierRule) -> Result<ModuleDelta> {
+        if m == 1.0 || rule == MultiplierRule::Linear || !self.multiplier_is_nonlinear() {
+            let d = self.delta(base)?;
+            return Ok(ModuleDelta { dw: d.dw.affine(m, 0.0)?, db: d.db.map(|b| b.affine(m, 0.0)).transpose()? });
+        }
+        let (mut adapter, base) = self.adapter_on(base)?;
+        adapter.set_multiplier(m);
+        let name = &self.name;
+        let merged = adapter.merged_weight(&base).map_err(|e| anyhow!("module {name}: {e}"))?;
+        let dw = (merged.to_dtype(DType::F32)? - base.weight.to_dtype(DType::F32)?)?;
+        let db = match (adapter.merged_bias(&base).map_err(|e| anyhow!("module {name}: {e}"))?, &base.bias) {
+            (Some(b1), Some(b0)) => Some((b1.to_dtype(DType::F32)? - b0.to_dtype(DType::F32)?)?),
+            (Some(b1), None) => Some(b1.to_dtype(DType::F32)?),
+            (None, _) => None,
+        };
+        Ok(ModuleDelta { dw, db })
+    }
+
     /// ΔW (shaped like the base weight) and Δb. `base` is the layer the module adapts; it is
     /// required when [`Self::needs_base`], otherwise optional (without it a zero base of
     /// [`Self::weight_shape`] is used and ΔW has that shape).
     pub fn delta(&self, base: Option<&BaseLayer>) -> Result<ModuleDelta> {
+        let name = &self.name;
+        let (adapter, _) = self.adapter_on(base)?;
+        let dw = adapter
+            .delta_weight()
+            .map_err(|e| anyhow!("module {name}: {e}"))?;
+        let db = adapter
+            .delta_bias()
+            .map_err(|e| anyhow!("module {name}: {e}"))?;
+        Ok(ModuleDelta { dw, db })
+    }
+
+    /// The module as an adapter on `base` (converted to f32), with that base.
+    fn adapter_on(&self, base: Option<&BaseLayer>) -> Result<(Box<dyn Adapter>, BaseLayer)> {
         let name = &self.name;
         let owned;
         let base = match base {
@@ -754,13 +804,7 @@ impl LoadedModule {
             None => adapter_from_tensors_named(NetworkAlgo::Lora, &opts, base, &tensors, name),
         }
         .map_err(|e| anyhow!("{e}"))?;
-        let dw = adapter
-            .delta_weight()
-            .map_err(|e| anyhow!("module {name}: {e}"))?;
-        let db = adapter
-            .delta_bias()
-            .map_err(|e| anyhow!("module {name}: {e}"))?;
-        Ok(ModuleDelta { dw, db })
+        Ok((adapter, base.clone()))
     }
 
     fn zero_base(&self) -> Result<BaseLayer> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use loft_worker::lora_file::merge::{merge, MergeInput};
-use loft_worker::lora_file::LoraFile;
+use loft_worker::lora_file::{LoraFile, MultiplierRule};
 use loft_worker::models::config::{read_json, UNetConfig};
 use loft_worker::models::ldm_names::{sdxl_kohya_unet_name, UNetLayout};
 use loft_worker::models::single_file::{Checkpoint, Component};
@@ -23,8 +23,8 @@ fn fixtures() -> PathBuf {
 
 fn inputs() -> Vec<MergeInput> {
     vec![
-        MergeInput { file: LoraFile::load(&fixtures().join("merge/tiny-sd15-locon.safetensors")).unwrap(), multiplier: 1.0 },
-        MergeInput { file: LoraFile::load(&fixtures().join("merge/tiny-sd15-lokr.safetensors")).unwrap(), multiplier: 0.5 },
+        MergeInput { file: LoraFile::load(&fixtures().join("merge/tiny-sd15-locon.safetensors")).unwrap(), multiplier: 1.0, rule: MultiplierRule::Lycoris },
+        MergeInput { file: LoraFile::load(&fixtures().join("merge/tiny-sd15-lokr.safetensors")).unwrap(), multiplier: 0.5, rule: MultiplierRule::Lycoris },
     ]
 }
 
@@ -168,7 +168,7 @@ fn sdxl_ldm_names_and_fused_qkv_merge_into_a_single_file() {
 
     let base = fixtures().join("tiny-sdxl.safetensors");
     let out = tmp.path().join("merged.safetensors");
-    let inputs = vec![MergeInput { file: LoraFile::load(&lora_path).unwrap(), multiplier: 0.8 }];
+    let inputs = vec![MergeInput { file: LoraFile::load(&lora_path).unwrap(), multiplier: 0.8, rule: MultiplierRule::Lycoris }];
     let report = merge(&base, &inputs, &out, Some(&cfg)).unwrap();
     assert_eq!(report.family, ModelFamily::Sdxl);
     assert_eq!(report.files[0].matched, 3);
@@ -214,7 +214,7 @@ fn merge_refuses_what_it_cannot_do() {
     let (t, _) = lora_module("lora_unet_not_a_layer", 8, 8, 2, 4);
     let stray = tmp.path().join("stray.safetensors");
     candle_core::safetensors::save(&t.into_iter().collect::<HashMap<_, _>>(), &stray).unwrap();
-    let inputs_stray = vec![MergeInput { file: LoraFile::load(&stray).unwrap(), multiplier: 1.0 }];
+    let inputs_stray = vec![MergeInput { file: LoraFile::load(&stray).unwrap(), multiplier: 1.0, rule: MultiplierRule::Lycoris }];
     let err = merge(&fixtures().join("tiny-sd15"), &inputs_stray, &tmp.path().join("z"), None).unwrap_err().to_string();
     assert!(err.contains("none of its 1 modules matches") && err.contains("lora_unet_not_a_layer"), "{err}");
     assert!(!tmp.path().join("z").exists());

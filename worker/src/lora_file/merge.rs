@@ -14,7 +14,9 @@
 //! - **ΔW** comes from [`LoadedModule::delta`] against the original base weight (every
 //!   algorithm, DoRA and the base-dependent ones included); with several files each ΔW is
 //!   taken against the original weight and the scaled deltas are summed, so the order of the
-//!   files does not matter. A file's `:weight` is the multiplier `m` of its ΔW. OpenCLIP's
+//!   files does not matter. A file's `:weight` is its strength m, applied as LyCORIS does
+//!   ([`MultiplierRule::Lycoris`]: inside DoRA's norm and the OFT/BOFT rotation, m·ΔW
+//!   elsewhere) or as m·ΔW everywhere ([`MultiplierRule::Linear`]). OpenCLIP's
 //!   fused q/k/v in a single file receive each projection's ΔW in their rows.
 //! - **Memory.** One tensor at a time: base tensors are read from the memory-mapped file,
 //!   merged in f32, cast back to the stored dtype and streamed to the output; unchanged
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 
-use super::{LoadedModule, LoraFile, ModuleDelta};
+use super::{LoadedModule, LoraFile, ModuleDelta, MultiplierRule};
 use crate::models::config::{read_json, ClipTextConfig, UNetConfig};
 use crate::models::ldm_names::UNetLayout;
 use crate::models::safetensors_io::{candle_dtype, tensor_bytes, write_streaming, MappedFile, OutEntry};
@@ -38,10 +40,11 @@ use crate::models::single_file::{skeleton_var_builder, Checkpoint, Component, St
 use crate::models::{kohya_name, text_encoder_prefix, unet_module_names, weight_files, ClipTextModel, ModelFamily, ModelLayers, UNet2DConditionModel};
 use crate::networks::{BaseLayer, LayerKind};
 
-/// One network file and its multiplier.
+/// One network file, its multiplier and how the multiplier applies.
 pub struct MergeInput {
     pub file: LoraFile,
     pub multiplier: f64,
+    pub rule: MultiplierRule,
 }
 
 /// What one file contributed.
@@ -312,7 +315,7 @@ pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<
         if let std::collections::hash_map::Entry::Vacant(slot) = cache.entry(key) {
             let t = &targets_of[&key];
             let m = &inputs[c.input].file.modules[c.module];
-            let d = module_delta(&b, t, m)?;
+            let d = module_delta(&b, t, m, inputs[c.input].multiplier, inputs[c.input].rule)?;
             if d.db.is_some() && !t.has_bias {
                 warnings.push(format!("{}: a bias delta for {}, which has no bias, was dropped", m.name, t.module));
             }
@@ -324,7 +327,7 @@ pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<
         if *left == 0 {
             cache.remove(&key);
         }
-        Ok(part.map(|p| p * inputs[c.input].multiplier).transpose()?)
+        Ok(part)
     };
 
     let mut merged_meta: Vec<String> = inputs
@@ -467,10 +470,10 @@ fn base_layer(b: &Base, t: &Target) -> Result<BaseLayer> {
     Ok(base)
 }
 
-/// ΔW (and Δb) of module `m` on the base layer `t`, at multiplier 1.
-fn module_delta(b: &Base, t: &Target, m: &LoadedModule) -> Result<ModuleDelta> {
+/// ΔW (and Δb) of module `m` on the base layer `t`, at `multiplier` under `rule`.
+fn module_delta(b: &Base, t: &Target, m: &LoadedModule, multiplier: f64, rule: MultiplierRule) -> Result<ModuleDelta> {
     let base = base_layer(b, t)?;
-    m.delta(Some(&base)).with_context(|| format!("merging module {} into {}", m.name, t.module))
+    m.delta_at(Some(&base), multiplier, rule).with_context(|| format!("merging module {} into {}", m.name, t.module))
 }
 
 /// Copies a folder tree, leaving out the files in `skip`.

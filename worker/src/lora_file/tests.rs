@@ -439,6 +439,7 @@ fn lycoris_written_fixtures_give_the_expected_delta() {
         .collect();
     names.sort();
     let mut checked = 0;
+    let mut multiplier_checks = 0;
     for n in &names {
         let stem = n.trim_end_matches(".safetensors");
         let exp_path = dir.join(format!("{stem}.expected.safetensors"));
@@ -478,6 +479,21 @@ fn lycoris_written_fixtures_give_the_expected_delta() {
                     &format!("{n} {} Δb", m.name),
                 );
             }
+            // W′ at strengths ≠ 1, where LyCORIS applies them inside the math (DoRA, OFT).
+            for mult in [0.5, 1.5] {
+                let Some(merged) = exp.get(&format!("{}.merged_m{mult}", m.name)) else { continue };
+                assert!(m.multiplier_is_nonlinear(), "{n} {}: recorded at m={mult} but applied linearly", m.name);
+                let d = m.delta_at(Some(&base), mult, MultiplierRule::Lycoris).unwrap();
+                let want = (merged - w).unwrap();
+                assert_rel(&d.dw, &want, 1e-5, &format!("{n} {} W′ at m={mult}", m.name));
+                // The linear rule is m·ΔW(1) — and it differs, which is why the rule exists.
+                let lin = m.delta_at(Some(&base), mult, MultiplierRule::Linear).unwrap();
+                assert_rel(&lin.dw, &(exp[&format!("{}.dw", m.name)].clone() * mult).unwrap(), 1e-6, &format!("{n} {} linear m={mult}", m.name));
+                let gap = (&lin.dw - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(gap > 1e-4 * scale, "{n} {}: the two rules agree at m={mult}", m.name);
+                multiplier_checks += 1;
+            }
             if !m.needs_base() {
                 let d0 = m.delta(None).unwrap();
                 assert_rel(
@@ -511,7 +527,9 @@ fn lycoris_written_fixtures_give_the_expected_delta() {
             assert!(want_algo(m), "{n}: {} detected as {:?}", m.name, m.algo);
         }
     }
-    eprintln!("checked {checked} fixture modules in {} files", names.len());
+    eprintln!("checked {checked} fixture modules in {} files, {multiplier_checks} at strengths ≠ 1", names.len());
+    // DoRA, DIAG-OFT and BOFT files, 4 layers each, at two strengths.
+    assert_eq!(multiplier_checks, 3 * 4 * 2, "the fixtures record W′ at m = 0.5 and 1.5");
 }
 
 fn assert_rel(a: &Tensor, b: &Tensor, tol: f64, what: &str) {

@@ -19,7 +19,7 @@ use super::tokenizer::{join_chunks, ClipTokenizer};
 use super::unet::{AddedCond, UNet2DConditionModel};
 use super::vae::AutoencoderKL;
 use super::{kohya_name, text_encoder_prefix, unet_module_names, ModelFamily, ModelLayers};
-use crate::lora_file::LoraFile;
+use crate::lora_file::{LoraFile, MultiplierRule};
 use crate::networks::BaseLayer;
 
 /// The noise schedule a model was trained with (diffusers `scheduler_config.json`).
@@ -334,10 +334,15 @@ impl StableDiffusion {
         out
     }
 
-    /// Applies saved networks for inference: each `(file, weight)` adds `weight·ΔW` (and Δb)
-    /// to the layers it names, through a hook on the layer (the model files stay untouched).
+    /// Applies saved networks for inference: each `(file, weight)` adds its change at strength
+    /// `weight` — as LyCORIS applies it ([`MultiplierRule::Lycoris`]) — to the layers it names, through a hook on the layer (the model files stay untouched).
     /// Returns the module names no layer matched; fails when a file matches nothing.
     pub fn apply_networks(&self, networks: &[(&LoraFile, f64)]) -> Result<Vec<String>> {
+        self.apply_networks_with(networks, MultiplierRule::Lycoris)
+    }
+
+    /// As [`Self::apply_networks`], with the strength applied under `rule`.
+    pub fn apply_networks_with(&self, networks: &[(&LoraFile, f64)], rule: MultiplierRule) -> Result<Vec<String>> {
         let layers: HashMap<String, Arc<Layer>> = self
             .layer_names()
             .into_iter()
@@ -354,9 +359,9 @@ impl StableDiffusion {
                     continue;
                 };
                 matched += 1;
-                let d = m.delta(Some(layer.base())).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
-                let dw = (d.dw.to_dtype(DType::F32)? * *weight)?;
-                let db = d.db.map(|b| b.to_dtype(DType::F32)? * *weight).transpose()?;
+                let d = m.delta_at(Some(layer.base()), *weight, rule).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
+                let dw = d.dw.to_dtype(DType::F32)?;
+                let db = d.db.map(|b| b.to_dtype(DType::F32)).transpose()?;
                 // Keyed by the layer itself (SDXL's two text encoders share module paths), so two
                 // spellings of one layer's name stack.
                 let key = Arc::as_ptr(layer) as usize;
