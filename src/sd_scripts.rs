@@ -18,6 +18,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use std::path::Path;
+
+use loft_worker::models::{synthetic, ModelFamily};
+use loft_worker::train::network::{lycoris_preset_toml, planned_modules};
+use loft_worker::train::TrainConfig;
+
 use crate::registry::{Config, FieldError, Kind, Registry};
 
 /// What an export produced.
@@ -31,6 +37,9 @@ pub struct SdScriptsConfig {
     pub sample_prompts: Option<String>,
     /// Settings sd-scripts has no place for, each with why.
     pub not_exported: Vec<(String, String)>,
+    /// A LyCORIS preset file (name, TOML) that `network_args` names with `preset=`, where
+    /// LyCORIS's built-in preset of that name would build other modules than Loft trains.
+    pub preset_file: Option<(String, String)>,
 }
 
 /// Loft zeros meaning "not set" where sd-scripts reads 0 as a value (a frozen learning rate,
@@ -86,7 +95,63 @@ fn arg_text(v: &serde_json::Value) -> String {
     }
 }
 
-/// Exports `config`; `prompts_file` is the path the TOML gives for the sample prompts.
+/// The start of the export's comment line that names the Loft preset the preset file was
+/// written from: import reads the name back from it.
+const PRESET_COMMENT: &str = "# LyCORIS builds the layers Loft trains";
+
+/// The Loft preset named on an export's [`PRESET_COMMENT`] line, if the text has one.
+fn preset_named_in_comment(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with(PRESET_COMMENT))?;
+    let (_, rest) = line.split_once("(preset \"")?;
+    rest.split_once('"').map(|(name, _)| name.to_string())
+}
+
+/// The file name of the LyCORIS preset an export writes.
+pub const LYCORIS_PRESET_FILE: &str = "lycoris_preset.toml";
+
+/// The LyCORIS preset file that builds, on sd-scripts' model of `family` at its standard size,
+/// the modules Loft trains for this choice (see [`lycoris_preset_toml`]).
+fn lycoris_preset_file(active: &Config, family: &str) -> Result<(String, String), String> {
+    let family = match family {
+        "sdxl" => ModelFamily::Sdxl,
+        "sd2" => ModelFamily::Sd2,
+        _ => ModelFamily::Sd15,
+    };
+    let train = TrainConfig::read_fields(active).map_err(|e| e.message)?;
+    let (unet, encoders) = synthetic::configs(family).map_err(|e| e.to_string())?;
+    let (planned, skipped) = planned_modules(
+        family,
+        &unet,
+        &encoders,
+        train.network_algo,
+        &train.network_options(),
+        &train.lycoris_preset,
+        train.trains_unet(),
+        train.trains_text_encoder(),
+    )
+    .map_err(|e| format!("cannot list the layers to train: {e:#}"))?;
+    if planned.is_empty() {
+        return Err(format!("preset {:?} adapts no layer of a {} model with {}", train.lycoris_preset, family.name(), train.network_algo.name()));
+    }
+    let mut comment = format!(
+        "LyCORIS preset written by Loft: the {} layers Loft trains with {} and preset {:?} on {}\n(sd-scripts' {} model at its standard size). Pass it as network_args preset=FILE.",
+        planned.len(),
+        train.network_algo.name(),
+        train.lycoris_preset,
+        family.name(),
+        if family == ModelFamily::Sdxl { "SDXL" } else { "SD" },
+    );
+    if !skipped.is_empty() {
+        comment += &format!("\nLeft out, as in Loft ({}):", skipped.len());
+        for (name, why) in &skipped {
+            comment += &format!("\n  {name}: {why}");
+        }
+    }
+    Ok((LYCORIS_PRESET_FILE.to_string(), lycoris_preset_toml(&planned, &comment)))
+}
+
+/// Exports `config`; `prompts_file` is the path the TOML gives for the sample prompts (the
+/// LyCORIS preset file, when there is one, is named as its sibling).
 pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Result<SdScriptsConfig, Vec<FieldError>> {
     let active = validated_active(registry, config)?;
     let text = |key: &str| active.get(key).and_then(|v| v.as_str()).unwrap_or("").to_string();
@@ -185,6 +250,19 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         };
         put(section, name, toml_value);
     }
+    let preset_file = match lycoris_algo(&algo) {
+        Some(_) => {
+            let (name, text) = lycoris_preset_file(&active, &family).map_err(|e| vec![FieldError { field: "lycoris_preset".into(), message: e }])?;
+            let path = match Path::new(prompts_file).parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(dir) => dir.join(&name).to_string_lossy().into_owned(),
+                None => name.clone(),
+            };
+            network_args.retain(|a| !a.starts_with("preset="));
+            network_args.insert(1, format!("preset={path}"));
+            Some((name, text))
+        }
+        None => None,
+    };
     if !network_args.is_empty() {
         put("network", "network_args", Toml::Array(network_args.into_iter().map(Toml::String).collect()));
     }
@@ -197,6 +275,12 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     if matches!(algo.as_str(), "glora_ex" | "abba") {
         out.push_str(&format!("# network_algo {algo} needs a LyCORIS build that has algo={}.\n", lycoris_algo(&algo).unwrap_or("")));
     }
+    if let Some((name, _)) = &preset_file {
+        out.push_str(&format!(
+            "{PRESET_COMMENT} (preset \"{}\") from {name} (network_args preset=…), written beside this file: keep them together.\n",
+            text("lycoris_preset")
+        ));
+    }
     for (key, why) in &not_exported {
         out.push_str(&format!("# not exported: {key} ({why})\n"));
     }
@@ -206,7 +290,7 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     }
     out.push('\n');
     out.push_str(&toml::to_string(&table).map_err(|e| vec![FieldError { field: "config".into(), message: format!("cannot write TOML: {e}") }])?);
-    Ok(SdScriptsConfig { script, toml: out, sample_prompts, not_exported })
+    Ok(SdScriptsConfig { script, toml: out, sample_prompts, not_exported, preset_file })
 }
 
 /// What an import produced.
@@ -330,6 +414,19 @@ pub fn import(registry: &Registry, text: &str, sample_prompts: Option<&str>, fam
         if k == "algo" {
             continue;
         }
+        if k == "preset" && v.ends_with(".toml") {
+            // A preset file: Loft's own exports name the preset it was written from.
+            match preset_named_in_comment(text) {
+                Some(name) => {
+                    config.insert("lycoris_preset".into(), name.into());
+                }
+                None => ignored.push((
+                    format!("network_args {k}"),
+                    format!("{v} is a LyCORIS preset file; Loft does not read its layer list: choose the preset in the Network tab"),
+                )),
+            }
+            continue;
+        }
         match by_network_arg.get(k.as_str()) {
             Some(f) => match typed(&f.kind, &Toml::String(v.clone())) {
                 Some(val) => {
@@ -445,6 +542,11 @@ pub fn export_cli(args: ExportArgs) -> anyhow::Result<()> {
     std::fs::write(&toml_path, &exported.toml).with_context(|| format!("cannot write {}", toml_path.display()))?;
     if let Some(text) = &exported.sample_prompts {
         std::fs::write(&prompts, text).with_context(|| format!("cannot write {}", prompts.display()))?;
+    }
+    if let Some((name, text)) = &exported.preset_file {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {} (the LyCORIS preset network_args names)", path.display());
     }
     for (key, why) in &exported.not_exported {
         eprintln!("not exported: {key} ({why})");

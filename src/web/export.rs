@@ -25,7 +25,8 @@ pub struct ExportPayload {
     config: Config,
 }
 
-/// `POST /api/export/sd-scripts` with `{config}`: `{script, toml, sample_prompts, not_exported}`,
+/// `POST /api/export/sd-scripts` with `{config}`: `{script, toml, sample_prompts, lycoris_preset,
+/// not_exported}`,
 /// or 422 with the per-field errors.
 pub async fn api_export(State(state): State<AppState>, body: Result<Json<ExportPayload>, JsonRejection>) -> Response {
     let payload = match json_body(body) {
@@ -37,6 +38,7 @@ pub async fn api_export(State(state): State<AppState>, body: Result<Json<ExportP
             "script": e.script,
             "toml": e.toml,
             "sample_prompts": e.sample_prompts,
+            "lycoris_preset": e.preset_file.as_ref().map(|(name, text)| json!({"file": name, "toml": text})),
             "not_exported": e.not_exported.iter().map(|(k, why)| json!({"field": k, "reason": why})).collect::<Vec<_>>(),
         }))
         .into_response(),
@@ -51,6 +53,8 @@ struct ExportPanel {
     toml: String,
     prompts: Option<String>,
     not_exported: Vec<(String, String)>,
+    /// The LyCORIS preset file's name and how many layers it lists.
+    preset: Option<(String, usize)>,
 }
 
 /// The draft, with the open section's form merged in (as the Queue button does).
@@ -68,12 +72,33 @@ fn draft_with_form(state: &AppState, headers: &HeaderMap, pairs: Vec<(String, St
 pub async fn ui_export(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
     let (draft, set, config) = draft_with_form(&state, &headers, pairs);
     let response = match export(&state.registry, &config, PROMPTS_FILE) {
-        Ok(SdScriptsConfig { script, toml, sample_prompts, not_exported }) => render(&ExportPanel { script, toml, prompts: sample_prompts, not_exported }),
+        Ok(SdScriptsConfig { script, toml, sample_prompts, not_exported, preset_file }) => {
+            let preset = preset_file.map(|(name, text)| (name, text.lines().filter(|l| l.starts_with("  \"")).count()));
+            render(&ExportPanel { script, toml, prompts: sample_prompts, not_exported, preset })
+        }
         Err(errors) => render(&Notice {
             ok: false,
             message: format!("Not exported: {} value(s) need fixing first.", errors.len()),
             errors: error_lines(&state, &errors),
         }),
+    };
+    with_cookie(response, &draft, set)
+}
+
+/// `GET /ui/export/lycoris_preset.toml`: the draft's LyCORIS preset file (404 when the draft's
+/// algorithm is not a LyCORIS one).
+pub async fn ui_download_preset(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (draft, set, config) = draft_with_form(&state, &headers, vec![]);
+    let response = match export(&state.registry, &config, PROMPTS_FILE) {
+        Ok(SdScriptsConfig { preset_file: Some((name, text)), .. }) => {
+            let disposition = format!("attachment; filename=\"{name}\"");
+            ([(header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], text).into_response()
+        }
+        Ok(_) => (StatusCode::NOT_FOUND, "this configuration trains kohya's networks.lora: no LyCORIS preset").into_response(),
+        Err(errors) => {
+            let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()
+        }
     };
     with_cookie(response, &draft, set)
 }

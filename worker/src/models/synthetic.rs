@@ -28,7 +28,7 @@ pub fn family_of(name: &str) -> Option<ModelFamily> {
     }
 }
 
-/// diffusers' configs of the real models (runwayml SD1.5, SDXL base 1.0).
+/// diffusers' configs of the real models (runwayml SD1.5, SD 2.1, SDXL base 1.0).
 fn unet_config(family: ModelFamily) -> Value {
     match family {
         ModelFamily::Sdxl => json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20],
@@ -38,6 +38,11 @@ fn unet_config(family: ModelFamily) -> Value {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "layers_per_block": 2, "sample_size": 128}),
+        ModelFamily::Sd2 => json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+            "cross_attention_dim": 1024, "use_linear_projection": true, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2, "sample_size": 96}),
         _ => json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
             "cross_attention_dim": 768, "in_channels": 4, "out_channels": 4,
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -59,6 +64,21 @@ fn vae_config(scaling: f64) -> Value {
         "latent_channels": 4, "in_channels": 3, "out_channels": 3, "norm_num_groups": 32, "act_fn": "silu",
         "down_block_types": vec!["DownEncoderBlock2D"; 4], "up_block_types": vec!["UpDecoderBlock2D"; 4],
         "scaling_factor": scaling, "sample_size": 512})
+}
+
+/// The full-size UNet and text-encoder configs of `family` (SD 1.5, SD 2.1 or SDXL), as diffusers
+/// writes them: what the synthetic models are built from, and what planning a network at real
+/// size reads (the text encoders with whether each has a projection).
+pub fn configs(family: ModelFamily) -> Result<(UNetConfig, Vec<(ClipTextConfig, bool)>)> {
+    let unet: UNetConfig = serde_json::from_value(unet_config(family))?;
+    let encoders = match family {
+        ModelFamily::Sdxl => vec![(clip_config(768, 12, "quick_gelu", false), false), (clip_config(1280, 32, "gelu", true), true)],
+        // OpenCLIP ViT-H as transformers holds it: 23 of its 24 layers (SD 2.x uses the penultimate).
+        ModelFamily::Sd2 => vec![(clip_config(1024, 23, "gelu", false), false)],
+        _ => vec![(clip_config(768, 12, "quick_gelu", false), false)],
+    };
+    let encoders = encoders.into_iter().map(|(v, p)| Ok((serde_json::from_value(v)?, p))).collect::<Result<Vec<_>>>()?;
+    Ok((unet, encoders))
 }
 
 /// Writes the synthetic `family` model into `dir` (a diffusers folder) unless a complete one

@@ -126,6 +126,117 @@ fn selects(algo: NetworkAlgo, opts: &NetworkOptions, preset: &str, part: Part, p
     Some(false)
 }
 
+/// A module training would create, as a LyCORIS preset names it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedModule {
+    /// The kohya name written to the file.
+    pub name: String,
+    pub part: Part,
+    /// The layer's path in the model sd-scripts trains (diffusers paths for SD 1.x/2.x, the
+    /// original LDM paths for SDXL; transformers paths in the text encoders).
+    pub path: String,
+    /// IA3 scales this layer's input (the ia3 preset's MLP-out layers).
+    pub on_input: bool,
+}
+
+/// The modules training `algo` with `preset` would create on a model of these configs — in
+/// file order — and the layers it leaves out with why, found on a weightless skeleton (no
+/// weights read or allocated), so it can be asked at full size. `encoders`: each text encoder's
+/// config and whether it has a projection. The sd-scripts export lists them in a LyCORIS preset
+/// file, and a test checks that LyCORIS builds the same set from it.
+#[allow(clippy::too_many_arguments)]
+pub fn planned_modules(
+    family: crate::models::ModelFamily,
+    unet: &crate::models::config::UNetConfig,
+    encoders: &[(crate::models::config::ClipTextConfig, bool)],
+    algo: NetworkAlgo,
+    options: &NetworkOptions,
+    preset: &str,
+    train_unet: bool,
+    train_text_encoder: bool,
+) -> Result<(Vec<PlannedModule>, Vec<(String, String)>)> {
+    use crate::models::{kohya_name, text_encoder_prefix, unet_module_names, ClipTextModel, ModelFamily, ModelLayers, UNet2DConditionModel};
+    let (vb, _) = crate::models::single_file::skeleton_var_builder();
+    // (kohya name, part, sd-scripts path, layer)
+    let mut layers: Vec<(String, Part, String, Arc<crate::models::Layer>)> = vec![];
+    if train_unet {
+        let layout = crate::models::ldm_names::UNetLayout::from_config(unet);
+        for l in UNet2DConditionModel::new(unet, vb.clone())?.layers() {
+            let path = match family {
+                ModelFamily::Sdxl => crate::models::ldm_names::unet_ldm_path(l.name(), &layout).unwrap_or_else(|| l.name().to_string()),
+                _ => l.name().to_string(),
+            };
+            layers.push((unet_module_names(family, &layout, l.name()).remove(0), Part::Unet, path, l.clone()));
+        }
+    }
+    if train_text_encoder {
+        for (i, (cfg, projection)) in encoders.iter().enumerate() {
+            let prefix = text_encoder_prefix(i, encoders.len());
+            for l in ClipTextModel::new(cfg, vb.clone(), *projection)?.layers() {
+                layers.push((kohya_name(&prefix, l.name()), Part::TextEncoder(i), l.name().to_string(), l.clone()));
+            }
+        }
+    }
+    let (mut planned, mut skipped) = (vec![], vec![]);
+    // Whether a layer can be adapted depends only on its kind (shape) and the options, and a
+    // full-size model has hundreds of layers but a few dozen kinds: build one adapter per kind.
+    // The value: the layer the answer was found on, and the error if it was refused.
+    let mut verdict_by_kind: HashMap<String, (String, Option<String>)> = HashMap::new();
+    for (name, part, path, layer) in layers {
+        let Some(on_input) = selects(algo, options, preset, part, layer.name(), layer.kind()) else { continue };
+        // Whether the algorithm can adapt the layer is what building the adapter says; a full
+        // fine-tune adapts every selected layer (and would allocate a full-size copy to find out).
+        if algo != NetworkAlgo::Full {
+            let (found_on, refused) = verdict_by_kind.entry(format!("{:?}/{on_input}", layer.kind())).or_insert_with(|| {
+                let mut opts = options.clone();
+                opts.train_on_input |= on_input;
+                (name.clone(), build_adapter(algo, &opts, layer.base(), &name).err().map(|e| e.to_string()))
+            });
+            if let Some(why) = refused {
+                skipped.push((name.clone(), why.replace(found_on.as_str(), &name)));
+                continue;
+            }
+        }
+        planned.push(PlannedModule { name, part, path, on_input });
+    }
+    Ok((planned, skipped))
+}
+
+/// A LyCORIS preset file (TOML, for `preset=FILE`) that builds exactly `modules`: every layer
+/// listed by its path, no class targets. LyCORIS's built-in presets do not always build what
+/// their names promise on sd-scripts' models (4.1.3: `full` matches the SD time embedding twice
+/// and fails, SDXL's conv_in/conv_out/time embedding have other paths, 1×1 convolutions are
+/// taken by the linear-only presets, `ia3` matches nothing), so Loft's export names the layers.
+pub fn lycoris_preset_toml(modules: &[PlannedModule], comment: &str) -> String {
+    let list = |part_is_unet: bool| -> String {
+        let mut paths: Vec<&str> = modules.iter().filter(|m| matches!(m.part, Part::Unet) == part_is_unet).map(|m| m.path.as_str()).collect();
+        // SDXL's two text encoders share their layer paths.
+        paths.sort();
+        paths.dedup();
+        paths.iter().map(|p| format!("  \"{p}\",\n")).collect()
+    };
+    let mut out = String::new();
+    for line in comment.lines() {
+        out += &format!("# {line}\n");
+    }
+    // Exact names: LyCORIS otherwise reads each as a regular expression matched at the start
+    // of every module path (and recompiles them past its cache of 512).
+    out += "use_fnmatch = true\nenable_conv = true\nunet_target_module = []\n";
+    out += &format!("unet_target_name = [\n{}]\n", list(true));
+    out += "text_encoder_target_module = []\n";
+    out += &format!("text_encoder_target_name = [\n{}]\n", list(false));
+    let mut on_input: Vec<&str> = modules.iter().filter(|m| m.on_input).map(|m| m.path.as_str()).collect();
+    on_input.sort();
+    on_input.dedup();
+    if !on_input.is_empty() {
+        out += "\n# IA3: these layers scale their input (LyCORIS's ia3 preset does the same).\n";
+        for p in on_input {
+            out += &format!("[name_algo_map.\"{p}\"]\ntrain_on_input = true\n");
+        }
+    }
+    out
+}
+
 /// An adapter attached to a model layer. The hook reads `training` to switch dropouts on.
 pub struct AttachedAdapter {
     pub kohya_name: String,
