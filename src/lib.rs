@@ -1,5 +1,6 @@
 //! Loft: the web shell, the field registry and the job queue around the `loft-worker` engine.
 
+pub mod bench;
 pub mod db;
 pub mod drafts;
 pub mod jobs;
@@ -8,6 +9,6 @@ pub mod presets;
 pub mod registry;
 pub mod sd_scripts;
 pub mod server;
-pub mod bench_train;
+pub mod signal;
 pub mod train_cli;
 pub mod web;

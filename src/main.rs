@@ -38,7 +38,7 @@ enum Command {
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
-        command: loft::jobs::cli::BenchCommand,
+        command: loft::bench::BenchCommand,
     },
     /// Train a network from a TOML config with the registry's keys (Ctrl-C stops with a state).
     Train(loft::train_cli::TrainArgs),
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token, jobs }))),
         Command::Worker(args) => loft::jobs::cli::worker(args),
-        Command::Bench { command } => loft::jobs::cli::bench(command),
+        Command::Bench { command } => loft::bench::run(command),
         Command::Train(args) => loft::train_cli::train(args),
         Command::Sample(args) => loft::train_cli::sample(args),
         Command::Fields => Registry::embedded().map(|r| print!("{}", r.markdown())),

@@ -112,6 +112,6 @@ async fn sweep_expired_leases(jobs: Jobs) {
 }
 
 async fn shutdown_signal() {
-    crate::jobs::cli::stop_signal().await;
+    crate::signal::stop_signal().await;
     println!("Shutting down: finishing open requests…");
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::queue::{self, RunEnd};
+use crate::jobs::queue::{self, RunEnd};
 use crate::db::Db;
 
 const HUEY_SCRIPT: &str = r#"

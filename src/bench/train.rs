@@ -105,7 +105,7 @@ fn plan(args: &BenchTrainArgs) -> Result<Plan> {
     })
 }
 
-pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
+pub fn run_bench(args: BenchTrainArgs) -> Result<()> {
     let plan = plan(&args)?;
     if args.child {
         return child(&args, &plan);

@@ -1,4 +1,4 @@
-//! The command-line side of jobs: `loft serve`'s queue options, `loft worker` and `loft bench`.
+//! The command-line side of jobs: `loft serve`'s queue options and `loft worker`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,31 +73,6 @@ pub struct WorkerArgs {
     pub simulate: Option<String>,
 }
 
-#[derive(clap::Subcommand, Clone, Debug)]
-pub enum BenchCommand {
-    /// Enqueue + claim + complete throughput of Loft's queue against Huey's SqliteHuey.
-    Queue {
-        /// How many jobs.
-        #[arg(long, default_value_t = 2000)]
-        jobs: usize,
-        /// The Python that has `huey` (default: .venv-bench/bin/python).
-        #[arg(long)]
-        python: Option<PathBuf>,
-    },
-    /// Training steps of Loft's engine against PyTorch + LyCORIS with the same shapes.
-    Train(crate::bench_train::BenchTrainArgs),
-    /// Loft's ops (outputs and gradients) and the tiny fixture models' gradients on a device
-    /// against the CPU reference: the GPU machine's correctness check.
-    CheckDevice {
-        /// auto, cpu, cuda or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// The folder holding the tiny-sd15 and tiny-sdxl fixture models.
-        #[arg(long, default_value = "tests/fixtures/models")]
-        fixtures: PathBuf,
-    },
-}
-
 /// The job runner: the real engine (on `device` when given, else on each job's own), or the
 /// simulated loop the fault tests use.
 pub fn runner(registry: Arc<Registry>, simulate: Option<&str>, device: Option<&str>) -> Result<Arc<dyn JobRunner>> {
@@ -117,25 +92,6 @@ pub fn runner(registry: Arc<Registry>, simulate: Option<&str>, device: Option<&s
     })
 }
 
-/// Stops on Ctrl-C or SIGTERM.
-pub async fn stop_signal() {
-    let ctrl_c = async {
-        tokio::signal::ctrl_c().await.ok();
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-}
-
 /// `loft worker`.
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -144,7 +100,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let runner = runner(registry.clone(), args.simulate.as_deref(), args.device.as_deref())?;
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
-            stop_signal().await;
+            crate::signal::stop_signal().await;
             println!("Stopping: the running job (if any) saves its state and goes back to the queue…");
             let _ = stop_tx.send(true);
         });
@@ -174,13 +130,4 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// `loft bench …`.
-pub fn bench(command: BenchCommand) -> Result<()> {
-    match command {
-        BenchCommand::Queue { jobs, python } => super::bench::run(jobs.max(1), python),
-        BenchCommand::Train(args) => crate::bench_train::bench_train(args),
-        BenchCommand::CheckDevice { device, fixtures } => crate::bench_train::check_device(&device, &fixtures),
-    }
 }

@@ -12,7 +12,6 @@
 //! another process on the same file are noticed by a watcher that polls SQLite's cheap
 //! `PRAGMA data_version` a few times a second.
 
-pub mod bench;
 pub mod charts;
 pub mod cli;
 pub mod config;

@@ -12,10 +12,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Form, Json};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::dashboard::{self, JobLive};
 use super::ui::{draft_id, merge_open_section, with_cookie, ErrorLine};
@@ -239,22 +238,20 @@ fn resume_point(headers: &HeaderMap, q: &std::collections::HashMap<String, Strin
         .unwrap_or(0)
 }
 
-/// The response side of a stream fed by a task through a channel: when the browser goes away
-/// the channel closes and the task ends.
-fn sse(rx: mpsc::Receiver<Event>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+/// The response side of a stream. When the browser goes away the response body, and with it
+/// the stream, is dropped: the stream stops at the point it was waiting.
+fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
+    Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// Waits for the next change (or a slow tick), the client leaving, or shutdown. False = stop.
-async fn next_change(changes: &mut tokio::sync::watch::Receiver<u64>, shutdown: &mut tokio::sync::watch::Receiver<bool>, tx: &mpsc::Sender<Event>) -> bool {
+/// Waits for the next change (or a slow tick) or shutdown. False = stop.
+async fn next_change(changes: &mut tokio::sync::watch::Receiver<u64>, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
     if *shutdown.borrow() {
         return false;
     }
     tokio::select! {
         _ = changes.changed() => true,
         _ = tokio::time::sleep(Duration::from_secs(5)) => true,
-        _ = tx.closed() => false,
         _ = shutdown.changed() => false,
     }
 }
@@ -272,50 +269,48 @@ pub async fn job_events(
         return job_error(e);
     }
     let after = resume_point(&headers, &q);
-    let (tx, rx) = mpsc::channel(64);
     let jobs = state.jobs.clone();
     if q.get("view").map(String::as_str) == Some("html") {
-        tokio::spawn(html_stream(jobs, id, after, tx));
+        sse(html_stream(jobs, id, after))
     } else {
-        tokio::spawn(raw_stream(jobs, Some(id), after, tx));
+        sse(raw_stream(jobs, Some(id), after))
     }
-    sse(rx).into_response()
 }
 
 /// Every event row after `after` (of one job, or all), in order. Rows of all jobs carry `job_id`.
-async fn raw_stream(jobs: Jobs, job: Option<i64>, mut after: i64, tx: mpsc::Sender<Event>) {
-    let mut changes = jobs.event_changes();
-    let mut shutdown = jobs.shutdown_signal();
-    loop {
-        changes.borrow_and_update();
+fn raw_stream(jobs: Jobs, job: Option<i64>, mut after: i64) -> impl Stream<Item = Event> {
+    async_stream::stream! {
+        let mut changes = jobs.event_changes();
+        let mut shutdown = jobs.shutdown_signal();
         loop {
-            let rows = match blocking(&jobs, move |j| j.events_after(job, after, 500)).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!("event stream: {e}");
+            changes.borrow_and_update();
+            loop {
+                let rows = match blocking(&jobs, move |j| j.events_after(job, after, 500)).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!("event stream: {e}");
+                        break;
+                    }
+                };
+                let full = rows.len() == 500;
+                for row in rows {
+                    after = row.id;
+                    let data = if job.is_some() {
+                        row.payload
+                    } else {
+                        let mut v: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
+                        v["job_id"] = json!(row.job_id);
+                        v.to_string()
+                    };
+                    yield Event::default().id(row.id.to_string()).event(row.kind).data(data);
+                }
+                if !full {
                     break;
                 }
-            };
-            let full = rows.len() == 500;
-            for row in rows {
-                after = row.id;
-                let data = if job.is_some() {
-                    row.payload
-                } else {
-                    let mut v: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
-                    v["job_id"] = json!(row.job_id);
-                    v.to_string()
-                };
-                if tx.send(Event::default().id(row.id.to_string()).event(row.kind).data(data)).await.is_err() {
-                    return;
-                }
             }
-            if !full {
+            if !next_change(&mut changes, &mut shutdown).await {
                 break;
             }
-        }
-        if !next_change(&mut changes, &mut shutdown, &tx).await {
-            return;
         }
     }
 }
@@ -324,70 +319,70 @@ async fn raw_stream(jobs: Jobs, job: Option<i64>, mut after: i64, tx: mpsc::Send
 /// and sends whole fragments (`head`, `loss`, `lr`, `samples`, `files`, `log`), so whatever the
 /// browser missed, the next fragment is complete; state changes after `toast_after` become
 /// toasts. At most ~4 updates a second, however fast the steps come.
-async fn html_stream(jobs: Jobs, id: i64, toast_after: i64, tx: mpsc::Sender<Event>) {
-    let mut live = JobLive::default();
-    let mut changes = jobs.event_changes();
-    let mut shutdown = jobs.shutdown_signal();
-    let mut first = true;
-    let has_prompts = jobs.config(id).ok().and_then(|c| c.get("sample_prompts").and_then(Value::as_str).map(|s| !s.trim().is_empty())).unwrap_or(false);
-    loop {
-        changes.borrow_and_update();
-        let mut changed = dashboard::Changed::default();
-        let mut toasts = Vec::new();
-        let name = jobs.get(id).map(|j| j.name).unwrap_or_default();
+fn html_stream(jobs: Jobs, id: i64, toast_after: i64) -> impl Stream<Item = Event> {
+    async_stream::stream! {
+        let mut live = JobLive::default();
+        let mut changes = jobs.event_changes();
+        let mut shutdown = jobs.shutdown_signal();
+        let mut first = true;
+        let has_prompts = jobs.config(id).ok().and_then(|c| c.get("sample_prompts").and_then(Value::as_str).map(|s| !s.trim().is_empty())).unwrap_or(false);
         loop {
-            let after = live.last_id;
-            let Ok(rows) = blocking(&jobs, move |j| j.events_after(Some(id), after, 2000)).await else { break };
-            let full = rows.len() == 2000;
-            for row in &rows {
-                changed.merge(live.apply(row));
-                if row.id > toast_after {
-                    toasts.extend(dashboard::state_toast(row, &name));
+            changes.borrow_and_update();
+            let mut changed = dashboard::Changed::default();
+            let mut toasts = Vec::new();
+            let name = jobs.get(id).map(|j| j.name).unwrap_or_default();
+            loop {
+                let after = live.last_id;
+                let Ok(rows) = blocking(&jobs, move |j| j.events_after(Some(id), after, 2000)).await else { break };
+                let full = rows.len() == 2000;
+                for row in &rows {
+                    changed.merge(live.apply(row));
+                    if row.id > toast_after {
+                        toasts.extend(dashboard::state_toast(row, &name));
+                    }
+                }
+                if !full {
+                    break;
                 }
             }
-            if !full {
+            let event = |name: &str, html: String| Event::default().id(live.last_id.to_string()).event(name).data(html);
+            let mut out = Vec::new();
+            match blocking(&jobs, move |j| j.get(id)).await {
+                Ok(job) => out.push(event("head", dashboard::head_html(&job))),
+                Err(_) => {
+                    yield event("head", dashboard::gone_html(id));
+                    break;
+                }
+            }
+            if first || changed.steps {
+                out.push(event("loss", live.loss_svg()));
+                out.push(event("lr", live.lr_svg()));
+            }
+            if first || changed.files {
+                let (artifacts, files) = blocking(&jobs, move |j| {
+                    let artifacts = j.artifacts(id).unwrap_or_default();
+                    let files = dashboard::files_html(id, &artifacts);
+                    (artifacts, files)
+                })
+                .await;
+                out.push(event("samples", dashboard::samples_html(id, &artifacts, has_prompts)));
+                out.push(event("files", files));
+            }
+            if first || changed.log {
+                out.push(event("log", dashboard::log_html(&live.log)));
+            }
+            for t in toasts {
+                out.push(event("toast", t));
+            }
+            for e in out {
+                yield e;
+            }
+            first = false;
+            if !next_change(&mut changes, &mut shutdown).await {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let event = |name: &str, html: String| Event::default().id(live.last_id.to_string()).event(name).data(html);
-        let mut out = Vec::new();
-        match blocking(&jobs, move |j| j.get(id)).await {
-            Ok(job) => out.push(event("head", dashboard::head_html(&job))),
-            Err(_) => {
-                let _ = tx.send(event("head", dashboard::gone_html(id))).await;
-                return;
-            }
-        }
-        if first || changed.steps {
-            out.push(event("loss", live.loss_svg()));
-            out.push(event("lr", live.lr_svg()));
-        }
-        if first || changed.files {
-            let (artifacts, files) = blocking(&jobs, move |j| {
-                let artifacts = j.artifacts(id).unwrap_or_default();
-                let files = dashboard::files_html(id, &artifacts);
-                (artifacts, files)
-            })
-            .await;
-            out.push(event("samples", dashboard::samples_html(id, &artifacts, has_prompts)));
-            out.push(event("files", files));
-        }
-        if first || changed.log {
-            out.push(event("log", dashboard::log_html(&live.log)));
-        }
-        for t in toasts {
-            out.push(event("toast", t));
-        }
-        for e in out {
-            if tx.send(e).await.is_err() {
-                return;
-            }
-        }
-        first = false;
-        if !next_change(&mut changes, &mut shutdown, &tx).await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -395,50 +390,48 @@ async fn html_stream(jobs: Jobs, id: i64, toast_after: i64, tx: mpsc::Sender<Eve
 /// fragment whenever it changes plus toasts for state changes.
 pub async fn all_events(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<std::collections::HashMap<String, String>>) -> Response {
     let after = resume_point(&headers, &q);
-    let (tx, rx) = mpsc::channel(64);
     if q.get("view").map(String::as_str) == Some("html") {
-        tokio::spawn(list_stream(state.jobs.clone(), after, tx));
+        sse(list_stream(state.jobs.clone(), after))
     } else {
-        tokio::spawn(raw_stream(state.jobs.clone(), None, after, tx));
+        sse(raw_stream(state.jobs.clone(), None, after))
     }
-    sse(rx).into_response()
 }
 
-async fn list_stream(jobs: Jobs, mut after: i64, tx: mpsc::Sender<Event>) {
-    let mut changes = jobs.event_changes();
-    let mut shutdown = jobs.shutdown_signal();
-    let mut last_html = String::new();
-    loop {
-        changes.borrow_and_update();
-        let (list, rows) = match blocking(&jobs, move |j| Ok::<_, JobError>((j.list()?, j.events_after(None, after, 5000)?))).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("job list stream: {e}");
-                (Vec::new(), Vec::new())
+fn list_stream(jobs: Jobs, mut after: i64) -> impl Stream<Item = Event> {
+    async_stream::stream! {
+        let mut changes = jobs.event_changes();
+        let mut shutdown = jobs.shutdown_signal();
+        let mut last_html = String::new();
+        loop {
+            changes.borrow_and_update();
+            let (list, rows) = match blocking(&jobs, move |j| Ok::<_, JobError>((j.list()?, j.events_after(None, after, 5000)?))).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("job list stream: {e}");
+                    (Vec::new(), Vec::new())
+                }
+            };
+            let mut out = Vec::new();
+            for row in &rows {
+                after = row.id;
+                let name = list.iter().find(|j| j.id == row.job_id).map(|j| j.name.as_str()).unwrap_or("");
+                if let Some(t) = dashboard::state_toast(row, name) {
+                    out.push(Event::default().id(row.id.to_string()).event("toast").data(t));
+                }
             }
-        };
-        let mut out = Vec::new();
-        for row in &rows {
-            after = row.id;
-            let name = list.iter().find(|j| j.id == row.job_id).map(|j| j.name.as_str()).unwrap_or("");
-            if let Some(t) = dashboard::state_toast(row, name) {
-                out.push(Event::default().id(row.id.to_string()).event("toast").data(t));
+            let html = dashboard::list_html(&list);
+            if html != last_html {
+                out.push(Event::default().id(after.to_string()).event("jobs").data(html.clone()));
+                last_html = html;
             }
-        }
-        let html = dashboard::list_html(&list);
-        if html != last_html {
-            out.push(Event::default().id(after.to_string()).event("jobs").data(html.clone()));
-            last_html = html;
-        }
-        for e in out {
-            if tx.send(e).await.is_err() {
-                return;
+            for e in out {
+                yield e;
             }
+            if !next_change(&mut changes, &mut shutdown).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        if !next_change(&mut changes, &mut shutdown, &tx).await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use super::{check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{all_params, load_params, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdafactorConfig {
@@ -252,20 +252,17 @@ impl Optimizer for Adafactor {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for group in &self.groups {
-            for (name, _) in &group.params {
-                if let Some(st) = self.state.get(name) {
-                    out.param_scalar(name, "step", st.step)?;
-                    if !st.exp_avg.is_empty() {
-                        out.buf(name, "exp_avg", &st.exp_avg)?;
-                    }
-                    if !st.row.is_empty() {
-                        out.buf(name, "exp_avg_sq_row", &st.row)?;
-                        out.buf(name, "exp_avg_sq_col", &st.col)?;
-                    } else {
-                        out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
-                    }
-                }
+        for (name, _) in all_params(&self.groups) {
+            let Some(st) = self.state.get(name) else { continue };
+            out.param_scalar(name, "step", st.step)?;
+            if !st.exp_avg.is_empty() {
+                out.buf(name, "exp_avg", &st.exp_avg)?;
+            }
+            if !st.row.is_empty() {
+                out.buf(name, "exp_avg_sq_row", &st.row)?;
+                out.buf(name, "exp_avg_sq_col", &st.col)?;
+            } else {
+                out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
             }
         }
         for (i, lr) in self.last_lrs.iter().enumerate() {
@@ -276,37 +273,22 @@ impl Optimizer for Adafactor {
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let s = StateIn(state);
-        let mut new = HashMap::new();
-        for group in &self.groups {
-            for (name, var) in &group.params {
-                if !s.has_param(name, "step") {
-                    continue;
-                }
-                let n = var.elem_count();
-                let exp_avg = if self.cfg.beta1.is_some() {
-                    s.buf(name, "exp_avg", n)?
-                } else {
-                    Vec::new()
-                };
-                let st = match factor_dims(var.dims()) {
-                    Some((lead, r, c)) => State {
-                        step: s.param_scalar(name, "step")?,
-                        exp_avg,
-                        row: s.buf(name, "exp_avg_sq_row", lead * r)?,
-                        col: s.buf(name, "exp_avg_sq_col", lead * c)?,
-                        exp_avg_sq: Vec::new(),
-                    },
-                    None => State {
-                        step: s.param_scalar(name, "step")?,
-                        exp_avg,
-                        row: Vec::new(),
-                        col: Vec::new(),
-                        exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
-                    },
-                };
-                new.insert(name.clone(), st);
-            }
-        }
+        let has_first_moment = self.cfg.beta1.is_some();
+        let new = load_params(&self.groups, &s, "step", |name, var| {
+            let n = var.elem_count();
+            let exp_avg = if has_first_moment { s.buf(name, "exp_avg", n)? } else { Vec::new() };
+            let step = s.param_scalar(name, "step")?;
+            Ok(match factor_dims(var.dims()) {
+                Some((lead, r, c)) => State {
+                    step,
+                    exp_avg,
+                    row: s.buf(name, "exp_avg_sq_row", lead * r)?,
+                    col: s.buf(name, "exp_avg_sq_col", lead * c)?,
+                    exp_avg_sq: Vec::new(),
+                },
+                None => State { step, exp_avg, row: Vec::new(), col: Vec::new(), exp_avg_sq: s.buf(name, "exp_avg_sq", n)? },
+            })
+        })?;
         for i in 0..self.last_lrs.len() {
             self.last_lrs[i] = s.scalar(&format!("last_lr.{i}")).unwrap_or(0.0);
         }

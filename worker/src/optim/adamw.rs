@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
-use super::{
+use super::{all_params, load_params, 
     check_adam_hyper, check_groups, grad_of, grad_tensor, lerp, lerp_tensor, read, to_device_like, write, Args,
     Optimizer, ParamGroup, StateIn, StateOut,
 };
@@ -218,22 +218,20 @@ impl Optimizer for AdamW {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for group in &self.groups {
-            for (name, _) in &group.params {
-                if let Some(st) = self.device_state.get(name) {
-                    out.param_scalar(name, "step", st.step)?;
-                    out.buf(name, "exp_avg", &read(&st.exp_avg)?)?;
-                    out.buf(name, "exp_avg_sq", &read(&st.exp_avg_sq)?)?;
-                    if let Some(mx) = &st.max_exp_avg_sq {
-                        out.buf(name, "max_exp_avg_sq", &read(mx)?)?;
-                    }
-                } else if let Some(st) = self.state.get(name) {
-                    out.param_scalar(name, "step", st.step)?;
-                    out.buf(name, "exp_avg", &st.exp_avg)?;
-                    out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
-                    if self.cfg.amsgrad {
-                        out.buf(name, "max_exp_avg_sq", &st.max_exp_avg_sq)?;
-                    }
+        for (name, _) in all_params(&self.groups) {
+            if let Some(st) = self.device_state.get(name) {
+                out.param_scalar(name, "step", st.step)?;
+                out.buf(name, "exp_avg", &read(&st.exp_avg)?)?;
+                out.buf(name, "exp_avg_sq", &read(&st.exp_avg_sq)?)?;
+                if let Some(mx) = &st.max_exp_avg_sq {
+                    out.buf(name, "max_exp_avg_sq", &read(mx)?)?;
+                }
+            } else if let Some(st) = self.state.get(name) {
+                out.param_scalar(name, "step", st.step)?;
+                out.buf(name, "exp_avg", &st.exp_avg)?;
+                out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
+                if self.cfg.amsgrad {
+                    out.buf(name, "max_exp_avg_sq", &st.max_exp_avg_sq)?;
                 }
             }
         }
@@ -242,29 +240,16 @@ impl Optimizer for AdamW {
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let s = StateIn(state);
-        let mut new = HashMap::new();
-        for group in &self.groups {
-            for (name, var) in &group.params {
-                if !s.has_param(name, "step") {
-                    continue;
-                }
-                let n = var.elem_count();
-                new.insert(
-                    name.clone(),
-                    State {
-                        step: s.param_scalar(name, "step")?,
-                        exp_avg: s.buf(name, "exp_avg", n)?,
-                        exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
-                        max_exp_avg_sq: if self.cfg.amsgrad {
-                            s.buf(name, "max_exp_avg_sq", n)?
-                        } else {
-                            Vec::new()
-                        },
-                    },
-                );
-            }
-        }
-        self.state = new;
+        let amsgrad = self.cfg.amsgrad;
+        self.state = load_params(&self.groups, &s, "step", |name, var| {
+            let n = var.elem_count();
+            Ok(State {
+                step: s.param_scalar(name, "step")?,
+                exp_avg: s.buf(name, "exp_avg", n)?,
+                exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
+                max_exp_avg_sq: if amsgrad { s.buf(name, "max_exp_avg_sq", n)? } else { Vec::new() },
+            })
+        })?;
         self.device_state.clear();
         Ok(())
     }

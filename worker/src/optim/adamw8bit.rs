@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
-use super::{check_adam_hyper, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{all_params, load_params, check_adam_hyper, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
 
 /// Values per quantization block (bitsandbytes' optimizer block size).
 pub const BLOCK: usize = 256;
@@ -278,21 +278,19 @@ impl Optimizer for AdamW8bit {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for group in &self.groups {
-            for (name, _) in &group.params {
-                let Some(st) = self.state.get(name) else { continue };
-                out.param_scalar(name, "step", st.step)?;
-                match &st.moments {
-                    Moments::Bits8 { m, v } => {
-                        out.0.push((format!("param.{name}.state1"), Tensor::from_slice(&m.codes, m.codes.len(), &Device::Cpu)?));
-                        out.0.push((format!("param.{name}.state2"), Tensor::from_slice(&v.codes, v.codes.len(), &Device::Cpu)?));
-                        out.buf(name, "absmax1", &m.absmax)?;
-                        out.buf(name, "absmax2", &v.absmax)?;
-                    }
-                    Moments::Full { m, v } => {
-                        out.buf(name, "exp_avg", m)?;
-                        out.buf(name, "exp_avg_sq", v)?;
-                    }
+        for (name, _) in all_params(&self.groups) {
+            let Some(st) = self.state.get(name) else { continue };
+            out.param_scalar(name, "step", st.step)?;
+            match &st.moments {
+                Moments::Bits8 { m, v } => {
+                    out.bytes(name, "state1", &m.codes)?;
+                    out.bytes(name, "state2", &v.codes)?;
+                    out.buf(name, "absmax1", &m.absmax)?;
+                    out.buf(name, "absmax2", &v.absmax)?;
+                }
+                Moments::Full { m, v } => {
+                    out.buf(name, "exp_avg", m)?;
+                    out.buf(name, "exp_avg_sq", v)?;
                 }
             }
         }
@@ -301,31 +299,18 @@ impl Optimizer for AdamW8bit {
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let s = StateIn(state);
-        let codes = |key: String, n: usize| -> Result<Vec<u8>> {
-            let Some(t) = state.get(&key) else { bail!("optimizer state has no {key:?}") };
-            if t.dtype() != DType::U8 || t.elem_count() != n {
-                bail!("optimizer state {key:?} should be {n} bytes, is {:?} × {}", t.dtype(), t.elem_count());
-            }
-            t.flatten_all()?.to_vec1::<u8>()
-        };
-        let mut new = HashMap::new();
-        for group in &self.groups {
-            for (name, var) in &group.params {
-                if !s.has_param(name, "step") {
-                    continue;
-                }
-                let n = var.elem_count();
-                let blocks = n.div_ceil(BLOCK);
-                let moments = match self.new_moments(n) {
-                    Moments::Bits8 { .. } => Moments::Bits8 {
-                        m: Quantized { codes: codes(format!("param.{name}.state1"), n)?, absmax: s.buf(name, "absmax1", blocks)? },
-                        v: Quantized { codes: codes(format!("param.{name}.state2"), n)?, absmax: s.buf(name, "absmax2", blocks)? },
-                    },
-                    Moments::Full { .. } => Moments::Full { m: s.buf(name, "exp_avg", n)?, v: s.buf(name, "exp_avg_sq", n)? },
-                };
-                new.insert(name.clone(), State { step: s.param_scalar(name, "step")?, moments });
-            }
-        }
+        let new = load_params(&self.groups, &s, "step", |name, var| {
+            let n = var.elem_count();
+            let blocks = n.div_ceil(BLOCK);
+            let moments = match self.new_moments(n) {
+                Moments::Bits8 { .. } => Moments::Bits8 {
+                    m: Quantized { codes: s.bytes(name, "state1", n)?, absmax: s.buf(name, "absmax1", blocks)? },
+                    v: Quantized { codes: s.bytes(name, "state2", n)?, absmax: s.buf(name, "absmax2", blocks)? },
+                },
+                Moments::Full { .. } => Moments::Full { m: s.buf(name, "exp_avg", n)?, v: s.buf(name, "exp_avg_sq", n)? },
+            };
+            Ok(State { step: s.param_scalar(name, "step")?, moments })
+        })?;
         self.state = new;
         Ok(())
     }

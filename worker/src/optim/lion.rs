@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use super::{
+use super::{all_params, load_params, 
     check_groups, grad_of, grad_tensor, read, to_device_like, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
 };
 use crate::ops::host_loops;
@@ -133,13 +133,11 @@ impl Optimizer for Lion {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
-        for group in &self.groups {
-            for (name, _) in &group.params {
-                if let Some(m) = self.device_exp_avg.get(name) {
-                    out.buf(name, "exp_avg", &read(m)?)?;
-                } else if let Some(m) = self.exp_avg.get(name) {
-                    out.buf(name, "exp_avg", m)?;
-                }
+        for (name, _) in all_params(&self.groups) {
+            if let Some(m) = self.device_exp_avg.get(name) {
+                out.buf(name, "exp_avg", &read(m)?)?;
+            } else if let Some(m) = self.exp_avg.get(name) {
+                out.buf(name, "exp_avg", m)?;
             }
         }
         Ok(out.0)
@@ -147,15 +145,7 @@ impl Optimizer for Lion {
 
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let s = StateIn(state);
-        let mut new = HashMap::new();
-        for group in &self.groups {
-            for (name, var) in &group.params {
-                if s.has_param(name, "exp_avg") {
-                    new.insert(name.clone(), s.buf(name, "exp_avg", var.elem_count())?);
-                }
-            }
-        }
-        self.exp_avg = new;
+        self.exp_avg = load_params(&self.groups, &s, "exp_avg", |name, var| s.buf(name, "exp_avg", var.elem_count()))?;
         self.device_exp_avg.clear();
         Ok(())
     }

@@ -338,6 +338,29 @@ pub(crate) fn lerp(start: f32, end: f32, weight: f32) -> f32 {
     }
 }
 
+/// Every parameter of `groups` in group order: the order optimizers write their state in.
+pub(crate) fn all_params(groups: &[ParamGroup]) -> impl Iterator<Item = &(String, Var)> {
+    groups.iter().flat_map(|g| g.params.iter())
+}
+
+/// Per-parameter state rebuilt from a saved one: `read(name, var)` for every parameter of
+/// `groups` the saved state has (its `param.<name>.<marker>` entry); the others start fresh,
+/// as they do in torch when a parameter had no gradient before the save.
+pub(crate) fn load_params<S>(
+    groups: &[ParamGroup],
+    saved: &StateIn,
+    marker: &str,
+    mut read: impl FnMut(&str, &Var) -> Result<S>,
+) -> Result<HashMap<String, S>> {
+    let mut out = HashMap::new();
+    for (name, var) in all_params(groups) {
+        if saved.has_param(name, marker) {
+            out.insert(name.clone(), read(name, var)?);
+        }
+    }
+    Ok(out)
+}
+
 /// Builds state tensors.
 #[derive(Default)]
 pub(crate) struct StateOut(pub Vec<(String, Tensor)>);
@@ -355,6 +378,11 @@ impl StateOut {
             format!("param.{param}.{key}"),
             Tensor::from_slice(&[v], 1, &Device::Cpu)?,
         ));
+        Ok(())
+    }
+    /// A buffer of bytes (AdamW8bit's quantised moments).
+    pub(crate) fn bytes(&mut self, param: &str, buf: &str, data: &[u8]) -> Result<()> {
+        self.0.push((format!("param.{param}.{buf}"), Tensor::from_slice(data, data.len(), &Device::Cpu)?));
         Ok(())
     }
     pub(crate) fn scalar(&mut self, key: &str, v: f64) -> Result<()> {
@@ -388,6 +416,15 @@ impl StateIn<'_> {
             );
         }
         read(t)
+    }
+    /// What [`StateOut::bytes`] wrote: `len` bytes.
+    pub(crate) fn bytes(&self, param: &str, buf: &str, len: usize) -> Result<Vec<u8>> {
+        let key = format!("param.{param}.{buf}");
+        let t = self.get(&key)?;
+        if t.dtype() != DType::U8 || t.elem_count() != len {
+            bail!("optimizer state {key:?} should be {len} bytes, is {:?} × {}", t.dtype(), t.elem_count());
+        }
+        t.flatten_all()?.to_vec1::<u8>()
     }
     pub(crate) fn param_scalar(&self, param: &str, key: &str) -> Result<f64> {
         self.scalar_at(&format!("param.{param}.{key}"))

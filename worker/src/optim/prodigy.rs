@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use super::{check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{all_params, load_params, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProdigyConfig {
@@ -286,18 +286,15 @@ impl Optimizer for Prodigy {
         out.scalar("d_numerator", self.d_numerator)?;
         out.scalar("d_hat", self.d_hat)?;
         out.scalar("k", self.k)?;
-        for group in &self.groups {
-            for (name, _) in &group.params {
-                if let Some(st) = self.state.get(name) {
-                    out.param_scalar(name, "step", st.step)?;
-                    out.buf(name, "s", &st.s)?;
-                    out.buf(name, "p0", &st.p0)?;
-                    if !st.exp_avg.is_empty() {
-                        out.buf(name, "exp_avg", &st.exp_avg)?;
-                    }
-                    out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
-                }
+        for (name, _) in all_params(&self.groups) {
+            let Some(st) = self.state.get(name) else { continue };
+            out.param_scalar(name, "step", st.step)?;
+            out.buf(name, "s", &st.s)?;
+            out.buf(name, "p0", &st.p0)?;
+            if !st.exp_avg.is_empty() {
+                out.buf(name, "exp_avg", &st.exp_avg)?;
             }
+            out.buf(name, "exp_avg_sq", &st.exp_avg_sq)?;
         }
         Ok(out.0)
     }
@@ -309,30 +306,18 @@ impl Optimizer for Prodigy {
         let d_numerator = s.scalar("d_numerator")?;
         let d_hat = s.scalar("d_hat")?;
         let k = s.scalar("k")?;
-        let mut new = HashMap::new();
-        for group in &self.groups {
-            for (name, var) in &group.params {
-                if !s.has_param(name, "step") {
-                    continue;
-                }
-                let n = var.elem_count();
-                let ns = n.div_ceil(self.cfg.slice_p);
-                new.insert(
-                    name.clone(),
-                    State {
-                        step: s.param_scalar(name, "step")?,
-                        s: s.buf(name, "s", ns)?,
-                        p0: s.buf(name, "p0", ns)?,
-                        exp_avg: if self.cfg.betas.0 > 0.0 {
-                            s.buf(name, "exp_avg", n)?
-                        } else {
-                            Vec::new()
-                        },
-                        exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
-                    },
-                );
-            }
-        }
+        let (slice_p, has_first_moment) = (self.cfg.slice_p, self.cfg.betas.0 > 0.0);
+        let new = load_params(&self.groups, &s, "step", |name, var| {
+            let n = var.elem_count();
+            let ns = n.div_ceil(slice_p);
+            Ok(State {
+                step: s.param_scalar(name, "step")?,
+                s: s.buf(name, "s", ns)?,
+                p0: s.buf(name, "p0", ns)?,
+                exp_avg: if has_first_moment { s.buf(name, "exp_avg", n)? } else { Vec::new() },
+                exp_avg_sq: s.buf(name, "exp_avg_sq", n)?,
+            })
+        })?;
         (self.d, self.d_max, self.d_numerator, self.d_hat, self.k) =
             (d, d_max, d_numerator, d_hat, k);
         self.state = new;
