@@ -119,6 +119,12 @@ fn low_rank_energy_is_the_written_files_energy() {
                 kept += e;
                 total += t;
             }
+            // One alpha for the whole file (the largest rank): diffusers scales every module
+            // whose alpha differs from the most common one wrongly.
+            let max_rank = c.modules.iter().map(|r| r.rank).max().unwrap();
+            for m in &back.modules {
+                assert_eq!(m.alpha, Some(max_rank as f64), "{name} {}", m.name);
+            }
             let overall = if total == 0.0 { 1.0 } else { kept / total };
             assert!((c.overall_energy() - overall).abs() < 1e-5, "{name}: overall {} vs {overall}", c.overall_energy());
             assert!(back.metadata["loft_converted_from"].contains("\"method\""), "{name}");

@@ -15,9 +15,13 @@
 //!
 //! With `--energy E` each module gets the smallest rank whose retained energy
 //! ‖ΔW_r‖²/‖ΔW‖² reaches E (the search widens the randomised range until it holds, and goes
-//! exact at full rank). The written module is `lora_down` = √S·Vᵀ (conv: `[r, in, kh, kw]`),
-//! `lora_up` = U·√S (`[out, r]`, conv `[out, r, 1, 1]`), `alpha` = r, so its scale is 1 and
-//! both factors carry half the spectrum each (balanced, which fp16 storage prefers).
+//! exact at full rank). The written module is `lora_down` = c·√S·Vᵀ (conv: `[r, in, kh, kw]`),
+//! `lora_up` = c·U·√S (`[out, r]`, conv `[out, r, 1, 1]`): both factors carry half the spectrum
+//! each (balanced, which fp16 storage prefers). Every module gets the same `alpha`, the file's
+//! largest rank R, and c = √(r/R) makes up·down·alpha/r = ΔW_r: diffusers (0.37) reads a
+//! kohya file whose alphas differ between modules with the wrong scale for all but the most
+//! common alpha (its `alpha_pattern` keys name no module), so a per-module alpha = r would
+//! break every file whose ranks `--energy` chose.
 //!
 //! Not representable in a plain LoRA, so left out and reported by name: bias deltas (`full`,
 //! GLoRA with bias, LoRA-family `diff_b`) and norm modules (`train_norm`).
@@ -126,7 +130,7 @@ pub fn convert(file: &LoraFile, choice: RankChoice, save_dtype: DType, base_of: 
             }
         }
     }
-    let mut tensors = Vec::new();
+    let mut factors = Vec::new();
     let mut modules = Vec::new();
     let mut skipped = Vec::new();
     for m in &file.modules {
@@ -141,23 +145,50 @@ pub fn convert(file: &LoraFile, choice: RankChoice, save_dtype: DType, base_of: 
         let base = base_of(m)?.ok_or_else(|| {
             anyhow!("module {}: the base model has no layer of that name (a network made for another model?)", m.name)
         })?;
-        let (written, report) = convert_module(m, &base, choice, save_dtype).with_context(|| format!("converting module {}", m.name))?;
-        tensors.extend(written);
+        let (written, report) = convert_module(m, &base, choice).with_context(|| format!("converting module {}", m.name))?;
+        factors.push(written);
         modules.push(report);
     }
     if modules.is_empty() {
         bail!("{} has no module that a LoRA can represent", file.path.display());
     }
+    let alpha = modules.iter().map(|m| m.rank).max().unwrap_or(1);
+    let mut tensors = Vec::new();
+    for f in factors {
+        tensors.extend(f.tensors(alpha, save_dtype)?);
+    }
     let metadata = converted_metadata(file, choice, &modules);
     Ok(Conversion { tensors, metadata, modules, skipped })
 }
 
-fn convert_module(
-    m: &LoadedModule,
-    base: &BaseLayer,
-    choice: RankChoice,
-    save_dtype: DType,
-) -> Result<(Vec<(String, Tensor)>, ModuleConversion)> {
+/// One module's kept factors, `up·down = ΔW_r`, before they are scaled to the file's alpha.
+struct ModuleFactors {
+    name: String,
+    rank: usize,
+    down: Mat,
+    up: Mat,
+    down_shape: Vec<usize>,
+    up_shape: Vec<usize>,
+}
+
+impl ModuleFactors {
+    /// The module's tensors with `alpha` (≥ its rank): both factors × √(rank/alpha), so that
+    /// up·down·alpha/rank is still ΔW_r.
+    fn tensors(self, alpha: usize, save_dtype: DType) -> Result<Vec<(String, Tensor)>> {
+        let c = (self.rank as f64 / alpha as f64).sqrt();
+        let to_tensor = |m: Mat, dims: Vec<usize>| -> Result<Tensor> {
+            let data: Vec<f64> = m.data.iter().map(|x| x * c).collect();
+            Ok(Tensor::from_vec(data, m.rows * m.cols, &Device::Cpu)?.reshape(dims)?.to_dtype(save_dtype)?)
+        };
+        Ok(vec![
+            (format!("{}.lora_down.weight", self.name), to_tensor(self.down, self.down_shape)?),
+            (format!("{}.lora_up.weight", self.name), to_tensor(self.up, self.up_shape)?),
+            (format!("{}.alpha", self.name), Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(save_dtype)?),
+        ])
+    }
+}
+
+fn convert_module(m: &LoadedModule, base: &BaseLayer, choice: RankChoice) -> Result<(ModuleFactors, ModuleConversion)> {
     let delta = m.delta(Some(base))?;
     let shape = delta.dw.dims().to_vec();
     let is_conv = shape.len() == 4;
@@ -216,14 +247,7 @@ fn convert_module(
     } else {
         (vec![rank, a.cols], vec![rows, rank])
     };
-    let to_tensor = |m: Mat, dims: Vec<usize>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(m.data, m.rows * m.cols, &Device::Cpu)?.reshape(dims)?.to_dtype(save_dtype)?)
-    };
-    let written = vec![
-        (format!("{}.lora_down.weight", m.name), to_tensor(down, down_shape)?),
-        (format!("{}.lora_up.weight", m.name), to_tensor(up, up_shape)?),
-        (format!("{}.alpha", m.name), Tensor::new(rank as f32, &Device::Cpu)?.to_dtype(save_dtype)?),
-    ];
+    let written = ModuleFactors { name: m.name.clone(), rank, down, up, down_shape, up_shape };
     let report = ModuleConversion {
         name: m.name.clone(),
         algo: m.algo.name().to_string() + if m.dora { "+dora" } else { "" } + if m.tucker { "+tucker" } else { "" },
@@ -323,12 +347,14 @@ fn converted_metadata(file: &LoraFile, choice: RankChoice, modules: &[ModuleConv
     meta.insert("ss_network_module".into(), "networks.lora".into());
     let dim = max_linear.or(max_conv).unwrap_or(1);
     meta.insert("ss_network_dim".into(), if dynamic { "Dynamic".into() } else { dim.to_string() });
-    meta.insert("ss_network_alpha".into(), if dynamic { "Dynamic".into() } else { py_float(dim as f64) });
+    // Every module's alpha is the file's largest rank (see the module docs).
+    let alpha = modules.iter().map(|m| m.rank).max().unwrap_or(1);
+    meta.insert("ss_network_alpha".into(), py_float(alpha as f64));
     match max_conv {
         Some(c) => {
             meta.insert(
                 "ss_network_args".into(),
-                serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": c.to_string()}).to_string(),
+                serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": py_float(alpha as f64)}).to_string(),
             );
         }
         None => {
