@@ -37,7 +37,9 @@ where
 /// One Linear / Conv2d / LayerNorm / GroupNorm layer of a model, reachable by its module path.
 pub struct Layer {
     name: String,
-    base: BaseLayer,
+    kind: LayerKind,
+    /// Replaced only by [`Layer::set_base`] (a merge into the frozen weights).
+    base: RwLock<BaseLayer>,
     hook: RwLock<Option<Arc<dyn LayerHook>>>,
 }
 
@@ -45,7 +47,7 @@ impl std::fmt::Debug for Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Layer")
             .field("name", &self.name)
-            .field("kind", &self.base.kind)
+            .field("kind", &self.base().kind)
             .field("hooked", &self.hook.read().map(|h| h.is_some()).unwrap_or(false))
             .finish()
     }
@@ -53,7 +55,7 @@ impl std::fmt::Debug for Layer {
 
 impl Layer {
     pub fn new(name: impl Into<String>, base: BaseLayer) -> Self {
-        Self { name: name.into(), base, hook: RwLock::new(None) }
+        Self { name: name.into(), kind: base.kind.clone(), base: RwLock::new(base), hook: RwLock::new(None) }
     }
 
     /// The module path, as in the diffusers / transformers state dict without `.weight`.
@@ -62,24 +64,35 @@ impl Layer {
     }
 
     pub fn kind(&self) -> &LayerKind {
-        &self.base.kind
+        &self.kind
     }
 
-    /// The frozen layer (weight and bias in the compute dtype).
-    pub fn base(&self) -> &BaseLayer {
-        &self.base
+    /// The frozen layer (weight and bias in the compute dtype; the tensors are shared, not
+    /// copied).
+    pub fn base(&self) -> BaseLayer {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the frozen weights (same kind and shapes): `base_weights` merged into the model
+    /// before training, which the trained adapters then see as the base.
+    pub fn set_base(&self, base: BaseLayer) -> Result<()> {
+        if base.kind != self.kind || base.weight.dims() != self.base().weight.dims() {
+            candle_core::bail!("layer {}: a merged weight must keep the layer's kind and shape", self.name);
+        }
+        *self.base.write().unwrap_or_else(|e| e.into_inner()) = base;
+        Ok(())
     }
 
     pub fn is_linear(&self) -> bool {
-        matches!(self.base.kind, LayerKind::Linear { .. })
+        matches!(self.kind, LayerKind::Linear { .. })
     }
 
     pub fn is_conv(&self) -> bool {
-        matches!(self.base.kind, LayerKind::Conv2d { .. })
+        matches!(self.kind, LayerKind::Conv2d { .. })
     }
 
     pub fn is_norm(&self) -> bool {
-        self.base.kind.is_norm()
+        self.kind.is_norm()
     }
 
     /// Attaches (or with `None` removes) the hook that replaces this layer's forward.
@@ -94,10 +107,11 @@ impl Layer {
     /// The layer's output: the hook's if one is attached, else the frozen layer's. Norms
     /// compute their statistics in f32 when `x` is f16/bf16.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = self.base();
         if let Some(h) = self.hook() {
-            return h.forward(&self.base, x);
+            return h.forward(&base, x);
         }
-        forward_in_dtype(&self.base, x)
+        forward_in_dtype(&base, x)
     }
 }
 

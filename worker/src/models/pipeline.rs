@@ -318,7 +318,7 @@ impl StableDiffusion {
 
     /// Each layer with every name a file may use for it (the written one first; see
     /// [`super::unet_module_names`]).
-    fn layer_names(&self) -> Vec<(Vec<String>, Part, Arc<Layer>)> {
+    pub(crate) fn layer_names(&self) -> Vec<(Vec<String>, Part, Arc<Layer>)> {
         let mut out = vec![];
         let layout = self.unet_layout();
         for l in self.unet.layers() {
@@ -343,6 +343,17 @@ impl StableDiffusion {
 
     /// As [`Self::apply_networks`], with the strength applied under `rule`.
     pub fn apply_networks_with(&self, networks: &[(&LoraFile, f64)], rule: MultiplierRule) -> Result<Vec<String>> {
+        self.patch_layers(networks, rule, false)
+    }
+
+    /// As [`StableDiffusion::apply_networks_with`], but merged into the frozen weights
+    /// themselves (no hooks; `clear_hooks` keeps them): `base_weights`, under the adapters a
+    /// run then trains.
+    pub fn merge_networks(&self, networks: &[(&LoraFile, f64)], rule: MultiplierRule) -> Result<Vec<String>> {
+        self.patch_layers(networks, rule, true)
+    }
+
+    fn patch_layers(&self, networks: &[(&LoraFile, f64)], rule: MultiplierRule, into_weights: bool) -> Result<Vec<String>> {
         let layers: HashMap<String, Arc<Layer>> = self
             .layer_names()
             .into_iter()
@@ -359,7 +370,7 @@ impl StableDiffusion {
                     continue;
                 };
                 matched += 1;
-                let d = m.delta_at(Some(layer.base()), *weight, rule).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
+                let d = m.delta_at(Some(&layer.base()), *weight, rule).map_err(|e| candle_core::Error::Msg(format!("{}: {e:#}", file.path.display())))?;
                 let dw = d.dw.to_dtype(DType::F32)?;
                 let db = d.db.map(|b| b.to_dtype(DType::F32)).transpose()?;
                 // Keyed by the layer itself (SDXL's two text encoders share module paths), so two
@@ -397,6 +408,10 @@ impl StableDiffusion {
                 (b0, None) => b0.clone(),
             };
             let merged = BaseLayer { kind: base.kind.clone(), weight: w, bias: b };
+            if into_weights {
+                layer.set_base(merged)?;
+                continue;
+            }
             layer.set_hook(Some(Arc::new(move |_: &BaseLayer, x: &Tensor| super::layers::forward_in_dtype(&merged, x))));
         }
         Ok(unmatched)

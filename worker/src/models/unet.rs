@@ -260,6 +260,8 @@ pub struct AddedCond {
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
+    /// Where the weights live.
+    device: Device,
     conv_in: Arc<Layer>,
     time_linear_1: Arc<Layer>,
     time_linear_2: Arc<Layer>,
@@ -404,6 +406,7 @@ impl UNet2DConditionModel {
         let conv_out = b.pp("conv_out").conv2d(boc[0], cfg.out_channels, cfg.conv_out_kernel, 1, (cfg.conv_out_kernel - 1) / 2)?;
         Ok(Self {
             config: cfg.clone(),
+            device: conv_in.base().weight.device().clone(),
             conv_in,
             time_linear_1,
             time_linear_2,
@@ -429,7 +432,7 @@ impl UNet2DConditionModel {
     }
 
     pub fn device(&self) -> &Device {
-        self.conv_in.base().weight.device()
+        &self.device
     }
 
     pub fn dtype(&self) -> DType {

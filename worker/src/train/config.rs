@@ -22,6 +22,14 @@ pub struct TrainConfig {
     pub pretrained_model_name_or_path: PathBuf,
     /// A separate VAE (diffusers `vae/` folder); empty = the model's own.
     pub vae: PathBuf,
+    /// A LoRA merged into the frozen model before training (empty = none), at
+    /// `base_weights_multiplier`.
+    pub base_weights: PathBuf,
+    pub base_weights_multiplier: f64,
+    /// An earlier network file of the same algorithm to start from (empty = fresh adapters).
+    pub network_weights: PathBuf,
+    /// Take network/conv dim and alpha from `network_weights`.
+    pub dim_from_weights: bool,
     pub v_parameterization: bool,
     pub clip_skip: usize,
     /// `no`, `fp16`, `bf16`: the dtype the frozen model is stored and computed in (trained
@@ -190,6 +198,10 @@ impl Default for TrainConfig {
             model_family: ModelFamily::Sd15,
             pretrained_model_name_or_path: PathBuf::new(),
             vae: PathBuf::new(),
+            base_weights: PathBuf::new(),
+            base_weights_multiplier: 1.0,
+            network_weights: PathBuf::new(),
+            dim_from_weights: false,
             v_parameterization: false,
             clip_skip: 1,
             mixed_precision: "auto".into(),
@@ -347,9 +359,6 @@ pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
     ("fp8_base", "false"),
     ("full_fp16", "false"),
     ("full_bf16", "false"),
-    ("base_weights", "\"\""),
-    ("network_weights", "\"\""),
-    ("dim_from_weights", "false"),
     ("validation_split", "0"),
     ("loraplus_lr_ratio", "0"),
     ("loraplus_unet_lr_ratio", "0"),

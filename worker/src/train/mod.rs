@@ -18,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod events;
 pub mod network;
+pub mod start_weights;
 pub mod state;
 
 use std::collections::{HashMap, VecDeque};
@@ -111,7 +112,18 @@ fn fingerprint(cfg: &TrainConfig) -> String {
     crate::lora_file::sha256_hex(key.as_bytes())[..16].to_string()
 }
 
-fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+    // `network_weights` first: with `dim_from_weights` the file decides the ranks everything
+    // below (metadata included) uses.
+    let start_file = start_weights::load_network_weights(config)?;
+    let with_file_dims;
+    let cfg = match &start_file {
+        Some(file) if config.dim_from_weights => {
+            with_file_dims = start_weights::with_dims_from(config, file)?;
+            &with_file_dims
+        }
+        _ => config,
+    };
     let problems = cfg.check_supported();
     if !problems.is_empty() {
         bail!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "));
@@ -158,6 +170,9 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
         );
     }
     model.unet.set_memory_efficient_attention(cfg.attention != "none");
+    if let Some(line) = start_weights::merge_base_weights(&mut model, cfg)? {
+        log(sink, "info", line);
+    }
     let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
     if !cfg.vae.as_os_str().is_empty() {
         model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
@@ -208,7 +223,27 @@ fn run_inner(cfg: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, 
 
     // ---- 3. The network.
     let net_opts = cfg.network_options();
-    let network = Network::attach(&model, cfg.network_algo, &net_opts, &cfg.lycoris_preset, cfg.trains_unet(), cfg.trains_text_encoder())?;
+    let start_state = match &start_file {
+        Some(file) => {
+            let (state, unmatched) = start_weights::adapter_state(cfg, &model, file, &device, cfg.dim_from_weights)?;
+            let mut line = format!("network_weights: {} modules from {}", state.len(), cfg.network_weights.display());
+            if let Some(first) = unmatched.first() {
+                line += &format!("; {} match no layer of this model (first: {first})", unmatched.len());
+            }
+            log(sink, "info", line);
+            Some(state)
+        }
+        None => None,
+    };
+    let network = Network::attach_with(
+        &model,
+        cfg.network_algo,
+        &net_opts,
+        &cfg.lycoris_preset,
+        cfg.trains_unet(),
+        cfg.trains_text_encoder(),
+        start_state.as_ref(),
+    )?;
     let train_te = !network.trainable(false).is_empty();
     if let Some((first, why)) = network.skipped.first() {
         log(sink, "warn", format!("{} layers left without an adapter, e.g. {first}: {why}", network.skipped.len()));

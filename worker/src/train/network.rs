@@ -190,7 +190,7 @@ pub fn planned_modules(
             let (found_on, refused) = verdict_by_kind.entry(format!("{:?}/{on_input}", layer.kind())).or_insert_with(|| {
                 let mut opts = options.clone();
                 opts.train_on_input |= on_input;
-                (name.clone(), build_adapter(algo, &opts, layer.base(), &name).err().map(|e| e.to_string()))
+                (name.clone(), build_adapter(algo, &opts, &layer.base(), &name).err().map(|e| e.to_string()))
             });
             if let Some(why) = refused {
                 skipped.push((name.clone(), why.replace(found_on.as_str(), &name)));
@@ -274,7 +274,8 @@ impl Network {
     }
 
     /// As [`Network::attach`], with the adapters' tensors taken from `state` (kohya name →
-    /// tensors by file name) where given: resuming.
+    /// tensors by file name) where given: resuming, or `network_weights`. A layer whose given
+    /// tensors do not build its adapter is an error.
     pub fn attach_with(
         model: &StableDiffusion,
         algo: NetworkAlgo,
@@ -301,8 +302,10 @@ impl Network {
                 opts.train_on_input = true;
             }
             let built = match state.and_then(|s| s.get(&kohya_name)) {
-                Some(tensors) => adapter_from_tensors_named(algo, &opts, layer.base(), tensors, &kohya_name),
-                None => build_adapter(algo, &opts, layer.base(), &kohya_name),
+                // Given tensors that do not fit are an error, not a layer to leave out: the
+                // user asked for these weights.
+                Some(tensors) => Ok(adapter_from_tensors_named(algo, &opts, &layer.base(), tensors, &kohya_name)?),
+                None => build_adapter(algo, &opts, &layer.base(), &kohya_name),
             };
             // A layer the algorithm cannot adapt with these options (a 4-channel conv_out for
             // OFT's blocks, …) is left out and reported, as LyCORIS leaves out what it cannot wrap.

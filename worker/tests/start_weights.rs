@@ -1,0 +1,149 @@
+//! Runs that start from other files, through the real training loop on the tiny SD 1.5
+//! fixture: `network_weights` (same algorithm, shapes checked, `dim_from_weights`) and
+//! `base_weights` (merged into the frozen model before training).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use loft_worker::lora_file::LoraFile;
+use loft_worker::networks::NetworkAlgo;
+use loft_worker::train::{run, CancelToken, EventLog, RunOptions, TrainConfig, TrainEvent};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+}
+
+fn dataset(root: &Path) -> PathBuf {
+    let sub = root.join("data/4_shapes");
+    std::fs::create_dir_all(&sub).unwrap();
+    for i in 0..2u32 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb(if x >= 8 + i && x < 20 + i && (10..24).contains(&y) { [230, 90 * i as u8, 20] } else { [60 * i as u8, 40, 200] })
+        });
+        img.save(sub.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(sub.join(format!("img{i}.txt")), format!("a photo of a shape, number {i}")).unwrap();
+    }
+    root.join("data")
+}
+
+fn config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
+    TrainConfig {
+        pretrained_model_name_or_path: fixture("tiny-sd15"),
+        train_data_dir: dataset(root),
+        output_dir: root.join("out"),
+        resolution: 32,
+        min_bucket_reso: 16,
+        max_bucket_reso: 64,
+        bucket_reso_steps: 8,
+        network_algo: algo,
+        network_dim: 4,
+        network_alpha: 4.0,
+        conv_dim: Some(4),
+        conv_alpha: Some(2.0),
+        learning_rate: 1e-2,
+        max_train_epochs: 0,
+        max_train_steps: 6,
+        save_every_n_epochs: 0,
+        seed: 7,
+        save_precision: "float".into(),
+        device: "cpu".into(),
+        ..TrainConfig::default()
+    }
+}
+
+/// Trains `cfg` and returns the final file and the step losses.
+fn train(cfg: &TrainConfig) -> (PathBuf, Vec<f64>) {
+    let mut events = EventLog::default();
+    let out = run(cfg, &RunOptions::default(), &mut events, &CancelToken::new()).unwrap_or_else(|e| panic!("{e:#}"));
+    let losses = events.0.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
+    (out.network_file.expect("a file"), losses)
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn refusal(cfg: &TrainConfig) -> String {
+    match run(cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()) {
+        Ok(_) => panic!("the run should have been refused"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A run started from a file with learning rate 0 saves that file's weights unchanged (every
+/// module loaded, nothing re-initialised); with other ranks it is refused naming the module and
+/// both shapes unless `dim_from_weights`, which takes the file's ranks; another algorithm's file
+/// is refused by module.
+#[test]
+fn network_weights_start_from_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first_cfg = config(tmp.path(), NetworkAlgo::LycorisLocon);
+    let (first, _) = train(&first_cfg);
+
+    let mut cont = first_cfg.clone();
+    cont.output_dir = tmp.path().join("cont");
+    cont.network_weights = first.clone();
+    cont.learning_rate = 0.0;
+    cont.max_train_steps = 1;
+    let (again, _) = train(&cont);
+    let (a, b) = (tensors(&first), tensors(&again));
+    assert_eq!(a.len(), b.len());
+    for (k, ta) in &a {
+        let diff: f32 = (ta - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert_eq!(diff, 0.0, "{k} changed at learning rate 0");
+    }
+
+    let mut other_rank = cont.clone();
+    other_rank.output_dir = tmp.path().join("rank8");
+    other_rank.network_dim = 8;
+    let e = refusal(&other_rank);
+    assert!(e.contains("network_weights") && e.contains("[4, ") && e.contains("[8, ") && e.contains("dim_from_weights"), "{e}");
+
+    other_rank.dim_from_weights = true;
+    let (taken, _) = train(&other_rank);
+    let file = LoraFile::load(&taken).unwrap();
+    assert_eq!(file.metadata.get("ss_network_dim").map(String::as_str), Some("4"), "{:?}", file.metadata);
+    assert!(file.modules.iter().all(|m| m.rank == Some(4)));
+
+    let mut loha = cont.clone();
+    loha.output_dir = tmp.path().join("loha");
+    loha.network_algo = NetworkAlgo::Loha;
+    let e = refusal(&loha);
+    assert!(e.contains("network_algo is loha") && e.contains("module lora_"), "{e}");
+}
+
+/// `base_weights` merges the file into the frozen model: a fresh LoRA (ΔW = 0 at the start) on
+/// the merged model computes the same first-step loss as the file's network loaded with
+/// `network_weights` on the plain model, and another loss than the plain model alone.
+#[test]
+fn base_weights_are_merged_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first_cfg = config(tmp.path(), NetworkAlgo::Lora);
+    first_cfg.learning_rate = 5e-2;
+    let (first, _) = train(&first_cfg);
+
+    let step_one = |name: &str, edit: &dyn Fn(&mut TrainConfig)| -> f64 {
+        let mut cfg = first_cfg.clone();
+        cfg.output_dir = tmp.path().join(name);
+        cfg.learning_rate = 0.0;
+        cfg.max_train_steps = 1;
+        edit(&mut cfg);
+        train(&cfg).1[0]
+    };
+    let plain = step_one("plain", &|_| {});
+    let merged = step_one("merged", &|c| c.base_weights = first.clone());
+    let loaded = step_one("loaded", &|c| c.network_weights = first.clone());
+    assert!((merged - loaded).abs() <= 1e-5 * loaded.abs().max(1.0), "merged {merged} vs loaded {loaded}");
+    assert!((merged - plain).abs() > 1e-4, "the merge changed nothing: {merged} vs {plain}");
+    let half = step_one("half", &|c| {
+        c.base_weights = first.clone();
+        c.base_weights_multiplier = 0.5;
+    });
+    assert!((half - merged).abs() > 1e-5 && (half - plain).abs() > 1e-5, "multiplier 0.5: {half} (plain {plain}, 1.0 {merged})");
+
+    let mut missing = first_cfg.clone();
+    missing.base_weights = tmp.path().join("nope.safetensors");
+    let e = refusal(&missing);
+    assert!(e.contains("base_weights") && e.contains("nope.safetensors"), "{e}");
+}
