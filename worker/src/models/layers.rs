@@ -107,7 +107,8 @@ impl Layer {
     /// The layer's output: the hook's if one is attached, else the frozen layer's. Norms
     /// compute their statistics in f32 when `x` is f16/bf16.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let base = self.base();
+        // Read under the lock rather than cloned: this runs for every layer call.
+        let base = self.base.read().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = self.hook() {
             return h.forward(&base, x);
         }
