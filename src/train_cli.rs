@@ -100,7 +100,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             printer.set_prefix(format!("1/{total_epochs}"));
             say(&printer, format!("training on {images} images for {total_steps} steps ({total_epochs} epochs), from step {start_step}"));
         }
-        TrainEvent::Step { step, total_steps, epoch, loss, avg_loss, lr, it_per_sec, eta_secs } => {
+        TrainEvent::Step { step, total_steps, epoch, loss, avg_loss, lr, it_per_sec, eta_secs, .. } => {
             printer.set_position(step);
             printer.set_prefix(format!("{epoch}/{total_epochs_seen}"));
             let stats = format!("loss {loss:.4} avg {avg_loss:.4} lr {lr:.2e} {it_per_sec:.2} it/s");

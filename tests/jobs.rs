@@ -296,7 +296,7 @@ fn order_priority_and_moves() {
 }
 
 fn step(n: u64) -> TrainEvent {
-    TrainEvent::Step { step: n, total_steps: 10, epoch: 1, loss: 0.1, avg_loss: 0.1, lr: 1e-4, it_per_sec: 1.0, eta_secs: 1.0 }
+    TrainEvent::Step { step: n, total_steps: 10, epoch: 1, loss: 0.1, avg_loss: 0.1, lr: 1e-4, lrs: vec![], it_per_sec: 1.0, eta_secs: 1.0 }
 }
 
 #[test]

@@ -131,6 +131,7 @@ impl JobRunner for SimulatedRunner {
                 loss,
                 avg_loss: loss,
                 lr,
+                lrs: vec![("unet".into(), lr)],
                 it_per_sec: rate,
                 eta_secs: eta,
             });

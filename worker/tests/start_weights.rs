@@ -2,74 +2,12 @@
 //! fixture: `network_weights` (same algorithm, shapes checked, `dim_from_weights`) and
 //! `base_weights` (merged into the frozen model before training).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{Device, Tensor};
+use common::tiny_run::{config, refusal, tensors, train};
 use loft_worker::lora_file::LoraFile;
 use loft_worker::networks::NetworkAlgo;
-use loft_worker::train::{run, CancelToken, EventLog, RunOptions, TrainConfig, TrainEvent};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
-}
-
-fn dataset(root: &Path) -> PathBuf {
-    let sub = root.join("data/4_shapes");
-    std::fs::create_dir_all(&sub).unwrap();
-    for i in 0..2u32 {
-        let img = image::RgbImage::from_fn(32, 32, |x, y| {
-            image::Rgb(if x >= 8 + i && x < 20 + i && (10..24).contains(&y) { [230, 90 * i as u8, 20] } else { [60 * i as u8, 40, 200] })
-        });
-        img.save(sub.join(format!("img{i}.png"))).unwrap();
-        std::fs::write(sub.join(format!("img{i}.txt")), format!("a photo of a shape, number {i}")).unwrap();
-    }
-    root.join("data")
-}
-
-fn config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
-    TrainConfig {
-        pretrained_model_name_or_path: fixture("tiny-sd15"),
-        train_data_dir: dataset(root),
-        output_dir: root.join("out"),
-        resolution: 32,
-        min_bucket_reso: 16,
-        max_bucket_reso: 64,
-        bucket_reso_steps: 8,
-        network_algo: algo,
-        network_dim: 4,
-        network_alpha: 4.0,
-        conv_dim: Some(4),
-        conv_alpha: Some(2.0),
-        learning_rate: 1e-2,
-        max_train_epochs: 0,
-        max_train_steps: 6,
-        save_every_n_epochs: 0,
-        seed: 7,
-        save_precision: "float".into(),
-        device: "cpu".into(),
-        ..TrainConfig::default()
-    }
-}
-
-/// Trains `cfg` and returns the final file and the step losses.
-fn train(cfg: &TrainConfig) -> (PathBuf, Vec<f64>) {
-    let mut events = EventLog::default();
-    let out = run(cfg, &RunOptions::default(), &mut events, &CancelToken::new()).unwrap_or_else(|e| panic!("{e:#}"));
-    let losses = events.0.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
-    (out.network_file.expect("a file"), losses)
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn refusal(cfg: &TrainConfig) -> String {
-    match run(cfg, &RunOptions::default(), &mut EventLog::default(), &CancelToken::new()) {
-        Ok(_) => panic!("the run should have been refused"),
-        Err(e) => format!("{e:#}"),
-    }
-}
+use loft_worker::train::TrainConfig;
 
 /// A run started from a file with learning rate 0 saves that file's weights unchanged (every
 /// module loaded, nothing re-initialised); with other ranks it is refused naming the module and

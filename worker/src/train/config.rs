@@ -360,9 +360,6 @@ pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
     ("full_fp16", "false"),
     ("full_bf16", "false"),
     ("validation_split", "0"),
-    ("loraplus_lr_ratio", "0"),
-    ("loraplus_unet_lr_ratio", "0"),
-    ("loraplus_text_encoder_lr_ratio", "0"),
 ];
 
 /// A config problem, naming the key.

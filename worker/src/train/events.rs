@@ -30,7 +30,20 @@ pub enum TrainEvent {
     Started { total_steps: u64, total_epochs: u64, start_step: u64, steps_per_epoch: u64, images: usize },
     /// One optimizer step done. `loss` is this step's, `avg_loss` the running mean over the
     /// last epoch's worth of steps; `it_per_sec` and `eta_secs` are measured on this run.
-    Step { step: u64, total_steps: u64, epoch: u64, loss: f64, avg_loss: f64, lr: f64, it_per_sec: f64, eta_secs: f64 },
+    /// `lr` is the first group's learning rate, `lrs` every group's (`unet`, `unet_plus`,
+    /// `text_encoder`, …) as the optimizer applies it this step.
+    Step {
+        step: u64,
+        total_steps: u64,
+        epoch: u64,
+        loss: f64,
+        avg_loss: f64,
+        lr: f64,
+        #[serde(default)]
+        lrs: Vec<(String, f64)>,
+        it_per_sec: f64,
+        eta_secs: f64,
+    },
     /// An epoch finished.
     Epoch { epoch: u64, total_epochs: u64, avg_loss: f64 },
     /// A sample image was written.

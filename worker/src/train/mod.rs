@@ -18,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod events;
 pub mod network;
+pub mod param_groups;
 pub mod start_weights;
 pub mod state;
 
@@ -41,7 +42,7 @@ use crate::models::vae::AutoencoderKL;
 use crate::models::ModelFamily;
 use crate::noise::{diffusion_loss, sample_noise, sample_timesteps, LossOptions, NoiseOptions, NoiseSchedule};
 use crate::optim::loss_scale::LossScale;
-use crate::optim::{self, clip_grad_norm, GradAccumulator, ParamGroup};
+use crate::optim::{self, clip_grad_norm, GradAccumulator};
 use crate::sample::{parse_prompts, sample_image, save_png, SampleRequest, Sampler};
 use crate::schedule::{LrSchedule, ScheduleConfig, SchedulerKind};
 use data::{derived_seed, Item, LatentCache, TrainSet, SEED_STEP};
@@ -259,12 +260,14 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     } else {
         (cfg.max_train_steps, cfg.max_train_steps.div_ceil(steps_per_epoch))
     };
-    let mut groups = vec![];
-    if !network.trainable(true).is_empty() {
-        groups.push(ParamGroup::new("unet", cfg.unet_learning_rate(), network.trainable(true)));
+    let (groups, loraplus_warning) = param_groups::build(cfg, &network);
+    if let Some(warning) = loraplus_warning {
+        log(sink, "warn", warning);
     }
-    if train_te {
-        groups.push(ParamGroup::new("text_encoder", cfg.text_encoder_learning_rate(), network.trainable(false)));
+    let group_records = param_groups::GroupRecord::of(&groups);
+    if groups.len() > 2 || groups.iter().any(|g| g.name.ends_with("_plus")) {
+        let list: Vec<String> = groups.iter().map(|g| format!("{} ({} tensors, lr {:e})", g.name, g.params.len(), g.lr)).collect();
+        log(sink, "info", format!("LoRA+ parameter groups: {}", list.join(", ")));
     }
     let mut optimizer = optim::build(&cfg.optimizer_type, groups, &optimizer_args(cfg)?)?;
     let lr_schedule = LrSchedule::new(ScheduleConfig {
@@ -286,12 +289,23 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         saved_step_files: vec![],
         fingerprint: fingerprint(cfg),
         loss_scale: (dtype == DType::F16).then(LossScale::default),
+        groups: group_records,
     };
     if options.resume {
         if let Some(dir) = state::list(&cfg.output_dir).pop() {
             let loaded = state::load(&dir, &device)?;
             if loaded.progress.fingerprint != progress.fingerprint {
                 bail!("resume: the state in {} was saved by a run with other network/data settings", dir.display());
+            }
+            // States written before the groups were recorded have none to compare.
+            if !loaded.progress.groups.is_empty() && loaded.progress.groups != progress.groups {
+                let show = |g: &[param_groups::GroupRecord]| g.iter().map(|g| format!("{} (lr {:e}, {} tensors)", g.name, g.lr, g.params)).collect::<Vec<_>>().join(", ");
+                bail!(
+                    "resume: the state in {} was saved with the optimizer groups {}, this run has {} (learning rates or LoRA+ ratios changed)",
+                    dir.display(),
+                    show(&loaded.progress.groups),
+                    show(&progress.groups)
+                );
             }
             state::restore_vars(&vars, &loaded.network, &dir)?;
             optimizer.load_state(&loaded.optimizer).with_context(|| format!("resume: optimizer state in {}", dir.display()))?;
@@ -446,8 +460,9 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             let done_here = (progress.step - first_step) as f64;
             let it_per_sec = if elapsed > 0.0 { done_here / elapsed } else { 0.0 };
             let eta_secs = if it_per_sec > 0.0 { (total_steps - progress.step) as f64 / it_per_sec } else { 0.0 };
-            let lr = optimizer.effective_lrs(lr_scale).first().copied().unwrap_or(0.0);
-            sink.emit(TrainEvent::Step { step: progress.step, total_steps, epoch: epoch + 1, loss: step_loss, avg_loss, lr, it_per_sec, eta_secs });
+            let lrs: Vec<(String, f64)> = optimizer.groups().iter().map(|g| g.name.clone()).zip(optimizer.effective_lrs(lr_scale)).collect();
+            let lr = lrs.first().map_or(0.0, |(_, lr)| *lr);
+            sink.emit(TrainEvent::Step { step: progress.step, total_steps, epoch: epoch + 1, loss: step_loss, avg_loss, lr, lrs, it_per_sec, eta_secs });
             progress.recent_losses = recent.iter().copied().collect();
 
             if cfg.save_every_n_steps > 0 && progress.step % cfg.save_every_n_steps == 0 && progress.step < total_steps {

@@ -31,6 +31,9 @@ pub struct Progress {
     /// fp16 mixed precision's loss scale (none in other precisions).
     #[serde(default)]
     pub loss_scale: Option<crate::optim::loss_scale::LossScale>,
+    /// The optimizer's parameter groups (name, base learning rate, size); a resume must match.
+    #[serde(default)]
+    pub groups: Vec<super::param_groups::GroupRecord>,
 }
 
 pub fn state_root(output_dir: &Path) -> PathBuf {

@@ -1,4 +1,7 @@
-//! Helpers shared by the worker's test binaries.
+//! Helpers shared by the worker's test binaries (each uses some of them).
+#![allow(dead_code)]
+
+pub mod tiny_run;
 
 /// A `/proc/self/status` memory figure (`VmRSS:`, `VmHWM:`) in KiB.
 pub fn vm_kib(field: &str) -> u64 {
