@@ -58,25 +58,7 @@ fn make_dataset_sized(root: &Path, n: usize, size: u32) -> PathBuf {
 }
 
 fn base_config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
-    TrainConfig {
-        pretrained_model_name_or_path: fixture("tiny-sd15"),
-        train_data_dir: make_dataset(root, 2),
-        output_dir: root.join("out"),
-        resolution: 32,
-        min_bucket_reso: 16,
-        max_bucket_reso: 64,
-        bucket_reso_steps: 8,
-        network_algo: algo,
-        network_dim: 4,
-        network_alpha: 4.0,
-        learning_rate: 1e-2,
-        max_train_epochs: 0,
-        max_train_steps: 30,
-        save_every_n_epochs: 0,
-        seed: 7,
-        save_precision: "float".into(),
-        ..TrainConfig::default()
-    }
+    TrainConfig { max_train_steps: 30, ..common::tiny_run::base(root, make_dataset(root, 2), algo) }
 }
 
 /// Mean loss of `model` on fixed latents, noise and timesteps for the dataset's captions.

@@ -25,10 +25,12 @@ pub fn dataset(root: &Path) -> PathBuf {
     root.join("data")
 }
 
-pub fn config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
+/// The settings every short run shares: the tiny SD 1.5 model, 32² buckets, rank 4, lr 1e-2,
+/// 6 steps, seed 7, f32 files; the data folder is the caller's.
+pub fn base(root: &Path, train_data_dir: PathBuf, algo: NetworkAlgo) -> TrainConfig {
     TrainConfig {
         pretrained_model_name_or_path: fixture("tiny-sd15"),
-        train_data_dir: dataset(root),
+        train_data_dir,
         output_dir: root.join("out"),
         resolution: 32,
         min_bucket_reso: 16,
@@ -37,16 +39,23 @@ pub fn config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
         network_algo: algo,
         network_dim: 4,
         network_alpha: 4.0,
-        conv_dim: Some(4),
-        conv_alpha: Some(2.0),
         learning_rate: 1e-2,
         max_train_epochs: 0,
         max_train_steps: 6,
         save_every_n_epochs: 0,
         seed: 7,
         save_precision: "float".into(),
-        device: "cpu".into(),
         ..TrainConfig::default()
+    }
+}
+
+/// [`base`] on [`dataset`], with conv adapters, on the CPU.
+pub fn config(root: &Path, algo: NetworkAlgo) -> TrainConfig {
+    TrainConfig {
+        conv_dim: Some(4),
+        conv_alpha: Some(2.0),
+        device: "cpu".into(),
+        ..base(root, dataset(root), algo)
     }
 }
 
