@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use common::tiny_run::{config, tensors, train_with};
+use common::tiny_run::{config, refusal, tensors, train_with};
 use loft_worker::networks::NetworkAlgo;
 use loft_worker::train::param_groups::{assemble, loraplus_ratio};
 use loft_worker::train::{run, CancelToken, EventLog, RunOptions, TrainEvent};
@@ -77,7 +77,7 @@ fn up_extent(file: &Path) -> (f32, f32) {
 /// One AdamW step from zero-initialised up matrices moves each element by `lr·g/(|g|+eps)`, so
 /// the largest |up| element after it is the group's learning rate: 1e-3 without LoRA+, ratio ×
 /// 1e-3 with it — U-Net and text encoder at their own ratios. The step events carry each group's
-/// learning rate; a resume with another ratio is refused by the recorded groups.
+/// learning rate; the state records the groups, and a resume without LoRA+ is refused.
 #[test]
 fn up_matrices_step_at_the_ratio() {
     let tmp = tempfile::tempdir().unwrap();
@@ -110,13 +110,31 @@ fn up_matrices_step_at_the_ratio() {
     cfg.save_every_n_steps = 1;
     cfg.save_state = true;
     train_with(&cfg, &RunOptions { stop_after_steps: Some(1), ..RunOptions::default() });
-    let mut other = cfg.clone();
-    other.loraplus_lr_ratio = 8.0;
-    let e = match run(&other, &RunOptions { resume: true, ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()) {
-        Ok(_) => panic!("resume with another ratio should be refused"),
+    let mut off = cfg.clone();
+    off.loraplus_lr_ratio = 0.0;
+    off.loraplus_text_encoder_lr_ratio = 0.0;
+    let e = match run(&off, &RunOptions { resume: true, ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()) {
+        Ok(_) => panic!("resume without LoRA+ from a LoRA+ state should be refused"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(e.contains("optimizer groups") && e.contains("unet_plus (lr 4e-3") && e.contains("unet_plus (lr 8e-3"), "{e}");
+    assert!(e.contains("optimizer groups") && e.contains("unet_plus (lr 4e-3") && e.contains("LoRA+ switched on or off"), "{e}");
+    // Another ratio keeps the layout: it resumes (as a changed learning rate does), and says so.
+    let mut other = cfg.clone();
+    other.loraplus_lr_ratio = 8.0;
+    let (_, events) = train_with(&other, &RunOptions { resume: true, stop_after_steps: Some(0), ..RunOptions::default() });
+    let said = events.iter().any(|e| matches!(e, TrainEvent::Log { message, .. } if message.contains("unet_plus (lr 8e-3") && message.contains("saved with")));
+    assert!(said, "the changed ratio is logged: {events:?}");
     let (done, _) = train_with(&cfg, &RunOptions { resume: true, ..RunOptions::default() });
     assert!(done.is_some(), "the same settings resume to the end");
+}
+
+/// Prodigy needs one learning rate for all groups: LoRA+ with it is refused before anything runs.
+#[test]
+fn prodigy_refuses_loraplus_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), NetworkAlgo::Lora);
+    cfg.optimizer_type = "Prodigy".into();
+    cfg.loraplus_unet_lr_ratio = 16.0;
+    let e = refusal(&cfg);
+    assert!(e.contains("loraplus_unet_lr_ratio") && e.contains("Prodigy"), "{e}");
 }

@@ -442,6 +442,16 @@ impl TrainConfig {
         if self.save_model_as != "safetensors" {
             errors.push(err("save_model_as", format!("Loft writes safetensors only, not {:?}", self.save_model_as)));
         }
+        if self.optimizer_type == "Prodigy" {
+            let set = [
+                ("loraplus_lr_ratio", self.loraplus_lr_ratio),
+                ("loraplus_unet_lr_ratio", self.loraplus_unet_lr_ratio),
+                ("loraplus_text_encoder_lr_ratio", self.loraplus_text_encoder_lr_ratio),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, r)| *r > 0.0) {
+                errors.push(err(key, "LoRA+ gives the up matrices their own learning rate, and Prodigy needs one learning rate for every group (as in prodigyopt and sd-scripts); use another optimizer or leave it at 0"));
+            }
+        }
         if self.token_warmup_step > 0.0 {
             errors.push(err("token_warmup_step", "token warm-up is not supported by Loft's engine yet; leave it at 0"));
         }

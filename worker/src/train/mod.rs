@@ -265,7 +265,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         log(sink, "warn", warning);
     }
     let group_records = param_groups::GroupRecord::of(&groups);
-    if groups.len() > 2 || groups.iter().any(|g| g.name.ends_with("_plus")) {
+    if groups.iter().any(|g| g.name.ends_with("_plus")) {
         let list: Vec<String> = groups.iter().map(|g| format!("{} ({} tensors, lr {:e})", g.name, g.params.len(), g.lr)).collect();
         log(sink, "info", format!("LoRA+ parameter groups: {}", list.join(", ")));
     }
@@ -297,15 +297,23 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             if loaded.progress.fingerprint != progress.fingerprint {
                 bail!("resume: the state in {} was saved by a run with other network/data settings", dir.display());
             }
-            // States written before the groups were recorded have none to compare.
-            if !loaded.progress.groups.is_empty() && loaded.progress.groups != progress.groups {
-                let show = |g: &[param_groups::GroupRecord]| g.iter().map(|g| format!("{} (lr {:e}, {} tensors)", g.name, g.lr, g.params)).collect::<Vec<_>>().join(", ");
+            // The optimizer state follows the groups (Prodigy's and Adafactor's scalars are per
+            // group): another layout (LoRA+ switched on or off, a part added) cannot resume. A
+            // changed learning rate or ratio can, as before; the log says so. States written
+            // before the groups were recorded have none to compare.
+            let saved = &loaded.progress.groups;
+            let layout = |g: &[param_groups::GroupRecord]| g.iter().map(|g| (g.name.clone(), g.params)).collect::<Vec<_>>();
+            let show = |g: &[param_groups::GroupRecord]| g.iter().map(|g| format!("{} (lr {:e}, {} tensors)", g.name, g.lr, g.params)).collect::<Vec<_>>().join(", ");
+            if !saved.is_empty() && layout(saved) != layout(&progress.groups) {
                 bail!(
-                    "resume: the state in {} was saved with the optimizer groups {}, this run has {} (learning rates or LoRA+ ratios changed)",
+                    "resume: the state in {} was saved with the optimizer groups {}, this run has {} (LoRA+ switched on or off, or other parts trained)",
                     dir.display(),
-                    show(&loaded.progress.groups),
+                    show(saved),
                     show(&progress.groups)
                 );
+            }
+            if !saved.is_empty() && saved != &progress.groups {
+                log(sink, "info", format!("resuming with the learning rates {} (the state was saved with {})", show(&progress.groups), show(saved)));
             }
             state::restore_vars(&vars, &loaded.network, &dir)?;
             optimizer.load_state(&loaded.optimizer).with_context(|| format!("resume: optimizer state in {}", dir.display()))?;

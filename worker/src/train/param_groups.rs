@@ -13,8 +13,9 @@ use super::config::TrainConfig;
 use super::network::Network;
 use crate::optim::ParamGroup;
 
-/// What the resumable state records of each group, so that a resume with other groups (LoRA+
-/// switched on or off, another ratio or learning rate) is refused instead of silently mixing.
+/// What the resumable state records of each group, so that a resume with another layout
+/// (LoRA+ switched on or off) is refused instead of loading the optimizer state into the wrong
+/// groups.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupRecord {
     pub name: String,
