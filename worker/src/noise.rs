@@ -278,6 +278,7 @@ pub fn diffusion_loss(
     target: &Tensor,
     timesteps: &[usize],
     sample_weights: &[f64],
+    masks: Option<&Tensor>,
 ) -> Result<Tensor> {
     let pred = pred.to_dtype(DType::F32)?;
     let target = target.to_dtype(DType::F32)?.detach();
@@ -299,6 +300,12 @@ pub fn diffusion_loss(
             }
         }
         other => bail!("unknown loss_type {other:?}"),
+    };
+    // A loss mask (B, 1, h, w) weights each element; the mean below still divides by every
+    // element, masked or not, as sd-scripts' apply_masked_loss and its caller do.
+    let per_elem = match masks {
+        Some(m) => per_elem.broadcast_mul(&m.to_dtype(DType::F32)?)?,
+        None => per_elem,
     };
     let per_sample = per_elem.flatten_from(1)?.mean(1)?; // (B,)
     let weights: Vec<f32> = timesteps
@@ -376,15 +383,15 @@ mod tests {
         let s = sd_schedule(false);
         let pred = candle_core::Var::from_vec(vec![1.0f32, -1.0, 0.5, 0.0], (1, 1, 2, 2), &dev)?;
         let target = Tensor::zeros((1, 1, 2, 2), DType::F32, &dev)?;
-        let l2 = diffusion_loss(&LossOptions::default(), &s, pred.as_tensor(), &target, &[100], &[1.0])?;
+        let l2 = diffusion_loss(&LossOptions::default(), &s, pred.as_tensor(), &target, &[100], &[1.0], None)?;
         assert!((l2.to_scalar::<f32>()? - (1.0 + 1.0 + 0.25) / 4.0).abs() < 1e-6);
         let g = l2.backward()?;
         let grad: Vec<f32> = g.get(&pred).unwrap().flatten_all()?.to_vec1()?;
         assert_eq!(grad, vec![0.5, -0.5, 0.25, 0.0]); // 2·d/4
-        let l1 = diffusion_loss(&LossOptions { loss_type: "l1".into(), ..Default::default() }, &s, pred.as_tensor(), &target, &[100], &[2.0])?;
+        let l1 = diffusion_loss(&LossOptions { loss_type: "l1".into(), ..Default::default() }, &s, pred.as_tensor(), &target, &[100], &[2.0], None)?;
         assert!((l1.to_scalar::<f32>()? - 2.0 * 2.5 / 4.0).abs() < 1e-6, "prior weight 2 doubles it");
         let hopts = LossOptions { loss_type: "huber".into(), huber_schedule: "constant".into(), huber_c: 0.5, ..Default::default() };
-        let h = diffusion_loss(&hopts, &s, pred.as_tensor(), &target, &[100], &[1.0])?;
+        let h = diffusion_loss(&hopts, &s, pred.as_tensor(), &target, &[100], &[1.0], None)?;
         let want: f64 = [1.0f64, 1.0, 0.5, 0.0].iter().map(|d| 2.0 * 0.5 * ((d * d + 0.25f64).sqrt() - 0.5)).sum::<f64>() / 4.0;
         assert!((h.to_scalar::<f32>()? as f64 - want).abs() < 1e-6);
         Ok(())

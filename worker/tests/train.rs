@@ -76,7 +76,7 @@ fn probe_loss(model: &StableDiffusion, captions: &[String]) -> f64 {
         let e = model.encode_prompts(captions, 1, 75).unwrap();
         let t = Tensor::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dev).unwrap();
         let pred = model.unet.forward(&noisy, &t, &e.hidden, None).unwrap();
-        let loss = diffusion_loss(&LossOptions::default(), &schedule, &pred, &noise, &ts, &vec![1.0; captions.len()]).unwrap();
+        let loss = diffusion_loss(&LossOptions::default(), &schedule, &pred, &noise, &ts, &vec![1.0; captions.len()], None).unwrap();
         total += loss.to_scalar::<f32>().unwrap() as f64;
     }
     total / n as f64

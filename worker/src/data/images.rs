@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use rand::Rng;
 
+use super::masks::MaskSource;
 use super::BucketChoice;
 
 /// Where the crop starts inside the resized image: centred, or random when `random_crop`.
@@ -20,6 +21,41 @@ fn crop_origin(resized: (u32, u32), bucket: (u32, u32), random_crop: bool, rng: 
     }
 }
 
+/// Decodes an image file; errors name the file.
+fn decode(path: &Path) -> Result<image::DynamicImage> {
+    image::ImageReader::open(path)
+        .with_context(|| format!("cannot open the image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read the image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("{} is not a readable image", path.display()))
+}
+
+/// Resizes `img` so it covers the bucket (`choice.resized`), then cuts the bucket out at `origin`.
+fn fit<P: image::Pixel<Subpixel = u8> + 'static>(
+    img: image::ImageBuffer<P, Vec<u8>>,
+    choice: &BucketChoice,
+    origin: (u32, u32),
+) -> image::ImageBuffer<P, Vec<u8>> {
+    let (w, h) = img.dimensions();
+    let resized = choice.resized;
+    let img = if (w, h) == resized {
+        img
+    } else {
+        // Area-like filtering when shrinking (as sd-scripts' INTER_AREA), Lanczos when enlarging.
+        let filter = if resized.0 < w { FilterType::Triangle } else { FilterType::Lanczos3 };
+        image::imageops::resize(&img, resized.0, resized.1, filter)
+    };
+    image::imageops::crop_imm(&img, origin.0, origin.1, choice.bucket.0, choice.bucket.1).to_image()
+}
+
+/// RGB bytes (HWC) → a CHW f32 tensor in [-1, 1].
+fn to_tensor(img: image::RgbImage, device: &Device) -> Result<Tensor> {
+    let (bw, bh) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
+    Ok(Tensor::from_vec(data, (bh, bw, 3), device)?.permute((2, 0, 1))?.contiguous()?)
+}
+
 /// Decodes `path` and fits it to `choice`. Errors name the file.
 pub fn load_for_bucket(
     path: &Path,
@@ -29,33 +65,57 @@ pub fn load_for_bucket(
     rng: &mut impl Rng,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open the image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read the image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("{} is not a readable image", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let resized = choice.resized;
-    let bucket = choice.bucket;
-    let img = if (w, h) == resized {
-        img
-    } else {
-        // Area-like filtering when shrinking (as sd-scripts' INTER_AREA), Lanczos when enlarging.
-        let filter = if resized.0 < w { FilterType::Triangle } else { FilterType::Lanczos3 };
-        image::imageops::resize(&img, resized.0, resized.1, filter)
-    };
-    let (x0, y0) = crop_origin(resized, bucket, random_crop, rng);
-    let mut img = image::imageops::crop_imm(&img, x0, y0, bucket.0, bucket.1).to_image();
+    let img = decode(path)?.to_rgb8();
+    let origin = crop_origin(choice.resized, choice.bucket, random_crop, rng);
+    let mut img = fit(img, choice, origin);
     if flip && rng.random_bool(0.5) {
         image::imageops::flip_horizontal_in_place(&mut img);
     }
-    let (bw, bh) = (bucket.0 as usize, bucket.1 as usize);
-    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
-    // HWC → CHW
-    let tensor = Tensor::from_vec(data, (bh, bw, 3), device)?.permute((2, 0, 1))?.contiguous()?;
-    Ok(tensor)
+    to_tensor(img, device)
+}
+
+/// Decodes `path` and fits it and its loss mask to `choice`, both cut at the same place: the
+/// image as [`load_for_bucket`] (no flip), the mask as row-major `(bucket h, bucket w)` values
+/// in [0, 1]. A mask file must have the image's size (as sd-scripts requires); errors name both.
+pub fn load_with_mask(
+    path: &Path,
+    choice: &BucketChoice,
+    random_crop: bool,
+    mask: &MaskSource,
+    rng: &mut impl Rng,
+    device: &Device,
+) -> Result<(Tensor, Vec<f32>)> {
+    let decoded = decode(path)?;
+    let origin = crop_origin(choice.resized, choice.bucket, random_crop, rng);
+    let grey: Option<image::GrayImage> = match mask {
+        MaskSource::Alpha if decoded.color().has_alpha() => {
+            let rgba = decoded.to_rgba8();
+            Some(image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([rgba.get_pixel(x, y)[3]])))
+        }
+        MaskSource::Alpha => None,
+        MaskSource::File(mask_path) => {
+            let rgb = decode(mask_path)?.to_rgb8();
+            if rgb.dimensions() != (decoded.width(), decoded.height()) {
+                bail!(
+                    "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
+                    mask_path.display(),
+                    rgb.width(),
+                    rgb.height(),
+                    path.display(),
+                    decoded.width(),
+                    decoded.height()
+                );
+            }
+            // The red channel, as sd-scripts' apply_masked_loss reads a conditioning image.
+            Some(image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| image::Luma([rgb.get_pixel(x, y)[0]])))
+        }
+    };
+    let pixels = to_tensor(fit(decoded.to_rgb8(), choice, origin), device)?;
+    let values = match grey {
+        Some(g) => fit(g, choice, origin).into_raw().into_iter().map(|v| v as f32 / 255.0).collect(),
+        None => vec![1.0; (choice.bucket.0 * choice.bucket.1) as usize],
+    };
+    Ok((pixels, values))
 }
 
 #[cfg(test)]
@@ -90,6 +150,38 @@ mod tests {
             row[0] > 0.9
         });
         assert!(flipped);
+    }
+
+    #[test]
+    fn the_mask_is_cut_where_its_image_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stripes.png");
+        // 96×32, opaque and white on every third column, transparent and black elsewhere:
+        // any misalignment between the image's crop and the mask's shows.
+        image::RgbaImage::from_fn(96, 32, |x, _| if x % 3 == 0 { image::Rgba([255, 255, 255, 255]) } else { image::Rgba([0, 0, 0, 0]) })
+            .save(&path)
+            .unwrap();
+        let choice = BucketChoice { bucket: (32, 32), resized: (96, 32), aspect_error: 0.0 };
+        for (seed, random_crop) in [(0, false), (1, true), (2, true), (3, true)] {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (pixels, mask) = load_with_mask(&path, &choice, random_crop, &MaskSource::Alpha, &mut rng, &Device::Cpu).unwrap();
+            let red: Vec<f32> = pixels.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(mask.len(), 32 * 32);
+            for (r, m) in red.iter().zip(&mask) {
+                assert_eq!((*r > 0.0), (*m > 0.5), "seed {seed}: pixel and mask from the same place");
+            }
+        }
+        // An image without alpha is all 1; a mask file of another size is refused naming both.
+        let opaque = dir.path().join("opaque.png");
+        image::RgbImage::new(32, 32).save(&opaque).unwrap();
+        let full = BucketChoice { bucket: (32, 32), resized: (32, 32), aspect_error: 0.0 };
+        let (_, mask) = load_with_mask(&opaque, &full, false, &MaskSource::Alpha, &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap();
+        assert!(mask.iter().all(|&m| m == 1.0));
+        let small = dir.path().join("small.png");
+        image::GrayImage::new(16, 16).save(&small).unwrap();
+        let err = load_with_mask(&opaque, &full, false, &MaskSource::File(small), &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("small.png") && err.contains("opaque.png") && err.contains("16×16"), "{err}");
     }
 
     #[test]

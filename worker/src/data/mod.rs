@@ -6,7 +6,9 @@ pub mod buckets;
 pub mod captions;
 pub mod dataset;
 pub mod images;
+pub mod masks;
 
 pub use buckets::{BucketManager, BucketChoice};
 pub use captions::{process_caption, CaptionOptions};
 pub use dataset::{scan_train_dir, BadImage, BadImagePolicy, ImageEntry, Subset};
+pub use masks::MaskSource;

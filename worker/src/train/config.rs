@@ -72,6 +72,13 @@ pub struct TrainConfig {
     pub caption_tag_dropout_rate: f64,
     pub flip_aug: bool,
     pub random_crop: bool,
+    /// Weight the loss per pixel by a mask (from `conditioning_data_dir`, or the alpha channel
+    /// with `alpha_mask`).
+    pub masked_loss: bool,
+    /// Mask images named like the training images (with `masked_loss`); empty = none.
+    pub conditioning_data_dir: PathBuf,
+    /// Each image's alpha channel is its loss mask (masked loss without the switch).
+    pub alpha_mask: bool,
     pub cache_latents: bool,
     pub cache_latents_to_disk: bool,
     pub cache_text_encoder_outputs: bool,
@@ -237,6 +244,9 @@ impl Default for TrainConfig {
             caption_tag_dropout_rate: 0.0,
             flip_aug: false,
             random_crop: false,
+            masked_loss: false,
+            conditioning_data_dir: PathBuf::new(),
+            alpha_mask: false,
             cache_latents: true,
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
@@ -349,11 +359,8 @@ impl Default for TrainConfig {
 /// Registry keys this engine does not implement, with the value that means "off". A config
 /// that sets one of them to anything else is refused, naming the key.
 pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
-    ("conditioning_data_dir", "\"\""),
     ("face_crop_aug_range", "\"\""),
     ("color_aug", "false"),
-    ("alpha_mask", "false"),
-    ("masked_loss", "false"),
     ("weighted_captions", "false"),
     ("enable_wildcard", "false"),
     ("fp8_base", "false"),
@@ -451,6 +458,16 @@ impl TrainConfig {
             if let Some((key, _)) = set.iter().find(|(_, r)| *r > 0.0) {
                 errors.push(err(key, "LoRA+ gives the up matrices their own learning rate, and Prodigy needs one learning rate for every group (as in prodigyopt and sd-scripts); use another optimizer or leave it at 0"));
             }
+        }
+        let has_mask_dir = !self.conditioning_data_dir.as_os_str().is_empty();
+        if self.masked_loss && !has_mask_dir && !self.alpha_mask {
+            errors.push(err("masked_loss", "needs masks: set conditioning_data_dir (mask images named like the training images) or turn alpha_mask on"));
+        }
+        if has_mask_dir && !self.masked_loss {
+            errors.push(err("conditioning_data_dir", "holds masks for masked loss, which is off: turn masked_loss on or clear this folder"));
+        }
+        if has_mask_dir && self.masked_loss && !self.conditioning_data_dir.is_dir() {
+            errors.push(err("conditioning_data_dir", format!("{} is not a folder", self.conditioning_data_dir.display())));
         }
         if self.token_warmup_step > 0.0 {
             errors.push(err("token_warmup_step", "token warm-up is not supported by Loft's engine yet; leave it at 0"));
@@ -600,9 +617,9 @@ mod tests {
         assert_eq!((c.network_dim, c.factor, c.conv_dim), (16, 8, None));
 
         let map = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
-                         "masked_loss": true, "network_dim": "eight"});
+                         "fp8_base": true, "network_dim": "eight"});
         let errs = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
-        assert!(errs.iter().any(|e| e.field == "masked_loss"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.field == "fp8_base"), "{errs:?}");
         assert!(errs.iter().any(|e| e.message.contains("network_dim") || e.message.contains("invalid type")), "{errs:?}");
 
         let errs = TrainConfig::from_map(&serde_json::Map::new()).unwrap_err();

@@ -4,7 +4,7 @@
 //! them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +13,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::config::TrainConfig;
-use crate::data::{images::load_for_bucket, scan_train_dir, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
+use crate::data::masks::{area_resize, find_mask_file, flip_horizontal};
+use crate::data::{images::load_with_mask, scan_train_dir, MaskSource, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
 use crate::lora_file::sha256_hex;
 use crate::models::vae::AutoencoderKL;
 
@@ -24,6 +25,10 @@ pub struct TrainImage {
     pub bucket: BucketChoice,
     /// sha256 of the file's bytes (the latent cache key's main part).
     pub content_hash: String,
+    /// Where its loss mask comes from (`None` = the whole image counts).
+    pub mask: Option<MaskSource>,
+    /// What identifies the mask in the latent cache key: `alpha`, or the mask file's sha256.
+    pub mask_key: String,
 }
 
 /// One element of an epoch: an image index and whether it is flipped.
@@ -80,6 +85,7 @@ impl TrainSet {
         };
         let mut images = vec![];
         let mut bad = vec![];
+        let mut missing_masks = vec![];
         for s in &mut subsets {
             if s.class_tokens.is_empty() {
                 s.class_tokens = cfg.class_tokens.clone();
@@ -92,8 +98,43 @@ impl TrainSet {
                     None => fixed_bucket(entry.width, entry.height, cfg.resolution),
                 };
                 let bytes = std::fs::read(&entry.path).with_context(|| format!("cannot read {}", entry.path.display()))?;
-                images.push(TrainImage { content_hash: sha256_hex(&bytes), entry, bucket });
+                let (mask, mask_key) = match mask_source(cfg, &entry) {
+                    Ok(Some(MaskSource::File(path))) => {
+                        let bytes = std::fs::read(&path).with_context(|| format!("cannot read the mask {}", path.display()))?;
+                        let size = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                            .with_guessed_format()
+                            .map_err(anyhow::Error::from)
+                            .and_then(|r| Ok(r.into_dimensions()?))
+                            .with_context(|| format!("the mask {} is not a readable image", path.display()))?;
+                        if size != (entry.width, entry.height) {
+                            bail!(
+                                "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
+                                path.display(),
+                                size.0,
+                                size.1,
+                                entry.path.display(),
+                                entry.width,
+                                entry.height
+                            );
+                        }
+                        (Some(MaskSource::File(path)), sha256_hex(&bytes))
+                    }
+                    Ok(Some(MaskSource::Alpha)) => (Some(MaskSource::Alpha), "alpha".to_string()),
+                    Ok(None) => (None, String::new()),
+                    Err(()) => {
+                        missing_masks.push(entry.path.display().to_string());
+                        (None, String::new())
+                    }
+                };
+                images.push(TrainImage { content_hash: sha256_hex(&bytes), entry, bucket, mask, mask_key });
             }
+        }
+        if let Some(first) = missing_masks.first() {
+            bail!(
+                "conditioning_data_dir {}: no mask image for {} training image(s) (first: {first}); masked_loss needs one per image, with the same file name, in the folder or in a subfolder named like the image's",
+                cfg.conditioning_data_dir.display(),
+                missing_masks.len()
+            );
         }
         let num_train_images = images.iter().filter(|i| !i.entry.is_reg).map(|i| i.entry.num_repeats as usize).sum();
         let num_reg_images = images.iter().filter(|i| i.entry.is_reg).map(|i| i.entry.num_repeats as usize).sum();
@@ -169,13 +210,34 @@ fn fixed_bucket(w: u32, h: u32, reso: u32) -> BucketChoice {
     BucketChoice { bucket: (reso, reso), resized: (resized.0.max(reso), resized.1.max(reso)), aspect_error: 0.0 }
 }
 
+/// An image's loss mask, as sd-scripts chooses it: the mask file from `conditioning_data_dir`
+/// with `masked_loss` (regularisation images have none), else the alpha channel with
+/// `alpha_mask`. `Err` = a training image without its mask file.
+fn mask_source(cfg: &TrainConfig, entry: &ImageEntry) -> Result<Option<MaskSource>, ()> {
+    if cfg.masked_loss && !cfg.conditioning_data_dir.as_os_str().is_empty() {
+        if entry.is_reg {
+            return Ok(None);
+        }
+        return find_mask_file(&cfg.conditioning_data_dir, &entry.path).map(|p| Some(MaskSource::File(p))).ok_or(());
+    }
+    Ok(cfg.alpha_mask.then_some(MaskSource::Alpha))
+}
+
+/// One image's VAE latents `(C, h, w)` and, when it has a mask, the mask on the latent grid
+/// `(1, h, w)`.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub latents: Tensor,
+    pub mask: Option<Tensor>,
+}
+
 /// VAE latents for images, cached in memory and (optionally) on disk under a key made of the
 /// image's content hash, its bucket, crop and flip, the VAE's identity and the dtype: change
 /// any of them and the cache misses; keep them and any run or job reuses the file.
 pub struct LatentCache {
     dir: Option<PathBuf>,
     vae_id: String,
-    memory: HashMap<String, Tensor>,
+    memory: HashMap<String, Encoded>,
     pub hits: usize,
     pub misses: usize,
 }
@@ -194,59 +256,81 @@ impl LatentCache {
             "{}|{}x{}|{}x{}|flip={flip}|vae={}|v1",
             img.content_hash, b.bucket.0, b.bucket.1, b.resized.0, b.resized.1, self.vae_id
         );
+        // Images without a mask keep the keys they had before masks existed.
+        let spec = if img.mask_key.is_empty() { spec } else { format!("{spec}|mask={}", img.mask_key) };
         sha256_hex(spec.as_bytes())[..32].to_string()
     }
 
-    /// The latents `(C, h, w)` (unscaled VAE mean × scaling factor) of one image, centre-cropped.
-    pub fn latents(&mut self, vae: &AutoencoderKL, img: &TrainImage, flip: bool, device: &Device) -> Result<Tensor> {
+    /// The latents `(C, h, w)` (unscaled VAE mean × scaling factor) of one image, centre-cropped,
+    /// with its mask.
+    pub fn latents(&mut self, vae: &AutoencoderKL, img: &TrainImage, flip: bool, device: &Device) -> Result<Encoded> {
         let key = self.key(img, flip);
-        if let Some(t) = self.memory.get(&key) {
+        if let Some(e) = self.memory.get(&key) {
             self.hits += 1;
-            return Ok(t.clone());
+            return Ok(e.clone());
         }
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{key}.safetensors"));
             if path.is_file() {
-                if let Ok(map) = candle_core::safetensors::load(&path, device) {
-                    if let Some(t) = map.get("latents") {
-                        self.hits += 1;
-                        self.memory.insert(key, t.clone());
-                        return Ok(t.clone());
+                if let Ok(mut map) = candle_core::safetensors::load(&path, device) {
+                    let mask = map.remove("mask");
+                    if let Some(latents) = map.remove("latents") {
+                        if mask.is_some() == img.mask.is_some() {
+                            let e = Encoded { latents, mask };
+                            self.hits += 1;
+                            self.memory.insert(key, e.clone());
+                            return Ok(e);
+                        }
                     }
                 }
                 // An unreadable cache file is recomputed and rewritten.
             }
         }
         self.misses += 1;
-        let latents = encode_image(vae, &img.entry.path, &img.bucket, false, flip, None, device)?;
+        let encoded = encode_image(vae, img, false, flip, None, device)?;
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{key}.safetensors"));
             let tmp = dir.join(format!("{key}.part"));
-            candle_core::safetensors::save(&HashMap::from([("latents".to_string(), latents.clone())]), &tmp)?;
+            let mut tensors = HashMap::from([("latents".to_string(), encoded.latents.clone())]);
+            if let Some(m) = &encoded.mask {
+                tensors.insert("mask".to_string(), m.clone());
+            }
+            candle_core::safetensors::save(&tensors, &tmp)?;
             std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         }
-        self.memory.insert(key, latents.clone());
-        Ok(latents)
+        self.memory.insert(key, encoded.clone());
+        Ok(encoded)
     }
 }
 
-/// Loads, crops and encodes one image: `(C, h, w)` f32 latents scaled for the UNet.
-pub fn encode_image(
-    vae: &AutoencoderKL,
-    path: &Path,
-    bucket: &BucketChoice,
-    random_crop: bool,
-    flip: bool,
-    rng: Option<&mut StdRng>,
-    device: &Device,
-) -> Result<Tensor> {
+/// Loads, crops and encodes one image: `(C, h, w)` f32 latents scaled for the UNet, and its
+/// mask (cut, flipped and area-averaged onto the latent grid) when it has one.
+pub fn encode_image(vae: &AutoencoderKL, img: &TrainImage, random_crop: bool, flip: bool, rng: Option<&mut StdRng>, device: &Device) -> Result<Encoded> {
     let mut fallback = StdRng::seed_from_u64(0);
     let rng = rng.unwrap_or(&mut fallback);
-    // `load_for_bucket` flips at random; decide here and flip explicitly instead.
-    let pixels = load_for_bucket(path, bucket, random_crop, false, rng, device)?;
+    let (pixels, mut mask_values) = match &img.mask {
+        Some(source) => {
+            let (pixels, values) = load_with_mask(&img.entry.path, &img.bucket, random_crop, source, rng, device)?;
+            (pixels, Some(values))
+        }
+        // `load_for_bucket` flips at random; decide here and flip explicitly instead.
+        None => (crate::data::images::load_for_bucket(&img.entry.path, &img.bucket, random_crop, false, rng, device)?, None),
+    };
     let pixels = if flip { pixels.flip(&[2])? } else { pixels };
     let z = vae.encode(&pixels.unsqueeze(0)?.to_dtype(vae_dtype(vae))?)?;
-    Ok((z.to_dtype(DType::F32)? * vae.scaling_factor())?.squeeze(0)?)
+    let latents = (z.to_dtype(DType::F32)? * vae.scaling_factor())?.squeeze(0)?;
+    let mask = match mask_values.as_mut() {
+        Some(values) => {
+            let (bw, bh) = (img.bucket.bucket.0 as usize, img.bucket.bucket.1 as usize);
+            if flip {
+                flip_horizontal(values, bw);
+            }
+            let (_, lh, lw) = latents.dims3()?;
+            Some(Tensor::from_vec(area_resize(values, (bh, bw), (lh, lw)), (1, lh, lw), device)?)
+        }
+        None => None,
+    };
+    Ok(Encoded { latents, mask })
 }
 
 fn vae_dtype(vae: &AutoencoderKL) -> DType {

@@ -392,7 +392,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             };
 
             // Images → latents → noisy latents at random timesteps.
-            let latents = ctx.batch_latents(batch, use_latent_cache, &mut latent_cache, &mut rng, &device)?;
+            let (latents, masks) = ctx.batch_latents(batch, use_latent_cache, &mut latent_cache, &mut rng, &device)?;
             let (noise, applied_noise) = sample_noise(&noise_opts, &latents, &mut rng)?;
             let timesteps = sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep);
             let noisy = schedule.add_noise(&latents, &applied_noise, &timesteps)?;
@@ -410,7 +410,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             };
             let sample_weights: Vec<f64> =
                 batch.iter().map(|it| if set.images[it.image].entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
-            let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights)?;
+            let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights, masks.as_ref())?;
             drop(forward_span);
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -599,19 +599,31 @@ impl RunContext<'_> {
         Ok((hidden, pooled))
     }
 
-    /// The batch's latents `(B, C, h, w)`.
-    fn batch_latents(&self, batch: &[Item], cached: bool, cache: &mut LatentCache, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    /// The batch's latents `(B, C, h, w)` and, when any of its images has a loss mask, the
+    /// masks `(B, 1, h, w)` (1 everywhere for an image without one, as sd-scripts fills them).
+    fn batch_latents(&self, batch: &[Item], cached: bool, cache: &mut LatentCache, rng: &mut StdRng, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
         let mut rows = vec![];
         for it in batch {
             let img = &self.set.images[it.image];
-            let z = if cached {
+            rows.push(if cached {
                 cache.latents(&self.model.vae, img, it.flip, device)?
             } else {
-                data::encode_image(&self.model.vae, &img.entry.path, &img.bucket, self.cfg.random_crop, it.flip, Some(rng), device)?
-            };
-            rows.push(z);
+                data::encode_image(&self.model.vae, img, self.cfg.random_crop, it.flip, Some(rng), device)?
+            });
         }
-        Ok(Tensor::stack(&rows, 0)?)
+        let latents = Tensor::stack(&rows.iter().map(|r| r.latents.clone()).collect::<Vec<_>>(), 0)?;
+        if rows.iter().all(|r| r.mask.is_none()) {
+            return Ok((latents, None));
+        }
+        let (_, _, h, w) = latents.dims4()?;
+        let masks = rows
+            .iter()
+            .map(|r| match &r.mask {
+                Some(m) => Ok(m.clone()),
+                None => Tensor::ones((1, h, w), DType::F32, device),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((latents, Some(Tensor::stack(&masks, 0)?)))
     }
 
     /// SDXL's size conditions per sample: original size, crop top-left, target size.
