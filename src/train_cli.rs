@@ -110,6 +110,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             printer.set_message(stats);
         }
         TrainEvent::Epoch { epoch, total_epochs, avg_loss } => say(&printer, format!("epoch {epoch}/{total_epochs} done, average loss {avg_loss:.4}")),
+        TrainEvent::Validation { step, loss, divergence, .. } => say(&printer, format!("validation loss {loss:.4} at step {step} ({divergence:+.4} against the training loss)")),
         TrainEvent::Sample { path, prompt, .. } => say(&printer, format!("sample  {} ({prompt})", path.display())),
         TrainEvent::Checkpoint { path, checkpoint, .. } => say(&printer, format!("saved   {} ({checkpoint:?})", path.display())),
         TrainEvent::Pruned { path } => say(&printer, format!("removed {}", path.display())),

@@ -18,6 +18,9 @@ pub struct Line<'a> {
     pub points: &'a [(f64, f64)],
     pub class: &'static str,
     pub label: &'static str,
+    /// Mark each point (a sparse series, such as the validation loss, that a line alone would
+    /// hide while it has one point).
+    pub dots: bool,
 }
 
 /// A debiased exponential moving average (TensorBoard's smoothing, weight 0.9): follows the trend
@@ -154,6 +157,11 @@ pub fn line_chart(title: &str, lines: &[Line]) -> String {
             let _ = write!(d, "{}{:.1},{:.1}", if i == 0 { "M" } else { " L" }, px(*x), py(*y));
         }
         let _ = write!(svg, r#"<path class="line {}" d="{d}"/>"#, line.class);
+        if line.dots {
+            for (x, y) in points {
+                let _ = write!(svg, r#"<circle class="dot {}" cx="{:.1}" cy="{:.1}" r="3"/>"#, line.class, px(*x), py(*y));
+            }
+        }
     }
     let mut lx = LEFT + 8.0;
     for (_, line) in &lines {
@@ -172,10 +180,10 @@ mod tests {
     fn draws_lines_and_handles_empty_and_flat_series() {
         assert!(line_chart("Loss", &[]).contains("no steps yet"));
         let flat = [(1.0, 0.5), (2.0, 0.5)];
-        let svg = line_chart("Loss", &[Line { points: &flat, class: "raw", label: "loss" }]);
+        let svg = line_chart("Loss", &[Line { points: &flat, class: "raw", label: "loss", dots: false }]);
         assert!(svg.contains(r#"class="line raw""#) && !svg.contains("NaN"), "{svg}");
         let long: Vec<(f64, f64)> = (0..5000).map(|i| (i as f64, (i as f64).sin())).collect();
-        let svg = line_chart("Loss", &[Line { points: &long, class: "raw", label: "loss" }]);
+        let svg = line_chart("Loss", &[Line { points: &long, class: "raw", label: "loss", dots: false }]);
         assert!(svg.matches(" L").count() < MAX_POINTS, "downsampled");
         assert_ne!(tick(0.00495, 0.0001), tick(0.00505, 0.0001), "narrow ranges get more digits");
         assert_eq!(tick(0.25, 0.1), "0.25");

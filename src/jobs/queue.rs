@@ -384,6 +384,7 @@ pub fn event_kind(event: &TrainEvent) -> &'static str {
         TrainEvent::Started { .. } => "started",
         TrainEvent::Step { .. } => "step",
         TrainEvent::Epoch { .. } => "epoch",
+        TrainEvent::Validation { .. } => "validation",
         TrainEvent::Sample { .. } => "sample",
         TrainEvent::Checkpoint { .. } => "checkpoint",
         TrainEvent::Pruned { .. } => "pruned",
@@ -444,7 +445,7 @@ fn apply(tx: &Transaction, job_id: i64, event: &TrainEvent) -> rusqlite::Result<
         TrainEvent::Pruned { path } => {
             exec(tx, "UPDATE artifacts SET pruned = 1 WHERE job_id = ?1 AND path = ?2", params![job_id, path.to_string_lossy()])?;
         }
-        TrainEvent::Log { .. } | TrainEvent::Finished { .. } | TrainEvent::Failed { .. } => {}
+        TrainEvent::Validation { .. } | TrainEvent::Log { .. } | TrainEvent::Finished { .. } | TrainEvent::Failed { .. } => {}
     }
     Ok(())
 }

@@ -103,6 +103,8 @@ pub struct JobPage {
     pub last_event: i64,
     pub head: String,
     pub loss: String,
+    /// The run holds out a validation split (the loss chart's key shows its line).
+    pub has_validation: bool,
     pub lr: String,
     pub samples: String,
     pub files: String,
@@ -285,6 +287,8 @@ const LOG_LINES: usize = 300;
 pub struct JobLive {
     pub last_id: i64,
     loss: BTreeMap<u64, f64>,
+    /// The validation loss by step (runs with a validation split).
+    validation: BTreeMap<u64, f64>,
     lr: BTreeMap<u64, f64>,
     pub log: VecDeque<LogLine>,
 }
@@ -317,6 +321,15 @@ impl JobLive {
                 Some(("info", format!("Training starts: {} steps, {} epochs, {} images{resume}", u("total_steps"), u("total_epochs"), u("images"))))
             }
             "epoch" => Some(("info", format!("Epoch {} of {} done, average loss {}", u("epoch"), u("total_epochs"), short(n("avg_loss"))))),
+            "validation" => {
+                if v["loss"].as_f64().is_some_and(f64::is_finite) {
+                    self.validation.insert(u("step"), n("loss"));
+                }
+                changed.steps = true;
+                let divergence = n("divergence");
+                let sign = if divergence >= 0.0 { "+" } else { "" };
+                Some(("info", format!("Validation loss {} at step {} ({sign}{} against the training loss)", short(n("loss")), u("step"), short(divergence))))
+            }
             "sample" => {
                 changed.files = true;
                 Some(("info", format!("Sample {} at step {}: {}", u("index"), u("step"), s("prompt"))))
@@ -362,12 +375,17 @@ impl JobLive {
     pub fn loss_svg(&self) -> String {
         let raw: Vec<(f64, f64)> = self.loss.iter().map(|(s, l)| (*s as f64, *l)).collect();
         let smoothed = smooth(&raw, 0.9);
-        line_chart("Loss", &[Line { points: &raw, class: "raw", label: "raw" }, Line { points: &smoothed, class: "smooth", label: "smoothed" }])
+        let validation: Vec<(f64, f64)> = self.validation.iter().map(|(s, l)| (*s as f64, *l)).collect();
+        let mut lines = vec![Line { points: &raw, class: "raw", label: "raw", dots: false }, Line { points: &smoothed, class: "smooth", label: "smoothed", dots: false }];
+        if !validation.is_empty() {
+            lines.push(Line { points: &validation, class: "validation", label: "validation", dots: true });
+        }
+        line_chart("Loss", &lines)
     }
 
     pub fn lr_svg(&self) -> String {
         let lr: Vec<(f64, f64)> = self.lr.iter().map(|(s, l)| (*s as f64, *l)).collect();
-        line_chart("Learning rate", &[Line { points: &lr, class: "lr", label: "learning rate" }])
+        line_chart("Learning rate", &[Line { points: &lr, class: "lr", label: "learning rate", dots: false }])
     }
 }
 
@@ -394,4 +412,36 @@ pub fn state_toast(row: &EventRow, job_name: &str) -> Option<String> {
     };
     let message = v["message"].as_str().unwrap_or("");
     Some(toast(class, format!("Job #{} {job_name} {verb}{}", row.job_id, if message.is_empty() || message == "queued" { String::new() } else { format!(": {message}") })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loft_worker::train::TrainEvent;
+
+    fn row(id: i64, event: TrainEvent) -> EventRow {
+        EventRow {
+            id,
+            job_id: 1,
+            kind: crate::jobs::queue::event_kind(&event).to_string(),
+            payload: serde_json::to_string(&event).unwrap(),
+            time: "2026-12-04 20:30:00".into(),
+        }
+    }
+
+    #[test]
+    fn validation_events_draw_a_second_loss_line_and_log_their_value() {
+        let mut live = JobLive::default();
+        for step in 1..=4u64 {
+            let step_event = TrainEvent::Step { step, total_steps: 4, epoch: 1, loss: 0.2, avg_loss: 0.2, lr: 1e-4, lrs: vec![], it_per_sec: 1.0, eta_secs: 0.0 };
+            live.apply(&row(step as i64, step_event));
+        }
+        assert!(!live.loss_svg().contains("validation"), "no line without validation events");
+        let changed = live.apply(&row(5, TrainEvent::Validation { step: 4, epoch: 1, loss: 0.25, divergence: 0.05 }));
+        assert!(changed.steps && changed.log);
+        let svg = live.loss_svg();
+        assert!(svg.contains("line validation") && svg.contains("circle class=\"dot validation\""), "{svg}");
+        let last = &live.log.back().unwrap().text;
+        assert!(last.contains("Validation loss") && last.contains("step 4") && last.contains("+0.05"), "{last}");
+    }
 }

@@ -489,6 +489,7 @@ pub async fn job_page(State(state): State<AppState>, Path(id): Path<i64>) -> Res
         last_event: live.last_id,
         head: dashboard::head_html(&job),
         loss: live.loss_svg(),
+        has_validation: config.get("validation_split").and_then(Value::as_f64).is_some_and(|v| v > 0.0),
         lr: live.lr_svg(),
         samples: dashboard::samples_html(id, &artifacts, has_prompts),
         files,

@@ -7,6 +7,7 @@ pub mod captions;
 pub mod dataset;
 pub mod images;
 pub mod masks;
+pub mod py_random;
 
 pub use buckets::{BucketManager, BucketChoice};
 pub use captions::{process_caption, CaptionOptions};

@@ -79,6 +79,16 @@ pub struct TrainConfig {
     pub conditioning_data_dir: PathBuf,
     /// Each image's alpha channel is its loss mask (masked loss without the switch).
     pub alpha_mask: bool,
+    /// Share of each training subset held out for a validation loss (0 = none).
+    pub validation_split: f64,
+    /// Chooses the held-out images and the validation noise; 0 = `seed`.
+    pub validation_seed: u64,
+    /// Validate at the end of every N epochs; 0 = every epoch (sd-scripts' default).
+    pub validate_every_n_epochs: u64,
+    /// Also validate every N optimizer steps; 0 = not by steps.
+    pub validate_every_n_steps: u64,
+    /// At most this many validation batches per evaluation; 0 = all.
+    pub max_validation_steps: u64,
     pub cache_latents: bool,
     pub cache_latents_to_disk: bool,
     pub cache_text_encoder_outputs: bool,
@@ -247,6 +257,11 @@ impl Default for TrainConfig {
             masked_loss: false,
             conditioning_data_dir: PathBuf::new(),
             alpha_mask: false,
+            validation_split: 0.0,
+            validation_seed: 0,
+            validate_every_n_epochs: 0,
+            validate_every_n_steps: 0,
+            max_validation_steps: 0,
             cache_latents: true,
             cache_latents_to_disk: false,
             cache_text_encoder_outputs: false,
@@ -366,7 +381,6 @@ pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
     ("fp8_base", "false"),
     ("full_fp16", "false"),
     ("full_bf16", "false"),
-    ("validation_split", "0"),
 ];
 
 /// A config problem, naming the key.
@@ -468,6 +482,9 @@ impl TrainConfig {
         }
         if has_mask_dir && self.masked_loss && !self.conditioning_data_dir.is_dir() {
             errors.push(err("conditioning_data_dir", format!("{} is not a folder", self.conditioning_data_dir.display())));
+        }
+        if !(0.0..1.0).contains(&self.validation_split) {
+            errors.push(err("validation_split", format!("is {}: a share of the images from 0 (no validation) to below 1", self.validation_split)));
         }
         if self.token_warmup_step > 0.0 {
             errors.push(err("token_warmup_step", "token warm-up is not supported by Loft's engine yet; leave it at 0"));

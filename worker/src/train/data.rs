@@ -14,6 +14,7 @@ use rand::SeedableRng;
 
 use super::config::TrainConfig;
 use crate::data::masks::{area_resize, find_mask_file, flip_horizontal};
+use crate::data::py_random::PyRandom;
 use crate::data::{images::load_with_mask, scan_train_dir, MaskSource, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
 use crate::lora_file::sha256_hex;
 use crate::models::vae::AutoencoderKL;
@@ -41,6 +42,8 @@ pub struct Item {
 /// The whole training set.
 pub struct TrainSet {
     pub images: Vec<TrainImage>,
+    /// Images held out by `validation_split` (never trained on).
+    pub validation: Vec<TrainImage>,
     /// Images that could not be used (reported, then skipped).
     pub bad: Vec<BadImage>,
     pub num_train_images: usize,
@@ -84,6 +87,7 @@ impl TrainSet {
             None
         };
         let mut images = vec![];
+        let mut validation = vec![];
         let mut bad = vec![];
         let mut missing_masks = vec![];
         for s in &mut subsets {
@@ -92,7 +96,9 @@ impl TrainSet {
             }
             let (entries, bad_here) = crate::data::dataset::load_subset(s, policy)?;
             bad.extend(bad_here);
-            for entry in entries {
+            let (entries, held_out) = split_validation(entries, s.is_reg, cfg);
+            let tagged = entries.into_iter().map(|e| (e, false)).chain(held_out.into_iter().map(|e| (e, true)));
+            for (entry, held_out) in tagged {
                 let bucket = match &manager {
                     Some(m) => m.select(entry.width, entry.height),
                     None => fixed_bucket(entry.width, entry.height, cfg.resolution),
@@ -126,7 +132,12 @@ impl TrainSet {
                         (None, String::new())
                     }
                 };
-                images.push(TrainImage { content_hash: sha256_hex(&bytes), entry, bucket, mask, mask_key });
+                let image = TrainImage { content_hash: sha256_hex(&bytes), entry, bucket, mask, mask_key };
+                if held_out {
+                    validation.push(image);
+                } else {
+                    images.push(image);
+                }
             }
         }
         if let Some(first) = missing_masks.first() {
@@ -141,7 +152,7 @@ impl TrainSet {
         if num_train_images == 0 {
             bail!("train_data_dir {}: no usable images", cfg.train_data_dir.display());
         }
-        Ok(Self { images, bad, num_train_images, num_reg_images, subsets })
+        Ok(Self { images, validation, bad, num_train_images, num_reg_images, subsets })
     }
 
     /// The epoch's batches: every training image `num_repeats` times (regularisation images
@@ -208,6 +219,37 @@ fn fixed_bucket(w: u32, h: u32, reso: u32) -> BucketChoice {
     let scale = (reso as f64 / w as f64).max(reso as f64 / h as f64);
     let resized = (((w as f64 * scale) + 0.5) as u32, ((h as f64 * scale) + 0.5) as u32);
     BucketChoice { bucket: (reso, reso), resized: (resized.0.max(reso), resized.1.max(reso)), aspect_error: 0.0 }
+}
+
+/// sd-scripts' `split_train_val` on one subset's images (in file-name order): shuffled by
+/// Python's `random` seeded with `seed`, the first `ceil(n·(1 − split))` trained on, the rest
+/// held out. (sd-scripts takes the last `round(n·split)` for validation, which can overlap the
+/// training part by one image; here the two parts never share an image.)
+pub fn split_for_validation<T>(mut items: Vec<T>, split: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    if split <= 0.0 {
+        return (items, vec![]);
+    }
+    PyRandom::new(seed).shuffle(&mut items);
+    let train = (items.len() as f64 * (1.0 - split)).ceil() as usize;
+    let held_out = items.split_off(train.min(items.len()));
+    (items, held_out)
+}
+
+/// Regularisation subsets are never split.
+fn split_validation(entries: Vec<ImageEntry>, is_reg: bool, cfg: &TrainConfig) -> (Vec<ImageEntry>, Vec<ImageEntry>) {
+    if is_reg {
+        return (entries, vec![]);
+    }
+    split_for_validation(entries, cfg.validation_split, validation_seed(cfg))
+}
+
+/// The seed of the validation split and noise: `validation_seed`, or `seed` when it is 0.
+pub fn validation_seed(cfg: &TrainConfig) -> u64 {
+    if cfg.validation_seed == 0 {
+        cfg.seed
+    } else {
+        cfg.validation_seed
+    }
 }
 
 /// An image's loss mask, as sd-scripts chooses it: the mask file from `conditioning_data_dir`

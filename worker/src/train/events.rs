@@ -46,6 +46,9 @@ pub enum TrainEvent {
     },
     /// An epoch finished.
     Epoch { epoch: u64, total_epochs: u64, avg_loss: f64 },
+    /// The validation loss after `step` (the held-out images at fixed timesteps and noise);
+    /// `divergence` is it minus the running training loss (sd-scripts' `loss/validation/*`).
+    Validation { step: u64, epoch: u64, loss: f64, divergence: f64 },
     /// A sample image was written.
     Sample { step: u64, epoch: u64, index: usize, prompt: String, path: PathBuf },
     /// A file was saved.

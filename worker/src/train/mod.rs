@@ -21,6 +21,7 @@ pub mod network;
 pub mod param_groups;
 pub mod start_weights;
 pub mod state;
+pub mod validation;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ use crate::optim::loss_scale::LossScale;
 use crate::optim::{self, clip_grad_norm, GradAccumulator};
 use crate::sample::{parse_prompts, sample_image, save_png, SampleRequest, Sampler};
 use crate::schedule::{LrSchedule, ScheduleConfig, SchedulerKind};
-use data::{derived_seed, Item, LatentCache, TrainSet, SEED_STEP};
+use data::{derived_seed, LatentCache, TrainSet, SEED_STEP};
 use network::Network;
 
 const SEED_CAPTION: u64 = 3;
@@ -110,6 +111,8 @@ fn fingerprint(cfg: &TrainConfig) -> String {
         cfg.train_data_dir.display(),
         cfg.pretrained_model_name_or_path.display()
     );
+    // The split changes which images train; runs without one keep their old fingerprints.
+    let key = if cfg.validation_split > 0.0 { format!("{key}|validation={}:{}", cfg.validation_split, data::validation_seed(cfg)) } else { key };
     crate::lora_file::sha256_hex(key.as_bytes())[..16].to_string()
 }
 
@@ -219,6 +222,9 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
                 latent_cache.latents(&model.vae, img, flip, &device)?;
             }
         }
+        for img in &set.validation {
+            latent_cache.latents(&model.vae, img, false, &device)?;
+        }
         log(sink, "info", format!("latents: {} cached, {} encoded", latent_cache.hits, latent_cache.misses));
     }
 
@@ -290,6 +296,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         fingerprint: fingerprint(cfg),
         loss_scale: (dtype == DType::F16).then(LossScale::default),
         groups: group_records,
+        last_validation: None,
     };
     if options.resume {
         if let Some(dir) = state::list(&cfg.output_dir).pop() {
@@ -331,12 +338,6 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     let sampler = Sampler::parse(&cfg.sample_sampler).unwrap_or(Sampler::Ddim);
     let sample_defaults = SampleRequest { width: cfg.resolution, height: cfg.resolution, ..SampleRequest::new("") };
     let sample_requests = parse_prompts(&cfg.sample_prompts, &sample_defaults).context("sample_prompts")?;
-    let ctx = RunContext { cfg, model: &model, schedule: &schedule, network: &network, set: &set, started_at, mixed_precision, sampler, sample_requests };
-    if cfg.sample_at_first && progress.step == 0 && !options.resume {
-        ctx.write_samples(sink, 0, 0)?;
-    }
-
-    // ---- 5. The loop.
     let loss_opts = LossOptions {
         loss_type: cfg.loss_type.clone(),
         huber_schedule: cfg.huber_schedule.clone(),
@@ -347,6 +348,24 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         v_pred_like_loss: cfg.v_pred_like_loss,
         debiased_estimation_loss: cfg.debiased_estimation_loss,
     };
+    let ctx = RunContext {
+        cfg,
+        model: &model,
+        schedule: &schedule,
+        network: &network,
+        set: &set,
+        started_at,
+        mixed_precision,
+        dtype,
+        loss_opts,
+        sampler,
+        sample_requests,
+    };
+    if cfg.sample_at_first && progress.step == 0 && !options.resume {
+        ctx.write_samples(sink, 0, 0)?;
+    }
+
+    // ---- 5. The loop.
     let noise_opts = NoiseOptions {
         noise_offset: cfg.noise_offset,
         noise_offset_random_strength: cfg.noise_offset_random_strength,
@@ -368,6 +387,17 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     let first_step = progress.step;
     let mut micro_losses: Vec<f64> = vec![];
     let checkpointing = if cfg.gradient_checkpointing { Some(GradientCheckpointing::new(&device, &trained_vars)?) } else { None };
+
+    let mut validation = validation::Validation::new(cfg, &set.validation, &caption_opts);
+    if let Some(v) = &validation {
+        log(
+            sink,
+            "info",
+            format!("validation: {} images held out, {} batches at timesteps {:?} per evaluation", set.validation.len(), v.batches(), v.timesteps),
+        );
+    } else if cfg.validation_split > 0.0 {
+        log(sink, "warn", format!("validation_split {}: no image held out (each subset keeps at least one training image); no validation loss", cfg.validation_split));
+    }
 
     network.set_training(true);
     while progress.epoch < total_epochs && progress.step < total_steps {
@@ -391,26 +421,16 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
                 _ => ctx.text_states(&captions, cache_text, &mut text_cache)?,
             };
 
-            // Images → latents → noisy latents at random timesteps.
-            let (latents, masks) = ctx.batch_latents(batch, use_latent_cache, &mut latent_cache, &mut rng, &device)?;
+            // Images → latents (and loss masks) → noise at random timesteps → the model's
+            // prediction → the loss.
+            let images: Vec<(&data::TrainImage, bool)> = batch.iter().map(|it| (&set.images[it.image], it.flip)).collect();
+            let (latents, masks) = ctx.encode_batch(&images, use_latent_cache, cfg.random_crop, &mut latent_cache, &mut rng, &device)?;
             let (noise, applied_noise) = sample_noise(&noise_opts, &latents, &mut rng)?;
             let timesteps = sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep);
-            let noisy = schedule.add_noise(&latents, &applied_noise, &timesteps)?;
-            let target = schedule.target(&latents, &noise, &timesteps)?;
-
-            // The model's prediction and the loss.
-            let time_ids = ctx.time_ids(batch);
-            let added = model.added_cond(pooled.as_ref(), &time_ids)?;
-            let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
+            let images: Vec<&data::TrainImage> = images.into_iter().map(|(img, _)| img).collect();
+            let sample_weights: Vec<f64> = images.iter().map(|img| if img.entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
             let forward_span = crate::profile::span(crate::profile::Kind::Forward);
-            let unet_forward = || model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added.as_ref());
-            let pred = match &checkpointing {
-                Some(c) => c.forward(unet_forward)?,
-                None => unet_forward()?,
-            };
-            let sample_weights: Vec<f64> =
-                batch.iter().map(|it| if set.images[it.image].entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
-            let loss = diffusion_loss(&loss_opts, &schedule, &pred, &target, &timesteps, &sample_weights, masks.as_ref())?;
+            let loss = ctx.loss(&images, &latents, masks.as_ref(), &noise, &applied_noise, &timesteps, &hidden, pooled.as_ref(), &sample_weights, checkpointing.as_ref())?;
             drop(forward_span);
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -472,6 +492,11 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             let lr = lrs.first().map_or(0.0, |(_, lr)| *lr);
             sink.emit(TrainEvent::Step { step: progress.step, total_steps, epoch: epoch + 1, loss: step_loss, avg_loss, lr, lrs, it_per_sec, eta_secs });
             progress.recent_losses = recent.iter().copied().collect();
+            if let Some(v) = validation.as_mut().filter(|_| validation::Validation::due_after_step(cfg, progress.step)) {
+                let loss = v.evaluate(&ctx, &noise_opts, use_latent_cache, train_te, &mut latent_cache, &device)?;
+                progress.last_validation = Some((progress.step, loss));
+                sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg_loss });
+            }
 
             if cfg.save_every_n_steps > 0 && progress.step % cfg.save_every_n_steps == 0 && progress.step < total_steps {
                 ctx.save_network_file(sink, &mut progress, CheckpointKind::Step)?;
@@ -492,6 +517,14 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
                 return Ok(TrainOutcome { final_step: progress.step, network_file: None, cancelled: true });
             }
         }
+        // The epoch's validation, also when total_steps ends the run mid-epoch (as sd-scripts).
+        let avg = if recent.is_empty() { 0.0 } else { recent.iter().sum::<f64>() / recent.len() as f64 };
+        let validated_now = progress.last_validation.is_some_and(|(step, _)| step == progress.step);
+        if let Some(v) = validation.as_mut().filter(|_| validation::Validation::due_after_epoch(cfg, epoch + 1) && !validated_now) {
+            let loss = v.evaluate(&ctx, &noise_opts, use_latent_cache, train_te, &mut latent_cache, &device)?;
+            progress.last_validation = Some((progress.step, loss));
+            sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg });
+        }
         if progress.batch < batches.len() {
             break; // total_steps reached mid-epoch
         }
@@ -499,7 +532,6 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         let finished_epoch = epoch + 1;
         progress.epoch += 1;
         progress.batch = 0;
-        let avg = if recent.is_empty() { 0.0 } else { recent.iter().sum::<f64>() / recent.len() as f64 };
         sink.emit(TrainEvent::Epoch { epoch: finished_epoch, total_epochs, avg_loss: avg });
         let last_epoch = finished_epoch >= total_epochs || progress.step >= total_steps;
         if !last_epoch && cfg.save_every_n_epochs > 0 && finished_epoch % cfg.save_every_n_epochs == 0 {
@@ -569,6 +601,9 @@ struct RunContext<'a> {
     started_at: f64,
     /// `no`, `fp16` or `bf16` (`auto` resolved for the device).
     mixed_precision: &'static str,
+    /// The frozen model's dtype.
+    dtype: DType,
+    loss_opts: LossOptions,
     sampler: Sampler,
     sample_requests: Vec<SampleRequest>,
 }
@@ -599,16 +634,24 @@ impl RunContext<'_> {
         Ok((hidden, pooled))
     }
 
-    /// The batch's latents `(B, C, h, w)` and, when any of its images has a loss mask, the
-    /// masks `(B, 1, h, w)` (1 everywhere for an image without one, as sd-scripts fills them).
-    fn batch_latents(&self, batch: &[Item], cached: bool, cache: &mut LatentCache, rng: &mut StdRng, device: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    /// The latents `(B, C, h, w)` of images (each flipped or not) and, when any of them has a
+    /// loss mask, the masks `(B, 1, h, w)` (1 everywhere for an image without one, as sd-scripts
+    /// fills them).
+    fn encode_batch(
+        &self,
+        images: &[(&data::TrainImage, bool)],
+        cached: bool,
+        random_crop: bool,
+        cache: &mut LatentCache,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut rows = vec![];
-        for it in batch {
-            let img = &self.set.images[it.image];
+        for &(img, flip) in images {
             rows.push(if cached {
-                cache.latents(&self.model.vae, img, it.flip, device)?
+                cache.latents(&self.model.vae, img, flip, device)?
             } else {
-                data::encode_image(&self.model.vae, img, self.cfg.random_crop, it.flip, Some(rng), device)?
+                data::encode_image(&self.model.vae, img, random_crop, flip, Some(rng), device)?
             });
         }
         let latents = Tensor::stack(&rows.iter().map(|r| r.latents.clone()).collect::<Vec<_>>(), 0)?;
@@ -626,12 +669,31 @@ impl RunContext<'_> {
         Ok((latents, Some(Tensor::stack(&masks, 0)?)))
     }
 
+    /// [`prediction_loss`] for these images (their SDXL size conditions).
+    #[allow(clippy::too_many_arguments)]
+    fn loss(
+        &self,
+        images: &[&data::TrainImage],
+        latents: &Tensor,
+        masks: Option<&Tensor>,
+        noise: &Tensor,
+        applied_noise: &Tensor,
+        timesteps: &[usize],
+        hidden: &Tensor,
+        pooled: Option<&Tensor>,
+        sample_weights: &[f64],
+        checkpointing: Option<&GradientCheckpointing>,
+    ) -> Result<Tensor> {
+        let added = self.model.added_cond(pooled, &self.time_ids(images))?;
+        let inputs = LossInputs { latents, masks, noise, applied_noise, timesteps, hidden, added: added.as_ref(), sample_weights };
+        prediction_loss(self.model, self.schedule, &self.loss_opts, self.dtype, &inputs, checkpointing)
+    }
+
     /// SDXL's size conditions per sample: original size, crop top-left, target size.
-    fn time_ids(&self, batch: &[Item]) -> Vec<[f32; 6]> {
-        batch
+    fn time_ids(&self, images: &[&data::TrainImage]) -> Vec<[f32; 6]> {
+        images
             .iter()
-            .map(|it| {
-                let img = &self.set.images[it.image];
+            .map(|img| {
                 let b = &img.bucket;
                 let crop_top = (b.resized.1 - b.bucket.1) / 2;
                 let crop_left = (b.resized.0 - b.bucket.0) / 2;
@@ -640,7 +702,7 @@ impl RunContext<'_> {
             .collect()
     }
 
-    fn metadata(&self, step: u64, epoch: u64) -> NetworkMetadata {
+    fn metadata(&self, step: u64, epoch: u64, last_validation: Option<(u64, f64)>) -> NetworkMetadata {
         let cfg = self.cfg;
         if cfg.no_metadata {
             return NetworkMetadata::default();
@@ -701,6 +763,18 @@ impl RunContext<'_> {
             })
             .collect();
         m.extra.insert("ss_dataset_dirs".into(), serde_json::Value::Object(dirs).to_string());
+        if cfg.validation_split > 0.0 {
+            m.extra.insert("ss_validation_split".into(), crate::lora_file::py_float(cfg.validation_split));
+            m.extra.insert("ss_validation_seed".into(), data::validation_seed(cfg).to_string());
+            m.extra.insert("ss_num_validation_images".into(), self.set.validation.len().to_string());
+            if cfg.max_validation_steps > 0 {
+                m.extra.insert("ss_max_validation_steps".into(), cfg.max_validation_steps.to_string());
+            }
+            if let Some((step, loss)) = last_validation {
+                m.extra.insert("loft_validation_loss".into(), crate::lora_file::py_float(loss));
+                m.extra.insert("loft_validation_step".into(), step.to_string());
+            }
+        }
         let mut modelspec = |k: &str, v: &str| {
             if !v.is_empty() {
                 m.extra.insert(format!("modelspec.{k}"), v.to_string());
@@ -725,7 +799,7 @@ impl RunContext<'_> {
             _ => format!("{}.safetensors", cfg.output_name),
         };
         let path = cfg.output_dir.join(name);
-        self.network.save(&path, &self.metadata(progress.step, epoch), parse_save_precision(&cfg.save_precision)?)?;
+        self.network.save(&path, &self.metadata(progress.step, epoch, progress.last_validation), parse_save_precision(&cfg.save_precision)?)?;
         sink.emit(TrainEvent::Checkpoint { step: progress.step, epoch, checkpoint: kind, path: path.clone() });
         let (list, keep) = match kind {
             CheckpointKind::Epoch => (&mut progress.saved_epoch_files, cfg.save_last_n_epochs),
@@ -778,6 +852,44 @@ impl RunContext<'_> {
         self.network.set_training(true);
         Ok(())
     }
+}
+
+/// What one loss evaluation needs: the clean latents `(B, C, h, w)`, their loss masks, the
+/// target noise and the noise actually added (they differ with noise offset and input
+/// perturbation), the timesteps, the text states and the model's extra conditions (SDXL).
+pub struct LossInputs<'a> {
+    pub latents: &'a Tensor,
+    pub masks: Option<&'a Tensor>,
+    pub noise: &'a Tensor,
+    pub applied_noise: &'a Tensor,
+    pub timesteps: &'a [usize],
+    pub hidden: &'a Tensor,
+    pub added: Option<&'a crate::models::unet::AddedCond>,
+    pub sample_weights: &'a [f64],
+}
+
+/// The training (and validation) loss: `latents` noised at `timesteps` by the schedule, the
+/// U-Net's prediction in `dtype`, [`diffusion_loss`] against the schedule's target. With
+/// gradient checkpointing the U-Net keeps only its blocks' inputs and outputs and recomputes
+/// them in the backward.
+pub fn prediction_loss(
+    model: &StableDiffusion,
+    schedule: &NoiseSchedule,
+    loss_opts: &LossOptions,
+    dtype: DType,
+    inputs: &LossInputs,
+    checkpointing: Option<&GradientCheckpointing>,
+) -> Result<Tensor> {
+    let LossInputs { latents, masks, noise, applied_noise, timesteps, hidden, added, sample_weights } = *inputs;
+    let noisy = schedule.add_noise(latents, applied_noise, timesteps)?;
+    let target = schedule.target(latents, noise, timesteps)?;
+    let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), latents.device())?;
+    let unet_forward = || model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added);
+    let pred = match checkpointing {
+        Some(c) => c.forward(unet_forward)?,
+        None => unet_forward()?,
+    };
+    Ok(diffusion_loss(loss_opts, schedule, &pred, &target, timesteps, sample_weights, masks)?)
 }
 
 /// Whether `output_dir` holds a state to resume from.

@@ -34,6 +34,9 @@ pub struct Progress {
     /// The optimizer's parameter groups (name, base learning rate, size); a resume must match.
     #[serde(default)]
     pub groups: Vec<super::param_groups::GroupRecord>,
+    /// The latest validation loss (step, loss), for the file's metadata.
+    #[serde(default)]
+    pub last_validation: Option<(u64, f64)>,
 }
 
 pub fn state_root(output_dir: &Path) -> PathBuf {
