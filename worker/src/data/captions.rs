@@ -20,6 +20,9 @@ pub struct CaptionOptions {
     pub token_warmup_min: usize,
     /// Steps over which the number of flexible tags grows from `token_warmup_min`; 0 = off.
     pub token_warmup_step: u64,
+    /// sd-scripts' `enable_wildcard`: a multi-line caption gives one of its lines at random,
+    /// and `{a|b|c}` one of its choices (`{{` and `}}` are literal braces).
+    pub enable_wildcard: bool,
 }
 
 impl Default for CaptionOptions {
@@ -37,12 +40,52 @@ impl Default for CaptionOptions {
             caption_tag_dropout_rate: 0.0,
             token_warmup_min: 1,
             token_warmup_step: 0,
+            enable_wildcard: false,
         }
     }
 }
 
 fn split_tags(text: &str, separator: &str) -> Vec<String> {
     text.split(separator).map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+}
+
+/// sd-scripts' wildcard step: one line of a multi-line caption at random, then every
+/// `{a|b|c}` replaced by one of its choices at random (as `re.sub(r"\{([^}]+)\}", …)`), with
+/// `{{` / `}}` kept as literal braces.
+pub fn expand_wildcards(caption: &str, rng: &mut impl Rng) -> String {
+    let line = if caption.contains('\n') {
+        let lines: Vec<&str> = caption.split('\n').collect();
+        lines[rng.random_range(0..lines.len())]
+    } else {
+        caption
+    };
+    // Escaped braces stand aside as characters the caption does not contain.
+    let (mut open, mut close) = ("⦅".to_string(), "⦆".to_string());
+    while line.contains(&open) || line.contains(&close) {
+        open.push('⦅');
+        close.push('⦆');
+    }
+    let escaped = line.replace("{{", &open).replace("}}", &close);
+    let mut out = String::with_capacity(escaped.len());
+    let mut rest = escaped.as_str();
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            // `{` + at least one character that is not `}` + `}`.
+            Some(end) if end > 0 => {
+                let choices: Vec<&str> = after[..end].split('|').collect();
+                out.push_str(choices[rng.random_range(0..choices.len())]);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.replace(&open, "{").replace(&close, "}")
 }
 
 /// The caption a sample is trained with at this epoch and step. `rng` decides dropout and order;
@@ -60,6 +103,12 @@ pub fn process_caption(opts: &CaptionOptions, caption: &str, epoch: u32, step: u
     if dropped {
         return String::new();
     }
+    caption = if opts.enable_wildcard {
+        expand_wildcards(&caption, rng)
+    } else {
+        // sd-scripts trains on the first line of a caption.
+        caption.split('\n').next().unwrap_or("").to_string()
+    };
     let reorders = opts.shuffle_caption || opts.token_warmup_step > 0 || opts.caption_tag_dropout_rate > 0.0;
     if reorders {
         let sep = opts.caption_separator.as_str();

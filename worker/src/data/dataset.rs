@@ -25,6 +25,9 @@ pub struct Subset {
     pub class_tokens: String,
     pub is_reg: bool,
     pub caption_extension: String,
+    /// sd-scripts' `enable_wildcard`: keep every non-empty line of a caption file (one is
+    /// chosen per step), not just the first.
+    pub enable_wildcard: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +72,7 @@ pub fn scan_train_dir(dir: &Path, caption_extension: &str, is_reg: bool) -> Resu
                 class_tokens,
                 is_reg,
                 caption_extension: caption_extension.to_string(),
+                enable_wildcard: false,
             }),
             _ => ignored.push(path),
         }
@@ -99,7 +103,11 @@ fn read_caption(image: &Path, subset: &Subset) -> Result<String> {
         let path = image.with_extension(ext.trim_start_matches('.'));
         if path.is_file() {
             let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the caption {}", path.display()))?;
-            // sd-scripts uses the first line of the file.
+            // sd-scripts uses the first line of the file, or with wildcards every non-empty
+            // line (stripped, joined by newlines; one is chosen per step).
+            if subset.enable_wildcard {
+                return Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n"));
+            }
             return Ok(text.lines().next().unwrap_or("").trim().to_string());
         }
     }
@@ -187,6 +195,19 @@ mod tests {
         assert!(bad[0].path.ends_with("broken.jpg") && bad[0].reason.contains("not a readable image"), "{bad:?}");
         let err = load_subset(&subsets[1], BadImagePolicy::Fail).unwrap_err().to_string();
         assert!(err.contains("broken.jpg"), "{err}");
+    }
+
+    #[test]
+    fn wildcards_keep_every_line_of_a_caption() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("2_cat");
+        std::fs::create_dir_all(&dir).unwrap();
+        png(&dir.join("a.png"), 8, 8);
+        std::fs::write(dir.join("a.txt"), "  first {x|y}  \n\n second\n").unwrap();
+        let (mut subsets, _) = scan_train_dir(root.path(), ".txt", false).unwrap();
+        assert_eq!(load_subset(&subsets[0], BadImagePolicy::Fail).unwrap().0[0].caption, "first {x|y}");
+        subsets[0].enable_wildcard = true;
+        assert_eq!(load_subset(&subsets[0], BadImagePolicy::Fail).unwrap().0[0].caption, "first {x|y}\nsecond");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod images;
 pub mod masks;
 pub mod py_random;
+pub mod weighted_captions;
 
 pub use buckets::{BucketManager, BucketChoice};
 pub use captions::{process_caption, CaptionOptions};

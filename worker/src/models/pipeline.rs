@@ -261,14 +261,33 @@ impl StableDiffusion {
     /// concatenates both encoders' penultimate layers (no final norm) and pools the second.
     /// `max_token_length` (75, 150, 225) is the prompt length in tokens; longer prompts are cut.
     pub fn encode_prompts(&self, prompts: &[String], clip_skip: usize, max_token_length: usize) -> Result<PromptEmbeds> {
+        self.encode_prompts_with(prompts, clip_skip, max_token_length, false)
+    }
+
+    /// [`Self::encode_prompts`] with sd-scripts' `weighted_captions`: `(word:1.2)` and `[word]`
+    /// are read as attention weights (not text) and each token's output state is multiplied by
+    /// its weight, as sd-scripts' `encode_tokens_with_weights` (the pooled embedding is not).
+    pub fn encode_weighted_prompts(&self, prompts: &[String], clip_skip: usize, max_token_length: usize) -> Result<PromptEmbeds> {
+        self.encode_prompts_with(prompts, clip_skip, max_token_length, true)
+    }
+
+    fn encode_prompts_with(&self, prompts: &[String], clip_skip: usize, max_token_length: usize, weighted: bool) -> Result<PromptEmbeds> {
         let n_chunks = max_token_length / super::tokenizer::WINDOW_TOKENS;
         let device = self.device();
         let mut per_encoder = vec![];
         let mut pooled = None;
         for (i, (te, tok)) in self.text_encoders.iter().zip(&self.tokenizers).enumerate() {
             let mut rows = vec![];
+            let mut position_weights: Vec<f32> = vec![];
             for p in prompts {
-                for chunk in tok.encode_chunks(p, max_token_length)? {
+                let chunks = if weighted {
+                    let (chunks, weights) = tok.encode_weighted_chunks(p, max_token_length)?;
+                    position_weights.extend(weights);
+                    chunks
+                } else {
+                    tok.encode_chunks(p, max_token_length)?
+                };
+                for chunk in chunks {
                     rows.push(Tensor::new(chunk, device)?);
                 }
             }
@@ -280,7 +299,14 @@ impl StableDiffusion {
                 _ if clip_skip > 1 => te.final_layer_norm(&hs[hs.len() - clip_skip])?,
                 _ => out.last_hidden_state.clone(),
             };
-            per_encoder.push(join_chunks(&states, n_chunks)?);
+            let states = join_chunks(&states, n_chunks)?;
+            let states = if weighted {
+                let w = Tensor::from_vec(position_weights, (prompts.len(), max_token_length + 2, 1), device)?.to_dtype(states.dtype())?;
+                states.broadcast_mul(&w)?
+            } else {
+                states
+            };
+            per_encoder.push(states);
             if i == 1 {
                 // SDXL pools the first window of each prompt.
                 let te_pooled = out.text_embeds.clone().unwrap_or(out.pooled.clone());

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use candle_core::{bail, Result};
 use serde_json::{json, Value};
+use crate::data::weighted_captions::parse_prompt_attention;
 
 /// CLIP's pre-tokenization pattern (transformers' `CLIPConverter`).
 const CLIP_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -164,7 +165,38 @@ impl ClipTokenizer {
         if max_token_length == 0 || max_token_length % WINDOW_TOKENS != 0 {
             bail!("max_token_length must be a multiple of {WINDOW_TOKENS}, got {max_token_length}");
         }
-        let mut tokens = self.encode(text)?;
+        self.chunks_of(self.encode(text)?, max_token_length)
+    }
+
+    /// sd-scripts' weighted tokenization (`weighted_captions`): each (text, weight) piece of
+    /// [`parse_prompt_attention`] tokenized on its own, cut to `max_token_length` tokens and
+    /// windowed as [`Self::encode_chunks`]; with the weight of every position of the joined
+    /// states `(75·n + 2)`: 1 for the begin, end and padding, the piece's weight for its tokens.
+    pub fn encode_weighted_chunks(&self, text: &str, max_token_length: usize) -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+        let mut tokens = vec![];
+        let mut weights = vec![];
+        for (piece, weight) in parse_prompt_attention(text) {
+            let ids = self.encode(&piece)?;
+            weights.extend(std::iter::repeat_n(weight as f32, ids.len()));
+            tokens.extend(ids);
+            if tokens.len() > max_token_length {
+                break;
+            }
+        }
+        tokens.truncate(max_token_length);
+        weights.truncate(max_token_length);
+        let mut position_weights = Vec::with_capacity(max_token_length + 2);
+        position_weights.push(1.0);
+        position_weights.extend(weights);
+        position_weights.resize(max_token_length + 2, 1.0);
+        Ok((self.chunks_of(tokens, max_token_length)?, position_weights))
+    }
+
+    /// Token ids (no begin/end) → the 77-token windows of [`Self::encode_chunks`].
+    fn chunks_of(&self, mut tokens: Vec<u32>, max_token_length: usize) -> Result<Vec<Vec<u32>>> {
+        if max_token_length == 0 || max_token_length % WINDOW_TOKENS != 0 {
+            bail!("max_token_length must be a multiple of {WINDOW_TOKENS}, got {max_token_length}");
+        }
         tokens.truncate(max_token_length);
         // The whole sequence as the tokenizer pads it: bos, tokens, eos, pad…
         let total = max_token_length + 2;

@@ -67,6 +67,10 @@ pub struct TrainConfig {
     pub token_warmup_min: usize,
     pub token_warmup_step: f64,
     pub shuffle_caption: bool,
+    /// `(word:1.2)` / `[word]` in captions weight the text encoder's output for those tokens.
+    pub weighted_captions: bool,
+    /// `{a|b|c}` wildcards and multi-line caption files (one line per step).
+    pub enable_wildcard: bool,
     pub caption_dropout_rate: f64,
     pub caption_dropout_every_n_epochs: u32,
     pub caption_tag_dropout_rate: f64,
@@ -249,6 +253,8 @@ impl Default for TrainConfig {
             token_warmup_min: 1,
             token_warmup_step: 0.0,
             shuffle_caption: false,
+            weighted_captions: false,
+            enable_wildcard: false,
             caption_dropout_rate: 0.0,
             caption_dropout_every_n_epochs: 0,
             caption_tag_dropout_rate: 0.0,
@@ -376,8 +382,6 @@ impl Default for TrainConfig {
 pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
     ("face_crop_aug_range", "\"\""),
     ("color_aug", "false"),
-    ("weighted_captions", "false"),
-    ("enable_wildcard", "false"),
     ("fp8_base", "false"),
     ("full_fp16", "false"),
     ("full_bf16", "false"),
@@ -485,6 +489,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.validation_split) {
             errors.push(err("validation_split", format!("is {}: a share of the images from 0 (no validation) to below 1", self.validation_split)));
+        }
+        if self.weighted_captions && self.shuffle_caption {
+            errors.push(err("weighted_captions", "cannot be combined with shuffle_caption: shuffling cuts captions at their commas, so a weighted phrase such as (red hair, blue eyes:1.2) would lose its brackets (sd-scripts warns of the same); turn one of them off"));
         }
         if self.token_warmup_step > 0.0 {
             errors.push(err("token_warmup_step", "token warm-up is not supported by Loft's engine yet; leave it at 0"));

@@ -94,6 +94,7 @@ impl TrainSet {
             if s.class_tokens.is_empty() {
                 s.class_tokens = cfg.class_tokens.clone();
             }
+            s.enable_wildcard = cfg.enable_wildcard;
             let (entries, bad_here) = crate::data::dataset::load_subset(s, policy)?;
             bad.extend(bad_here);
             let (entries, held_out) = split_validation(entries, s.is_reg, cfg);

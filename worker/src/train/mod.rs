@@ -205,6 +205,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         caption_dropout_rate: cfg.caption_dropout_rate,
         caption_dropout_every_n_epochs: cfg.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate: cfg.caption_tag_dropout_rate,
+        enable_wildcard: cfg.enable_wildcard,
         ..CaptionOptions::default()
     };
     let cache_dir = if cfg.cache_latents_to_disk {
@@ -376,7 +377,11 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         ip_noise_gamma_random_strength: cfg.ip_noise_gamma_random_strength,
     };
     // Text states of fixed captions, when the text encoder is frozen and captions never vary.
-    let captions_vary = cfg.shuffle_caption || cfg.caption_dropout_rate > 0.0 || cfg.caption_tag_dropout_rate > 0.0 || cfg.caption_dropout_every_n_epochs > 0;
+    let captions_vary = cfg.shuffle_caption
+        || cfg.enable_wildcard
+        || cfg.caption_dropout_rate > 0.0
+        || cfg.caption_tag_dropout_rate > 0.0
+        || cfg.caption_dropout_every_n_epochs > 0;
     let cache_text = !train_te && !captions_vary;
     let mut text_cache: HashMap<String, (Tensor, Option<Tensor>)> = HashMap::new();
     let trained_vars: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
@@ -612,15 +617,22 @@ impl RunContext<'_> {
     /// Text-encoder states for the batch's captions (from the cache when allowed).
     fn text_states(&self, captions: &[String], use_cache: bool, cache: &mut HashMap<String, (Tensor, Option<Tensor>)>) -> Result<(Tensor, Option<Tensor>)> {
         let cfg = self.cfg;
+        let encode = |captions: &[String]| {
+            if cfg.weighted_captions {
+                self.model.encode_weighted_prompts(captions, cfg.clip_skip, cfg.max_tokens())
+            } else {
+                self.model.encode_prompts(captions, cfg.clip_skip, cfg.max_tokens())
+            }
+        };
         if !use_cache {
-            let e = self.model.encode_prompts(captions, cfg.clip_skip, cfg.max_tokens())?;
+            let e = encode(captions)?;
             return Ok((e.hidden, e.pooled));
         }
         let mut hidden = vec![];
         let mut pooled = vec![];
         for c in captions {
             if !cache.contains_key(c) {
-                let e = self.model.encode_prompts(std::slice::from_ref(c), cfg.clip_skip, cfg.max_tokens())?;
+                let e = encode(std::slice::from_ref(c))?;
                 cache.insert(c.clone(), (e.hidden.detach(), e.pooled.map(|p| p.detach())));
             }
             let (h, p) = &cache[c];
