@@ -231,6 +231,8 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
             ("optimizer_args", _) => continue,
             // Loft's "auto" is sd-scripts' unset (its own default per resize).
             ("resize_interpolation", v) if v.as_str() == Some("auto") => continue,
+            // Loft's "auto" is sd-scripts' unset (TensorBoard when logging_dir is given).
+            ("log_with", v) if v.as_str() == Some("auto") => continue,
             // Loft's "auto" follows the device; sd-scripts has no such value.
             ("mixed_precision", v) if v.as_str() == Some("auto") => {
                 not_exported.push((key.to_string(), "\"auto\" follows the device in Loft; sd-scripts takes fp16/bf16 from this key or accelerate's config: set mixed_precision to bf16 (or fp16) to export it".to_string()));
@@ -729,6 +731,7 @@ mod tests {
             sdpa = true
             train_batch_size = 2
             log_with = "tensorboard"
+            log_tracker_config = "trackers.toml"
         "#;
         let got = import(&registry, text, None, None).unwrap();
         let c = &got.config;
@@ -737,7 +740,8 @@ mod tests {
         assert_eq!((c["weight_decay"].clone(), c["optimizer_args"].clone()), (json!(0.05), json!("betas=0.9,0.99")));
         assert_eq!((c["attention"].clone(), c["train_batch_size"].clone(), c["model_family"].clone()), (json!("sdpa"), json!(2), json!("sd15")));
         let ignored: Vec<&str> = got.ignored.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(ignored.contains(&"log_with") && ignored.contains(&"train_data_dir"), "{ignored:?}");
+        assert!(ignored.contains(&"log_tracker_config") && ignored.contains(&"train_data_dir"), "{ignored:?}");
+        assert_eq!(c["log_with"], "tensorboard");
         assert!(!ignored.contains(&"network_dim"));
         let errors = import(&registry, "network_dim = -4", None, None).unwrap_err();
         assert!(errors.iter().any(|e| e.field == "network_dim"), "{errors:?}");

@@ -437,7 +437,7 @@ mod tests {
             live.apply(&row(step as i64, step_event));
         }
         assert!(!live.loss_svg().contains("validation"), "no line without validation events");
-        let changed = live.apply(&row(5, TrainEvent::Validation { step: 4, epoch: 1, loss: 0.25, divergence: 0.05 }));
+        let changed = live.apply(&row(5, TrainEvent::Validation { step: 4, epoch: 1, loss: 0.25, divergence: 0.05, at_epoch_end: false }));
         assert!(changed.steps && changed.log);
         let svg = live.loss_svg();
         assert!(svg.contains("line validation") && svg.contains("circle class=\"dot validation\""), "{svg}");

@@ -210,6 +210,16 @@ pub struct TrainConfig {
     pub metadata_tags: String,
     pub metadata_trigger_phrase: String,
     pub no_metadata: bool,
+
+    // ---- logs
+    /// TensorBoard logs go under this folder (empty = no logs).
+    pub logging_dir: PathBuf,
+    /// `auto` (TensorBoard when `logging_dir` is set, sd-scripts' unset) or `tensorboard`.
+    pub log_with: String,
+    /// Put before the time stamp of each run's log folder.
+    pub log_prefix: String,
+    /// The log folder's last part; empty = `network_train`.
+    pub log_tracker_name: String,
 }
 
 impl Default for TrainConfig {
@@ -373,6 +383,10 @@ impl Default for TrainConfig {
             metadata_tags: String::new(),
             metadata_trigger_phrase: String::new(),
             no_metadata: false,
+            logging_dir: PathBuf::new(),
+            log_with: "auto".into(),
+            log_prefix: String::new(),
+            log_tracker_name: String::new(),
         }
     }
 }

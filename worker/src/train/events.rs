@@ -48,7 +48,15 @@ pub enum TrainEvent {
     Epoch { epoch: u64, total_epochs: u64, avg_loss: f64 },
     /// The validation loss after `step` (the held-out images at fixed timesteps and noise);
     /// `divergence` is it minus the running training loss (sd-scripts' `loss/validation/*`).
-    Validation { step: u64, epoch: u64, loss: f64, divergence: f64 },
+    /// `at_epoch_end`: the epoch's evaluation (else one every `validate_every_n_steps`).
+    Validation {
+        step: u64,
+        epoch: u64,
+        loss: f64,
+        divergence: f64,
+        #[serde(default)]
+        at_epoch_end: bool,
+    },
     /// A sample image was written.
     Sample { step: u64, epoch: u64, index: usize, prompt: String, path: PathBuf },
     /// A file was saved.

@@ -21,6 +21,7 @@ pub mod network;
 pub mod param_groups;
 pub mod start_weights;
 pub mod state;
+pub mod tensorboard;
 pub mod validation;
 
 use std::collections::{HashMap, VecDeque};
@@ -84,6 +85,25 @@ pub struct TrainOutcome {
 /// Runs a training job to the end, or until `cancel`. Errors are also reported as a
 /// [`TrainEvent::Failed`].
 pub fn run(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+    // With a logging_dir every event's scalars also go to a TensorBoard event file.
+    let failed = |sink: &mut dyn EventSink, e: anyhow::Error| {
+        sink.emit(TrainEvent::Failed { error: format!("{e:#}") });
+        Err(e)
+    };
+    // A config that cannot run leaves no log folder behind.
+    let problems = if config.logging_dir.as_os_str().is_empty() { vec![] } else { config.check_supported() };
+    if !problems.is_empty() {
+        return failed(sink, anyhow::anyhow!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")));
+    }
+    let sink_ref = sink;
+    let mut logged = match tensorboard::TensorBoardSink::open(config, &mut *sink_ref) {
+        Ok(l) => l,
+        Err(e) => return failed(sink_ref, e),
+    };
+    let sink: &mut dyn EventSink = match logged.as_mut() {
+        Some(l) => l,
+        None => sink_ref,
+    };
     match run_inner(config, options, sink, cancel) {
         Ok(o) => Ok(o),
         Err(e) => {
@@ -500,7 +520,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             if let Some(v) = validation.as_mut().filter(|_| validation::Validation::due_after_step(cfg, progress.step)) {
                 let loss = v.evaluate(&ctx, &noise_opts, use_latent_cache, train_te, &mut latent_cache, &device)?;
                 progress.last_validation = Some((progress.step, loss));
-                sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg_loss });
+                sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg_loss, at_epoch_end: false });
             }
 
             if cfg.save_every_n_steps > 0 && progress.step % cfg.save_every_n_steps == 0 && progress.step < total_steps {
@@ -524,11 +544,14 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         }
         // The epoch's validation, also when total_steps ends the run mid-epoch (as sd-scripts).
         let avg = if recent.is_empty() { 0.0 } else { recent.iter().sum::<f64>() / recent.len() as f64 };
-        let validated_now = progress.last_validation.is_some_and(|(step, _)| step == progress.step);
-        if let Some(v) = validation.as_mut().filter(|_| validation::Validation::due_after_epoch(cfg, epoch + 1) && !validated_now) {
-            let loss = v.evaluate(&ctx, &noise_opts, use_latent_cache, train_te, &mut latent_cache, &device)?;
+        if let Some(v) = validation.as_mut().filter(|_| validation::Validation::due_after_epoch(cfg, epoch + 1)) {
+            // A step validation at this very step already measured the same network.
+            let loss = match progress.last_validation {
+                Some((step, loss)) if step == progress.step => loss,
+                _ => v.evaluate(&ctx, &noise_opts, use_latent_cache, train_te, &mut latent_cache, &device)?,
+            };
             progress.last_validation = Some((progress.step, loss));
-            sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg });
+            sink.emit(TrainEvent::Validation { step: progress.step, epoch: epoch + 1, loss, divergence: loss - avg, at_epoch_end: true });
         }
         if progress.batch < batches.len() {
             break; // total_steps reached mid-epoch
