@@ -99,8 +99,17 @@ fn read_caption(image: &Path, subset: &Subset) -> Result<String> {
             candidates.push(ext.to_string());
         }
     }
-    for ext in candidates {
-        let path = image.with_extension(ext.trim_start_matches('.'));
+    // sd-scripts also reads the caption of `name.txt` for `name_cx_cy_w_h.png`, an image its
+    // face-detection tool renamed with the face box.
+    let mut bases = vec![image.to_path_buf()];
+    if let Some(stem) = image.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+        let tokens: Vec<&str> = stem.split('_').collect();
+        if tokens.len() >= 5 {
+            bases.push(image.with_file_name(format!("{}.x", tokens[..tokens.len() - 4].join("_"))));
+        }
+    }
+    for (base, ext) in bases.iter().flat_map(|b| candidates.iter().map(move |e| (b, e))) {
+        let path = base.with_extension(ext.trim_start_matches('.'));
         if path.is_file() {
             let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the caption {}", path.display()))?;
             // sd-scripts uses the first line of the file, or with wildcards every non-empty

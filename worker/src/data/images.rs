@@ -56,6 +56,17 @@ fn to_tensor(img: image::RgbImage, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (bh, bw, 3), device)?.permute((2, 0, 1))?.contiguous()?)
 }
 
+/// The per-step augmentations of sd-scripts' subsets that change the pixels.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Augment {
+    /// Cut the bucket at a random place instead of the centre.
+    pub random_crop: bool,
+    /// [`super::augment::color_aug`].
+    pub color_aug: bool,
+    /// `face_crop_aug_range` (min, max), for images whose file names carry a face box.
+    pub face_crop: Option<(f64, f64)>,
+}
+
 /// Decodes `path` and fits it to `choice`. Errors name the file.
 pub fn load_for_bucket(
     path: &Path,
@@ -65,13 +76,11 @@ pub fn load_for_bucket(
     rng: &mut impl Rng,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = decode(path)?.to_rgb8();
-    let origin = crop_origin(choice.resized, choice.bucket, random_crop, rng);
-    let mut img = fit(img, choice, origin);
+    let (pixels, _) = load_fitted(path, choice, &Augment { random_crop, ..Augment::default() }, None, rng, device)?;
     if flip && rng.random_bool(0.5) {
-        image::imageops::flip_horizontal_in_place(&mut img);
+        return Ok(pixels.flip(&[2])?);
     }
-    to_tensor(img, device)
+    Ok(pixels)
 }
 
 /// Decodes `path` and fits it and its loss mask to `choice`, both cut at the same place: the
@@ -85,36 +94,64 @@ pub fn load_with_mask(
     rng: &mut impl Rng,
     device: &Device,
 ) -> Result<(Tensor, Vec<f32>)> {
+    let (pixels, values) = load_fitted(path, choice, &Augment { random_crop, ..Augment::default() }, Some(mask), rng, device)?;
+    Ok((pixels, values.expect("a mask was asked for")))
+}
+
+/// Decodes `path`, cuts it to `choice` (centre, random, or around the face in its file name
+/// with `aug.face_crop`), applies `aug.color_aug` to the colours, and cuts the loss mask (when
+/// asked) at the same place. The image as a CHW tensor in [-1, 1]; the mask as row-major
+/// `(bucket h, bucket w)` values in [0, 1]. Random draws come in sd-scripts' order: the crop,
+/// then the colour.
+pub fn load_fitted(
+    path: &Path,
+    choice: &BucketChoice,
+    aug: &Augment,
+    mask: Option<&MaskSource>,
+    rng: &mut impl Rng,
+    device: &Device,
+) -> Result<(Tensor, Option<Vec<f32>>)> {
     let decoded = decode(path)?;
-    let origin = crop_origin(choice.resized, choice.bucket, random_crop, rng);
+    let size = (decoded.width(), decoded.height());
+    let face = aug.face_crop.and_then(|range| Some((range, super::augment::face_box(path)?)));
+    let face_plan = face.and_then(|(range, face)| super::augment::face_crop(size, face, range, choice.bucket, aug.random_crop, rng));
+    let (choice, origin) = match face_plan {
+        Some((plan, origin)) => (plan, origin),
+        None => (*choice, crop_origin(choice.resized, choice.bucket, aug.random_crop, rng)),
+    };
     let grey: Option<image::GrayImage> = match mask {
-        MaskSource::Alpha if decoded.color().has_alpha() => {
+        None => None,
+        Some(MaskSource::Alpha) if decoded.color().has_alpha() => {
             let rgba = decoded.to_rgba8();
             Some(image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([rgba.get_pixel(x, y)[3]])))
         }
-        MaskSource::Alpha => None,
-        MaskSource::File(mask_path) => {
+        Some(MaskSource::Alpha) => None,
+        Some(MaskSource::File(mask_path)) => {
             let rgb = decode(mask_path)?.to_rgb8();
-            if rgb.dimensions() != (decoded.width(), decoded.height()) {
+            if rgb.dimensions() != size {
                 bail!(
                     "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
                     mask_path.display(),
                     rgb.width(),
                     rgb.height(),
                     path.display(),
-                    decoded.width(),
-                    decoded.height()
+                    size.0,
+                    size.1
                 );
             }
             // The red channel, as sd-scripts' apply_masked_loss reads a conditioning image.
             Some(image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| image::Luma([rgb.get_pixel(x, y)[0]])))
         }
     };
-    let pixels = to_tensor(fit(decoded.to_rgb8(), choice, origin), device)?;
-    let values = match grey {
-        Some(g) => fit(g, choice, origin).into_raw().into_iter().map(|v| v as f32 / 255.0).collect(),
+    let mut rgb = fit(decoded.to_rgb8(), &choice, origin);
+    if aug.color_aug {
+        super::augment::color_aug(&mut rgb, rng);
+    }
+    let pixels = to_tensor(rgb, device)?;
+    let values = mask.map(|_| match grey {
+        Some(g) => fit(g, &choice, origin).into_raw().into_iter().map(|v| v as f32 / 255.0).collect(),
         None => vec![1.0; (choice.bucket.0 * choice.bucket.1) as usize],
-    };
+    });
     Ok((pixels, values))
 }
 

@@ -2,6 +2,7 @@
 //! give N repeats), aspect-ratio buckets, caption processing, and image loading into bucket-sized
 //! tensors.
 
+pub mod augment;
 pub mod buckets;
 pub mod captions;
 pub mod dataset;

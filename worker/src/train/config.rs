@@ -76,6 +76,10 @@ pub struct TrainConfig {
     pub caption_tag_dropout_rate: f64,
     pub flip_aug: bool,
     pub random_crop: bool,
+    /// sd-scripts' weak colour augmentation (a hue shift or gamma one time in three).
+    pub color_aug: bool,
+    /// "min,max": crops around the face box in each image's file name (without buckets).
+    pub face_crop_aug_range: String,
     /// Weight the loss per pixel by a mask (from `conditioning_data_dir`, or the alpha channel
     /// with `alpha_mask`).
     pub masked_loss: bool,
@@ -270,6 +274,8 @@ impl Default for TrainConfig {
             caption_tag_dropout_rate: 0.0,
             flip_aug: false,
             random_crop: false,
+            color_aug: false,
+            face_crop_aug_range: String::new(),
             masked_loss: false,
             conditioning_data_dir: PathBuf::new(),
             alpha_mask: false,
@@ -394,8 +400,6 @@ impl Default for TrainConfig {
 /// Registry keys this engine does not implement, with the value that means "off". A config
 /// that sets one of them to anything else is refused, naming the key.
 pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
-    ("face_crop_aug_range", "\"\""),
-    ("color_aug", "false"),
     ("fp8_base", "false"),
     ("full_fp16", "false"),
     ("full_bf16", "false"),
@@ -504,6 +508,13 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.validation_split) {
             errors.push(err("validation_split", format!("is {}: a share of the images from 0 (no validation) to below 1", self.validation_split)));
         }
+        if !self.face_crop_aug_range.trim().is_empty() {
+            if let Err(e) = crate::data::augment::parse_face_range(&self.face_crop_aug_range) {
+                errors.push(err("face_crop_aug_range", e));
+            } else if self.enable_bucket {
+                errors.push(err("face_crop_aug_range", "crops around faces without buckets only (as in sd-scripts, which ignores it with buckets): turn enable_bucket off, or clear this"));
+            }
+        }
         if self.weighted_captions && self.shuffle_caption {
             errors.push(err("weighted_captions", "cannot be combined with shuffle_caption: shuffling cuts captions at their commas, so a weighted phrase such as (red hair, blue eyes:1.2) would lose its brackets (sd-scripts warns of the same); turn one of them off"));
         }
@@ -593,6 +604,14 @@ impl TrainConfig {
     /// The prompt length in tokens.
     pub fn max_tokens(&self) -> usize {
         self.max_token_length.parse().unwrap_or(75)
+    }
+
+    /// `face_crop_aug_range` as (min, max), when set and valid.
+    pub fn face_crop_range(&self) -> Option<(f64, f64)> {
+        if self.face_crop_aug_range.trim().is_empty() {
+            return None;
+        }
+        crate::data::augment::parse_face_range(&self.face_crop_aug_range).ok()
     }
 
     /// The UNet learning rate (`unet_lr`, else `learning_rate`).

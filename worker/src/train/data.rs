@@ -15,7 +15,8 @@ use rand::SeedableRng;
 use super::config::TrainConfig;
 use crate::data::masks::{area_resize, find_mask_file, flip_horizontal};
 use crate::data::py_random::PyRandom;
-use crate::data::{images::load_with_mask, scan_train_dir, MaskSource, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
+use crate::data::images::{load_fitted, Augment};
+use crate::data::{scan_train_dir, MaskSource, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
 use crate::lora_file::sha256_hex;
 use crate::models::vae::AutoencoderKL;
 
@@ -330,7 +331,7 @@ impl LatentCache {
             }
         }
         self.misses += 1;
-        let encoded = encode_image(vae, img, false, flip, None, device)?;
+        let encoded = encode_image(vae, img, &Augment::default(), flip, None, device)?;
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{key}.safetensors"));
             let tmp = dir.join(format!("{key}.part"));
@@ -346,19 +347,12 @@ impl LatentCache {
     }
 }
 
-/// Loads, crops and encodes one image: `(C, h, w)` f32 latents scaled for the UNet, and its
-/// mask (cut, flipped and area-averaged onto the latent grid) when it has one.
-pub fn encode_image(vae: &AutoencoderKL, img: &TrainImage, random_crop: bool, flip: bool, rng: Option<&mut StdRng>, device: &Device) -> Result<Encoded> {
+/// Loads, crops (and augments) and encodes one image: `(C, h, w)` f32 latents scaled for the
+/// UNet, and its mask (cut, flipped and area-averaged onto the latent grid) when it has one.
+pub fn encode_image(vae: &AutoencoderKL, img: &TrainImage, aug: &Augment, flip: bool, rng: Option<&mut StdRng>, device: &Device) -> Result<Encoded> {
     let mut fallback = StdRng::seed_from_u64(0);
     let rng = rng.unwrap_or(&mut fallback);
-    let (pixels, mut mask_values) = match &img.mask {
-        Some(source) => {
-            let (pixels, values) = load_with_mask(&img.entry.path, &img.bucket, random_crop, source, rng, device)?;
-            (pixels, Some(values))
-        }
-        // `load_for_bucket` flips at random; decide here and flip explicitly instead.
-        None => (crate::data::images::load_for_bucket(&img.entry.path, &img.bucket, random_crop, false, rng, device)?, None),
-    };
+    let (pixels, mut mask_values) = load_fitted(&img.entry.path, &img.bucket, aug, img.mask.as_ref(), rng, device)?;
     let pixels = if flip { pixels.flip(&[2])? } else { pixels };
     let z = vae.encode(&pixels.unsqueeze(0)?.to_dtype(vae_dtype(vae))?)?;
     let latents = (z.to_dtype(DType::F32)? * vae.scaling_factor())?.squeeze(0)?;

@@ -36,6 +36,7 @@ use rand::SeedableRng;
 pub use config::{ConfigError, TrainConfig};
 pub use events::{CancelToken, CheckpointKind, EventLog, EventSink, TrainEvent};
 
+use crate::data::images::Augment;
 use crate::data::{process_caption, CaptionOptions};
 use crate::grad_checkpoint::GradientCheckpointing;
 use crate::lora_file::{parse_save_precision, BaseModelVersion, NetworkMetadata};
@@ -234,7 +235,16 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         options.cache_dir.clone()
     };
     let vae_id = format!("{}|{}|{:?}", cfg.pretrained_model_name_or_path.display(), cfg.vae.display(), vae_dtype);
-    let use_latent_cache = cfg.cache_latents && !cfg.random_crop;
+    // Augmentations that change an image every time it is used leave nothing to cache.
+    let augment = Augment {
+        random_crop: cfg.random_crop,
+        color_aug: cfg.color_aug,
+        face_crop: if cfg.enable_bucket { None } else { cfg.face_crop_range() },
+    };
+    let use_latent_cache = cfg.cache_latents && augment == Augment::default();
+    if cfg.cache_latents && !use_latent_cache {
+        log(sink, "info", "latents are encoded every step: random_crop, color_aug and face_crop_aug_range change the image each time");
+    }
     let mut latent_cache = LatentCache::new(if use_latent_cache { cache_dir } else { None }, vae_id)?;
     if use_latent_cache {
         let flips: &[bool] = if cfg.flip_aug { &[false, true] } else { &[false] };
@@ -449,7 +459,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             // Images → latents (and loss masks) → noise at random timesteps → the model's
             // prediction → the loss.
             let images: Vec<(&data::TrainImage, bool)> = batch.iter().map(|it| (&set.images[it.image], it.flip)).collect();
-            let (latents, masks) = ctx.encode_batch(&images, use_latent_cache, cfg.random_crop, &mut latent_cache, &mut rng, &device)?;
+            let (latents, masks) = ctx.encode_batch(&images, use_latent_cache, &augment, &mut latent_cache, &mut rng, &device)?;
             let (noise, applied_noise) = sample_noise(&noise_opts, &latents, &mut rng)?;
             let timesteps = sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep);
             let images: Vec<&data::TrainImage> = images.into_iter().map(|(img, _)| img).collect();
@@ -676,7 +686,7 @@ impl RunContext<'_> {
         &self,
         images: &[(&data::TrainImage, bool)],
         cached: bool,
-        random_crop: bool,
+        aug: &Augment,
         cache: &mut LatentCache,
         rng: &mut StdRng,
         device: &Device,
@@ -686,7 +696,7 @@ impl RunContext<'_> {
             rows.push(if cached {
                 cache.latents(&self.model.vae, img, flip, device)?
             } else {
-                data::encode_image(&self.model.vae, img, random_crop, flip, Some(rng), device)?
+                data::encode_image(&self.model.vae, img, aug, flip, Some(rng), device)?
             });
         }
         let latents = Tensor::stack(&rows.iter().map(|r| r.latents.clone()).collect::<Vec<_>>(), 0)?;

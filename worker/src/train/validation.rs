@@ -19,6 +19,7 @@ use rand::SeedableRng;
 
 use super::data::{derived_seed, validation_seed, LatentCache, TrainImage};
 use super::{RunContext, TrainConfig};
+use crate::data::images::Augment;
 use crate::data::{process_caption, CaptionOptions};
 use crate::noise::{sample_noise, NoiseOptions};
 
@@ -117,7 +118,7 @@ impl Validation {
             let captions: Vec<String> = images.iter().map(|img| process_caption(&self.captions, &img.entry.caption, 1, 0, &mut rng)).collect();
             let (hidden, pooled) = ctx.text_states(&captions, !train_te, &mut self.text_cache)?;
             let unflipped: Vec<(&TrainImage, bool)> = images.iter().map(|img| (*img, false)).collect();
-            let (latents, masks) = ctx.encode_batch(&unflipped, cached_latents, false, latent_cache, &mut rng, device)?;
+            let (latents, masks) = ctx.encode_batch(&unflipped, cached_latents, &Augment::default(), latent_cache, &mut rng, device)?;
             let weights = vec![1.0; images.len()];
             for (ti, &t) in self.timesteps.iter().enumerate() {
                 let mut rng = StdRng::seed_from_u64(derived_seed(self.seed, SEED_VALIDATION, bi as u64, 1 + ti as u64));
