@@ -44,6 +44,9 @@ pub struct BenchTrainArgs {
     /// no, fp16 or bf16 (default: what the device prefers).
     #[arg(long)]
     pub mixed_precision: Option<String>,
+    /// Store the frozen model's Linear/Conv2d weights in fp8 (`fp8_base`; needs fp16/bf16).
+    #[arg(long)]
+    pub fp8_base: bool,
     /// Also print where Loft's step goes (forward, backward, optimizer; time per op kind).
     #[arg(long)]
     pub profile: bool,
@@ -132,6 +135,9 @@ pub fn run_bench(args: BenchTrainArgs) -> Result<()> {
     if args.profile {
         cmd.arg("--profile");
     }
+    if args.fp8_base {
+        cmd.arg("--fp8-base");
+    }
     if let Some(mp) = &args.mixed_precision {
         cmd.args(["--mixed-precision", mp]);
     }
@@ -215,6 +221,14 @@ fn print_table(args: &BenchTrainArgs, loft: &Value, reference: Option<&Value>) {
     println!("| engine            | s/step  | {mem_label:<12} |");
     println!("|-------------------|---------|--------------|");
     println!("| Loft ({:<11}) | {:>7.3} | {:>12.2} |", loft["device"].as_str().unwrap_or("?"), f(loft, "s_per_step"), mem(loft));
+    if f(loft, "step_rss_mb") > 0.0 {
+        println!(
+            "  Loft: mixed precision {}{}, resident memory at the end of a step {:.2} GB (at most, over the steps)",
+            loft["mixed_precision"].as_str().unwrap_or("?"),
+            if loft["fp8_base"].as_bool() == Some(true) { " with an fp8 base" } else { "" },
+            f(loft, "step_rss_mb") / 1024.0
+        );
+    }
     if let Some(r) = reference {
         println!("| PyTorch + LyCORIS | {:>7.3} | {:>12.2} |", f(r, "s_per_step"), mem(r));
         println!();
@@ -271,16 +285,21 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
         save_every_n_epochs: 0,
         device: args.device.clone(),
         mixed_precision: args.mixed_precision.clone().unwrap_or_else(|| "auto".into()),
+        fp8_base: args.fp8_base,
         ..TrainConfig::default()
     };
     let mut stamps: Vec<Instant> = vec![];
     let mut losses = vec![];
     let mut info = vec![];
     let profile_on = args.profile;
+    // Resident memory while the steps run: the model, adapters, optimizer and activations
+    // (the peak can be the load, when a checkpoint is read and converted).
+    let mut step_rss_kib = 0u64;
     let mut sink = |e: TrainEvent| match e {
         TrainEvent::Step { step, loss, .. } => {
             stamps.push(Instant::now());
             losses.push(loss);
+            step_rss_kib = step_rss_kib.max(vm_kib("VmRSS:"));
             if profile_on && step == WARMUP_STEPS {
                 profile::enable();
             }
@@ -293,6 +312,7 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
     outcome?;
     let secs = stamps[stamps.len() - 1].duration_since(stamps[WARMUP_STEPS as usize - 1]).as_secs_f64();
     let peak_rss_mb = vm_kib("VmHWM:") as f64 / 1024.0;
+    let step_rss_mb = step_rss_kib as f64 / 1024.0;
     let device = info.iter().find_map(|m| m.strip_prefix("device: ")).unwrap_or("cpu").to_string();
     let mixed = info.iter().find_map(|m| m.strip_prefix("mixed precision: ")).unwrap_or("no").to_string();
     let latent_side = side as usize / 8;
@@ -304,7 +324,7 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
     }
     let result = json!({
         "steps": plan.steps, "seconds": secs, "s_per_step": secs / plan.steps as f64, "peak_rss_mb": peak_rss_mb,
-        "peak_vram_mb": 0.0, "device": device, "mixed_precision": mixed, "latent": [latent_side, latent_side],
+        "step_rss_mb": step_rss_mb, "fp8_base": args.fp8_base, "peak_vram_mb": 0.0, "device": device, "mixed_precision": mixed, "latent": [latent_side, latent_side],
         "losses": losses, "profile": profile_rows,
     });
     println!("BENCH {result}");

@@ -318,6 +318,26 @@ impl StableDiffusion {
         Ok(PromptEmbeds { hidden, pooled })
     }
 
+    /// Stores the frozen Linear/Conv2d weights of the U-Net and text encoders in `dtype`
+    /// (`fp8_base`: float8 e4m3); biases and norms keep theirs. Each layer casts its weight to
+    /// the activations' dtype for each call ([`super::layers::forward_in_dtype`]), so only one
+    /// layer's weight is ever held in the compute dtype at a time. Returns how many weights.
+    pub fn store_frozen_weights_in(&self, dtype: DType) -> Result<usize> {
+        use super::ModelLayers;
+        let mut count = 0;
+        let layers = self.unet.layers().iter().chain(self.text_encoders.iter().flat_map(|te| te.layers().iter()));
+        for layer in layers {
+            if !(layer.is_linear() || layer.is_conv()) {
+                continue;
+            }
+            let mut base = layer.base();
+            base.weight = base.weight.to_dtype(dtype)?;
+            layer.set_base(base)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// SDXL's added conditions for a batch: `pooled` text embeds and per-sample
     /// `(original h, w, crop top, left, target h, w)`.
     pub fn added_cond(&self, pooled: Option<&Tensor>, time_ids: &[[f32; 6]]) -> Result<Option<AddedCond>> {

@@ -39,6 +39,8 @@ pub struct TrainConfig {
     /// `auto`, `cpu`, `cuda`, `cuda:N` (see [`crate::device::select`]).
     pub device: String,
     pub full_fp16: bool,
+    /// Store the frozen model's Linear/Conv2d weights as float8 e4m3 (needs fp16/bf16).
+    pub fp8_base: bool,
     pub full_bf16: bool,
     pub no_half_vae: bool,
 
@@ -242,6 +244,7 @@ impl Default for TrainConfig {
             mixed_precision: "auto".into(),
             device: "auto".into(),
             full_fp16: false,
+            fp8_base: false,
             full_bf16: false,
             no_half_vae: false,
             train_data_dir: PathBuf::new(),
@@ -400,7 +403,6 @@ impl Default for TrainConfig {
 /// Registry keys this engine does not implement, with the value that means "off". A config
 /// that sets one of them to anything else is refused, naming the key.
 pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
-    ("fp8_base", "false"),
     ("full_fp16", "false"),
     ("full_bf16", "false"),
 ];
@@ -674,9 +676,9 @@ mod tests {
         assert_eq!((c.network_dim, c.factor, c.conv_dim), (16, 8, None));
 
         let map = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
-                         "fp8_base": true, "network_dim": "eight"});
+                         "full_fp16": true, "network_dim": "eight"});
         let errs = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
-        assert!(errs.iter().any(|e| e.field == "fp8_base"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.field == "full_fp16"), "{errs:?}");
         assert!(errs.iter().any(|e| e.message.contains("network_dim") || e.message.contains("invalid type")), "{errs:?}");
 
         let errs = TrainConfig::from_map(&serde_json::Map::new()).unwrap_err();

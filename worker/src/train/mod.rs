@@ -198,6 +198,14 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     if let Some(line) = start_weights::merge_base_weights(&mut model, cfg)? {
         log(sink, "info", line);
     }
+    if cfg.fp8_base {
+        // As sd-scripts: fp8 storage, fp16/bf16 computation (after any base_weights merge).
+        if dtype == DType::F32 {
+            bail!("fp8_base stores the frozen model in fp8 and computes in fp16 or bf16: set mixed_precision to \"fp16\" (or \"bf16\" on a GPU); it is {mixed_precision:?} now");
+        }
+        let n = model.store_frozen_weights_in(DType::F8E4M3)?;
+        log(sink, "info", format!("fp8_base: {n} frozen Linear/Conv2d weights of the U-Net and text encoders stored as float8 e4m3"));
+    }
     let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
     if !cfg.vae.as_os_str().is_empty() {
         model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
@@ -793,6 +801,7 @@ impl RunContext<'_> {
         m.extra.insert("ss_keep_tokens".into(), cfg.keep_tokens.to_string());
         m.extra.insert("ss_flip_aug".into(), crate::lora_file::py_bool(cfg.flip_aug));
         m.extra.insert("ss_zero_terminal_snr".into(), crate::lora_file::py_bool(cfg.zero_terminal_snr));
+        m.extra.insert("ss_fp8_base".into(), crate::lora_file::py_bool(cfg.fp8_base));
         m.extra.insert("ss_loss_type".into(), cfg.loss_type.clone());
         m.extra.insert("ss_max_grad_norm".into(), crate::lora_file::py_float(cfg.max_grad_norm));
         m.extra.insert("ss_prior_loss_weight".into(), crate::lora_file::py_float(cfg.prior_loss_weight));

@@ -1,0 +1,92 @@
+//! Issue 15's "done when": an sd-scripts config using LoRA+, masked loss with an alpha channel,
+//! a validation split, weighted captions and `network_weights` from an earlier Loft run imports
+//! with `loft import-sd-scripts` and trains to the end with no refusal, reporting its validation
+//! loss and writing TensorBoard logs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn loft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loft")).args(args).output().expect("run loft")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn tiny_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd15")
+}
+
+/// Six 32² RGBA images whose left quarter is transparent, with weighted captions.
+fn dataset(root: &Path) -> PathBuf {
+    let sub = root.join("data/3_blob");
+    std::fs::create_dir_all(&sub).unwrap();
+    for i in 0..6u32 {
+        let img = image::RgbaImage::from_fn(32, 32, |x, y| image::Rgba([(x * 7) as u8, (y * 6) as u8, (40 * i) as u8, if x < 8 { 0 } else { 255 }]));
+        img.save(sub.join(format!("{i}.png"))).unwrap();
+        std::fs::write(sub.join(format!("{i}.txt")), format!("(a blob:1.2), [picture] {i}")).unwrap();
+    }
+    root.join("data")
+}
+
+#[test]
+fn an_sd_scripts_config_with_the_formerly_refused_options_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = dataset(root);
+    let common = format!(
+        "pretrained_model_name_or_path = \"{model}\"\ntrain_data_dir = \"{data}\"\nresolution = 32\nmin_bucket_reso = 16\nmax_bucket_reso = 64\nbucket_reso_steps = 8\nnetwork_dim = 4\nnetwork_alpha = 4\nlearning_rate = 0.01\nsave_precision = \"float\"\nmixed_precision = \"no\"\n",
+        model = tiny_model().display(),
+        data = data.display()
+    );
+    // An earlier Loft run to continue from.
+    let first = root.join("first.toml");
+    std::fs::write(&first, format!("{common}output_dir = \"{}\"\noutput_name = \"earlier\"\nmax_train_epochs = 0\nmax_train_steps = 2\nsave_every_n_epochs = 0\n", root.join("first").display())).unwrap();
+    let o = loft(&["train", first.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let earlier = root.join("first/earlier.safetensors");
+    assert!(earlier.is_file());
+
+    // The sd-scripts file, as a kohya_ss user has it.
+    let kohya = root.join("kohya.toml");
+    std::fs::write(
+        &kohya,
+        format!(
+            "{common}output_dir = \"{out}\"\noutput_name = \"continued\"\nnetwork_module = \"networks.lora\"\nnetwork_args = [\"loraplus_lr_ratio=4\"]\nnetwork_weights = \"{earlier}\"\nmasked_loss = true\nalpha_mask = true\nvalidation_split = 0.34\nvalidation_seed = 3\nweighted_captions = true\nmax_train_epochs = 2\nlogging_dir = \"{logs}\"\n",
+            out = root.join("out").display(),
+            earlier = earlier.display(),
+            logs = root.join("logs").display()
+        ),
+    )
+    .unwrap();
+    let config = root.join("loft.toml");
+    let o = loft(&["import-sd-scripts", kohya.to_str().unwrap(), "--out", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let imported = std::fs::read_to_string(&config).unwrap();
+    for key in ["loraplus_lr_ratio", "network_weights", "masked_loss", "alpha_mask", "validation_split", "weighted_captions", "logging_dir"] {
+        assert!(imported.contains(key), "{key} imported: {imported}");
+    }
+    let o = loft(&["train", config.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("not support"), "no refusal: {t}");
+    assert!(t.contains("network_weights:") && t.contains("LoRA+ parameter groups"), "{t}");
+    assert!(t.contains("validation loss"), "{t}");
+    assert!(root.join("out/continued.safetensors").is_file());
+    let logs: Vec<_> = walk(&root.join("logs")).into_iter().filter(|p| p.to_string_lossy().contains("tfevents")).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
