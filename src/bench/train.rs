@@ -299,6 +299,7 @@ fn child(args: &BenchTrainArgs, plan: &Plan) -> Result<()> {
         TrainEvent::Step { step, loss, .. } => {
             stamps.push(Instant::now());
             losses.push(loss);
+            release_freed_memory();
             step_rss_kib = step_rss_kib.max(vm_kib("VmRSS:"));
             if profile_on && step == WARMUP_STEPS {
                 profile::enable();
@@ -345,6 +346,22 @@ fn family_of_folder(dir: &Path) -> Result<loft_worker::models::ModelFamily> {
 }
 
 /// A `/proc/self/status` memory figure (`VmHWM:`) in KiB (0 where there is no /proc).
+/// Hands memory the allocator keeps after frees back to the system, so the resident size
+/// measures live data (glibc keeps freed heap pages, e.g. a checkpoint's weights after they
+/// were converted to fp8).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only releases free pages; it takes no pointers.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 fn vm_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -104,6 +104,8 @@ pub fn config(files: &DemoFiles) -> Config {
         "save_every_n_epochs": 1,
         "save_state": true,
         "sample_every_n_epochs": 2,
+        // One picture held out: the loss chart's dashed validation line, once an epoch.
+        "validation_split": 0.25,
         "sample_prompts": "demo, a red circle --w 64 --h 64 --s 12 --d 1 --l 5",
     });
     v.as_object().expect("an object").clone()

@@ -124,9 +124,12 @@ pub fn forward_in_dtype(base: &BaseLayer, x: &Tensor) -> Result<Tensor> {
         return forward_in_dtype(base, &x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
     if base.weight.dtype() != x.dtype() && x.dtype().is_float() {
+        // Linear and Conv2d cast their weight inside the op (forward and backward), so the
+        // graph holds the stored weight rather than a copy; norms are cast here.
+        let weight = if base.kind.is_norm() { base.weight.to_dtype(x.dtype())? } else { base.weight.clone() };
         let cast = BaseLayer {
             kind: base.kind.clone(),
-            weight: base.weight.to_dtype(x.dtype())?,
+            weight,
             bias: base.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?,
         };
         return cast.forward(x);

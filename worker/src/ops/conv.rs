@@ -21,15 +21,18 @@ use super::im2col::{col2im, im2col, Geometry};
 use crate::profile::{self, Kind};
 
 /// `x (B, Cin, H, W)`, `w (Cout, Cin, kh, kw)`, `b (Cout)` → `(B, Cout, H', W')`.
+/// A weight stored in another dtype than `x` is cast for the forward and again in the backward
+/// (see [`super::linear::linear`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if super::reference_ops() {
-        return reference_conv2d(x, w, b, stride, padding);
+        return reference_conv2d(x, &super::in_dtype_of(w, x)?, b, stride, padding);
     }
     let out = {
         let _span = profile::span(Kind::ConvForward);
-        let out = match Geometry::applies(x, w, stride, padding)? {
-            Some(g) => gemm_forward(&x.detach(), &w.detach(), g)?,
-            None => x.detach().conv2d(&w.detach().contiguous()?, padding, stride, 1, 1)?,
+        let wc = super::in_dtype_of(&w.detach(), x)?;
+        let out = match Geometry::applies(x, &wc, stride, padding)? {
+            Some(g) => gemm_forward(&x.detach(), &wc, g)?,
+            None => x.detach().conv2d(&wc.contiguous()?, padding, stride, 1, 1)?,
         };
         match b {
             Some(b) => out.broadcast_add(&b.detach().reshape((1, b.elem_count(), 1, 1))?)?,
@@ -88,14 +91,21 @@ impl Backward for ConvBackward {
     }
 
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (x, w) = (args[0], args[1]);
-        if let Some(g) = Geometry::applies(x, w, self.stride, self.padding)? {
-            return gemm_backward(x, w, grad, needs, g);
+        let (x, stored) = (args[0], args[1]);
+        let w = &super::in_dtype_of(stored, x)?;
+        let mut grads = match Geometry::applies(x, w, self.stride, self.padding)? {
+            Some(g) => gemm_backward(x, w, grad, needs, g)?,
+            None => {
+                let dx = if needs[0] { Some(self.input_grad(x, w, grad)?) } else { None };
+                let dw = if needs[1] { Some(self.weight_grad(x, w, grad)?) } else { None };
+                let db = if needs.get(2) == Some(&true) { Some(grad.sum((0, 2, 3))?) } else { None };
+                vec![dx, dw, db]
+            }
+        };
+        if let Some(Some(dw)) = grads.get_mut(1) {
+            *dw = dw.to_dtype(stored.dtype())?;
         }
-        let dx = if needs[0] { Some(self.input_grad(x, w, grad)?) } else { None };
-        let dw = if needs[1] { Some(self.weight_grad(x, w, grad)?) } else { None };
-        let db = if needs.get(2) == Some(&true) { Some(grad.sum((0, 2, 3))?) } else { None };
-        Ok(vec![dx, dw, db])
+        Ok(grads)
     }
 }
 

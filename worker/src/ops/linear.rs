@@ -12,13 +12,17 @@ use super::graph::{attach, Backward};
 use crate::profile::{self, Kind};
 
 /// `x (…, in)`, `w (out, in)`, `b (out)` → `(…, out)`.
+///
+/// A weight stored in another dtype than `x` (a frozen fp8 or f16 weight computed in f16 or
+/// f32) is cast for the forward and again in the backward: the graph keeps the stored weight,
+/// never a cast copy, so a whole model's worth of copies is not alive until the backward.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if super::reference_ops() {
-        return reference_linear(x, w, b);
+        return reference_linear(x, &super::in_dtype_of(w, x)?, b);
     }
     let out = {
         let _span = profile::span(Kind::LinearForward);
-        reference_linear(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?
+        reference_linear(&x.detach(), &super::in_dtype_of(&w.detach(), x)?, b.map(|b| b.detach()).as_ref())?
     };
     match b {
         Some(b) => attach(&[x, w, b], out, LinearBackward),
@@ -52,14 +56,15 @@ impl Backward for LinearBackward {
     }
 
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (x, w) = (args[0], args[1]);
+        let (x, stored) = (args[0], args[1]);
+        let w = &super::in_dtype_of(stored, x)?;
         let out_features = w.dim(0)?;
         let g = grad.reshape(((), out_features))?;
         let dx = if needs[0] { Some(g.matmul(w)?.reshape(x.dims())?) } else { None };
         let dw = if needs[1] {
             let in_features = w.dim(1)?;
             let x2 = x.reshape(((), in_features))?;
-            Some(g.t()?.matmul(&x2)?)
+            Some(g.t()?.matmul(&x2)?.to_dtype(stored.dtype())?)
         } else {
             None
         };

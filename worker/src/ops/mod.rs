@@ -70,3 +70,12 @@ pub(crate) fn host_loops(t: &Tensor) -> bool {
 pub(crate) fn cpu_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !DEVICE_GENERIC.with(|r| r.get())
 }
+
+/// `w` in `x`'s dtype: a no-op (a cheap handle) when they already agree.
+pub(crate) fn in_dtype_of(w: &candle_core::Tensor, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if w.dtype() == x.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(x.dtype())
+    }
+}
