@@ -4,19 +4,10 @@
 //! an interrupted run finishes with `--resume`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn loft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_loft")).args(args).output().expect("run loft")
-}
+mod common;
 
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn tiny_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd15")
-}
+use common::{loft, text, tiny_model};
 
 fn dataset(root: &Path) -> PathBuf {
     let sub = root.join("data/3_blob");

@@ -86,7 +86,7 @@ impl Validation {
         cfg.validate_every_n_epochs == 0 || epoch % cfg.validate_every_n_epochs == 0
     }
 
-    /// The validation loss of the network as it is now.
+    /// The validation loss of the network as it is now (in eval mode: no dropout).
     pub(super) fn evaluate(
         &mut self,
         ctx: &RunContext,
@@ -96,21 +96,15 @@ impl Validation {
         latent_cache: &mut LatentCache,
         device: &Device,
     ) -> Result<f64> {
+        /// Puts the network back in training mode however the evaluation ends.
+        struct EvalMode<'a>(&'a super::network::Network);
+        impl Drop for EvalMode<'_> {
+            fn drop(&mut self) {
+                self.0.set_training(true);
+            }
+        }
         ctx.network.set_training(false);
-        let result = self.evaluate_in_eval_mode(ctx, noise_opts, cached_latents, train_te, latent_cache, device);
-        ctx.network.set_training(true);
-        result
-    }
-
-    fn evaluate_in_eval_mode(
-        &mut self,
-        ctx: &RunContext,
-        noise_opts: &NoiseOptions,
-        cached_latents: bool,
-        train_te: bool,
-        latent_cache: &mut LatentCache,
-        device: &Device,
-    ) -> Result<f64> {
+        let _eval = EvalMode(ctx.network);
         let mut losses = vec![];
         for (bi, batch) in self.batches.iter().enumerate() {
             let images: Vec<&TrainImage> = batch.iter().map(|&i| &ctx.set.validation[i]).collect();
