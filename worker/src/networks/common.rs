@@ -267,7 +267,9 @@ pub fn conv_op(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, paddin
 /// The base layer's own op (`F.linear` or `F.conv2d`) with a given weight and bias; the
 /// weight is reshaped to the layer's weight shape (so flattened conv weights are accepted).
 pub(crate) fn layer_op(kind: &LayerKind, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let w = if w.dtype() != x.dtype() { w.to_dtype(x.dtype())? } else { w.clone() };
+    // A weight in another dtype than x is cast inside the op (forward and backward), so the
+    // graph keeps the weight as given, not a cast copy of it (an fp8 base, an f32 W′ in fp16).
+    let w = w.clone();
     let b = match b {
         Some(b) if b.dtype() != x.dtype() => Some(b.to_dtype(x.dtype())?),
         Some(b) => Some(b.clone()),
