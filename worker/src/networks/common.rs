@@ -464,7 +464,7 @@ impl Ctx {
 
     /// The frozen weight in the parameter dtype, shaped as the layer's weight.
     pub fn weight_p(&self) -> Result<Tensor> {
-        self.weight.to_dtype(self.dtype)
+        crate::ops::cast(&self.weight, self.dtype)
     }
 
     pub fn bias_p(&self) -> Result<Option<Tensor>> {

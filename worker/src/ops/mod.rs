@@ -73,9 +73,47 @@ pub(crate) fn cpu_fused(t: &Tensor) -> bool {
 
 /// `w` in `x`'s dtype: a no-op (a cheap handle) when they already agree.
 pub(crate) fn in_dtype_of(w: &candle_core::Tensor, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    if w.dtype() == x.dtype() {
-        Ok(w.clone())
+    cast(w, x.dtype())
+}
+
+/// `t.to_dtype(dtype)`, with float8 e4m3 → f16/f32 on the CPU through a 256-entry table
+/// (an fp8 base's weights are cast at every layer call; candle converts each element through
+/// f32 in software). A no-op when the dtypes agree. The table cast records no backward: it is
+/// for frozen weights only, which nothing differentiates.
+pub fn cast(t: &candle_core::Tensor, dtype: candle_core::DType) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    use std::sync::OnceLock;
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    if t.dtype() != DType::F8E4M3 || !t.device().is_cpu() || t.track_op() || !matches!(dtype, DType::F16 | DType::F32) {
+        return t.to_dtype(dtype);
+    }
+    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
+    let table = TABLE.get_or_init(|| std::array::from_fn(|i| float8::F8E4M3::from_bits(i as u8).to_f32()));
+    let bits: Vec<float8::F8E4M3> = t.flatten_all()?.to_vec1()?;
+    if dtype == DType::F32 {
+        Tensor::from_vec(bits.iter().map(|b| table[b.to_bits() as usize]).collect::<Vec<f32>>(), t.shape(), t.device())
     } else {
-        w.to_dtype(x.dtype())
+        static TABLE16: OnceLock<[half::f16; 256]> = OnceLock::new();
+        let table16 = TABLE16.get_or_init(|| std::array::from_fn(|i| half::f16::from_f32(table[i])));
+        Tensor::from_vec(bits.iter().map(|b| table16[b.to_bits() as usize]).collect::<Vec<half::f16>>(), t.shape(), t.device())
+    }
+}
+
+#[cfg(test)]
+mod cast_tests {
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn the_fp8_table_equals_candles_conversion() {
+        let every_byte: Vec<f32> = (0..=255u8).map(|b| float8::F8E4M3::from_bits(b).to_f32()).filter(|v| v.is_finite()).collect();
+        let fp8 = Tensor::new(every_byte.as_slice(), &Device::Cpu).unwrap().to_dtype(DType::F8E4M3).unwrap().reshape((every_byte.len(), 1)).unwrap();
+        for dtype in [DType::F16, DType::F32] {
+            let fast = super::cast(&fp8, dtype).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let candle = fp8.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(fast, candle, "{dtype:?}");
+            assert_eq!(super::cast(&fp8, dtype).unwrap().dims(), fp8.dims());
+        }
     }
 }
