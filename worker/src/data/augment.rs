@@ -115,7 +115,7 @@ pub fn face_box(path: &Path) -> Option<(i64, i64, i64, i64)> {
 
 /// sd-scripts' `crop_target` for an image of `size` with a face box: the size to resize to and
 /// where to cut the `target` (as a [`BucketChoice`] and the crop's top-left). `None` when the
-/// image already has the target size (sd-scripts leaves it).
+/// image already has the target size (sd-scripts leaves it) or is smaller than it.
 pub fn face_crop(
     size: (u32, u32),
     face: (i64, i64, i64, i64),
@@ -138,6 +138,11 @@ pub fn face_crop(
     let scale = if min_scale >= max_scale { min_scale } else { rng.random_range(min_scale..max_scale) };
     let nh = (height * scale + 0.5) as i64;
     let nw = (width * scale + 0.5) as i64;
+    if nw < tw as i64 || nh < th as i64 {
+        // Smaller than the target even unscaled (sd-scripts stops here): the caller fits the
+        // image to the target as it does any other.
+        return None;
+    }
     let face_x = (cx as f64 * scale + 0.5) as i64;
     let face_y = (cy as f64 * scale + 0.5) as i64;
     let mut origin = [0i64; 2];
@@ -170,6 +175,7 @@ pub fn parse_face_range(text: &str) -> Result<(f64, f64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn reads_face_boxes_and_ranges() {
@@ -178,6 +184,8 @@ mod tests {
         assert_eq!(face_box(Path::new("/d/a_b_c_d_e.png")), None);
         assert_eq!(parse_face_range("2.0, 4"), Ok((2.0, 4.0)));
         assert!(parse_face_range("4,2").is_err() && parse_face_range("2").is_err() && parse_face_range("0,1").is_err());
+        // An image smaller than the target is left to the ordinary fit.
+        assert!(face_crop((20, 40), (10, 10, 8, 8), (1.0, 2.0), (32, 32), false, &mut rand::rngs::StdRng::seed_from_u64(0)).is_none());
     }
 
     #[test]

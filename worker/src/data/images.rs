@@ -1,9 +1,10 @@
-//! Loading one training image into its bucket: resize so it covers the bucket, crop (centre or
-//! random), optional horizontal flip, then a CHW f32 tensor in [-1, 1] as the VAE expects.
+//! Loading one training image into its bucket: resize so it covers the bucket, crop (centre,
+//! random, or around a face), colour augmentation, then a CHW f32 tensor in [-1, 1] as the VAE
+//! expects; its loss mask cut at the same place. The caller flips both.
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
 use rand::Rng;
@@ -67,37 +68,6 @@ pub struct Augment {
     pub face_crop: Option<(f64, f64)>,
 }
 
-/// Decodes `path` and fits it to `choice`. Errors name the file.
-pub fn load_for_bucket(
-    path: &Path,
-    choice: &BucketChoice,
-    random_crop: bool,
-    flip: bool,
-    rng: &mut impl Rng,
-    device: &Device,
-) -> Result<Tensor> {
-    let (pixels, _) = load_fitted(path, choice, &Augment { random_crop, ..Augment::default() }, None, rng, device)?;
-    if flip && rng.random_bool(0.5) {
-        return Ok(pixels.flip(&[2])?);
-    }
-    Ok(pixels)
-}
-
-/// Decodes `path` and fits it and its loss mask to `choice`, both cut at the same place: the
-/// image as [`load_for_bucket`] (no flip), the mask as row-major `(bucket h, bucket w)` values
-/// in [0, 1]. A mask file must have the image's size (as sd-scripts requires); errors name both.
-pub fn load_with_mask(
-    path: &Path,
-    choice: &BucketChoice,
-    random_crop: bool,
-    mask: &MaskSource,
-    rng: &mut impl Rng,
-    device: &Device,
-) -> Result<(Tensor, Vec<f32>)> {
-    let (pixels, values) = load_fitted(path, choice, &Augment { random_crop, ..Augment::default() }, Some(mask), rng, device)?;
-    Ok((pixels, values.expect("a mask was asked for")))
-}
-
 /// Decodes `path`, cuts it to `choice` (centre, random, or around the face in its file name
 /// with `aug.face_crop`), applies `aug.color_aug` to the colours, and cuts the loss mask (when
 /// asked) at the same place. The image as a CHW tensor in [-1, 1]; the mask as row-major
@@ -128,17 +98,7 @@ pub fn load_fitted(
         Some(MaskSource::Alpha) => None,
         Some(MaskSource::File(mask_path)) => {
             let rgb = decode(mask_path)?.to_rgb8();
-            if rgb.dimensions() != size {
-                bail!(
-                    "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
-                    mask_path.display(),
-                    rgb.width(),
-                    rgb.height(),
-                    path.display(),
-                    size.0,
-                    size.1
-                );
-            }
+            super::masks::check_size(mask_path, rgb.dimensions(), path, size)?;
             // The red channel, as sd-scripts' apply_masked_loss reads a conditioning image.
             Some(image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| image::Luma([rgb.get_pixel(x, y)[0]])))
         }
@@ -173,20 +133,13 @@ mod tests {
         let buckets = BucketManager::new((128, 128), 64, 256, 64, false);
         let choice = buckets.select(300, 100);
         let mut rng = StdRng::seed_from_u64(1);
-        let t = load_for_bucket(&path, &choice, false, false, &mut rng, &Device::Cpu).unwrap();
+        let (t, none) = load_fitted(&path, &choice, &Augment::default(), None, &mut rng, &Device::Cpu).unwrap();
+        assert!(none.is_none(), "no mask asked for");
         assert_eq!(t.dims(), &[3, choice.bucket.1 as usize, choice.bucket.0 as usize]);
         let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)));
         let row: Vec<f32> = t.get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
         assert!(row[0] < -0.9 && row[row.len() - 1] > 0.9, "centre crop keeps both halves");
-        // Flip mirrors: with flip on, some seed flips it.
-        let flipped = (0..8).any(|seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let t = load_for_bucket(&path, &choice, false, true, &mut rng, &Device::Cpu).unwrap();
-            let row: Vec<f32> = t.get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
-            row[0] > 0.9
-        });
-        assert!(flipped);
     }
 
     #[test]
@@ -201,7 +154,9 @@ mod tests {
         let choice = BucketChoice { bucket: (32, 32), resized: (96, 32), aspect_error: 0.0 };
         for (seed, random_crop) in [(0, false), (1, true), (2, true), (3, true)] {
             let mut rng = StdRng::seed_from_u64(seed);
-            let (pixels, mask) = load_with_mask(&path, &choice, random_crop, &MaskSource::Alpha, &mut rng, &Device::Cpu).unwrap();
+            let aug = Augment { random_crop, ..Augment::default() };
+            let (pixels, mask) = load_fitted(&path, &choice, &aug, Some(&MaskSource::Alpha), &mut rng, &Device::Cpu).unwrap();
+            let mask = mask.unwrap();
             let red: Vec<f32> = pixels.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(mask.len(), 32 * 32);
             for (r, m) in red.iter().zip(&mask) {
@@ -212,11 +167,11 @@ mod tests {
         let opaque = dir.path().join("opaque.png");
         image::RgbImage::new(32, 32).save(&opaque).unwrap();
         let full = BucketChoice { bucket: (32, 32), resized: (32, 32), aspect_error: 0.0 };
-        let (_, mask) = load_with_mask(&opaque, &full, false, &MaskSource::Alpha, &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap();
-        assert!(mask.iter().all(|&m| m == 1.0));
+        let load = |mask: &MaskSource| load_fitted(&opaque, &full, &Augment::default(), Some(mask), &mut StdRng::seed_from_u64(0), &Device::Cpu);
+        assert!(load(&MaskSource::Alpha).unwrap().1.unwrap().iter().all(|&m| m == 1.0));
         let small = dir.path().join("small.png");
         image::GrayImage::new(16, 16).save(&small).unwrap();
-        let err = load_with_mask(&opaque, &full, false, &MaskSource::File(small), &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap_err();
+        let err = load(&MaskSource::File(small)).unwrap_err();
         let err = format!("{err:#}");
         assert!(err.contains("small.png") && err.contains("opaque.png") && err.contains("16×16"), "{err}");
     }
@@ -227,7 +182,7 @@ mod tests {
         let path = dir.path().join("bad.png");
         std::fs::write(&path, b"\x89PNG garbage").unwrap();
         let choice = BucketChoice { bucket: (64, 64), resized: (64, 64), aspect_error: 0.0 };
-        let err = load_for_bucket(&path, &choice, false, false, &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap_err();
+        let err = load_fitted(&path, &choice, &Augment::default(), None, &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap_err();
         assert!(format!("{err:#}").contains("bad.png"), "{err:#}");
     }
 }

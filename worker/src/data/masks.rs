@@ -8,7 +8,7 @@
 //! - the training image's own alpha channel (`alpha_mask`); an image without one is all 1.
 //!
 //! The mask is resized and cropped to the bucket exactly as its image is (see
-//! [`super::images::load_with_mask`]), flipped with it, then brought to the latent grid by area
+//! [`super::images::load_fitted`]), flipped with it, then brought to the latent grid by area
 //! averaging (torch's `interpolate(mode="area")`, which sd-scripts' `apply_masked_loss` uses).
 
 use std::path::{Path, PathBuf};
@@ -43,6 +43,22 @@ pub fn area_resize(values: &[f32], (h, w): (usize, usize), (out_h, out_w): (usiz
         }
     }
     out
+}
+
+/// A mask must have its image's size (as sd-scripts requires); the error names both files.
+pub fn check_size(mask: &Path, mask_size: (u32, u32), image: &Path, image_size: (u32, u32)) -> anyhow::Result<()> {
+    if mask_size != image_size {
+        anyhow::bail!(
+            "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
+            mask.display(),
+            mask_size.0,
+            mask_size.1,
+            image.display(),
+            image_size.0,
+            image_size.1
+        );
+    }
+    Ok(())
 }
 
 /// Mirrors a row-major `(h, w)` grid left to right, as a horizontal flip of its image does.

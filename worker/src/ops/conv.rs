@@ -25,11 +25,11 @@ use crate::profile::{self, Kind};
 /// (see [`super::linear::linear`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if super::reference_ops() {
-        return reference_conv2d(x, &super::in_dtype_of(w, x)?, b, stride, padding);
+        return reference_conv2d(x, &super::cast(w, x.dtype())?, b, stride, padding);
     }
     let out = {
         let _span = profile::span(Kind::ConvForward);
-        let wc = super::in_dtype_of(&w.detach(), x)?;
+        let wc = super::cast(&w.detach(), x.dtype())?;
         let out = match Geometry::applies(x, &wc, stride, padding)? {
             Some(g) => gemm_forward(&x.detach(), &wc, g)?,
             None => x.detach().conv2d(&wc.contiguous()?, padding, stride, 1, 1)?,
@@ -92,7 +92,7 @@ impl Backward for ConvBackward {
 
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, stored) = (args[0], args[1]);
-        let w = &super::in_dtype_of(stored, x)?;
+        let w = &super::cast(stored, x.dtype())?;
         let mut grads = match Geometry::applies(x, w, self.stride, self.padding)? {
             Some(g) => gemm_backward(x, w, grad, needs, g)?,
             None => {

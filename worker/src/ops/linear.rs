@@ -18,11 +18,11 @@ use crate::profile::{self, Kind};
 /// never a cast copy, so a whole model's worth of copies is not alive until the backward.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if super::reference_ops() {
-        return reference_linear(x, &super::in_dtype_of(w, x)?, b);
+        return reference_linear(x, &super::cast(w, x.dtype())?, b);
     }
     let out = {
         let _span = profile::span(Kind::LinearForward);
-        reference_linear(&x.detach(), &super::in_dtype_of(&w.detach(), x)?, b.map(|b| b.detach()).as_ref())?
+        reference_linear(&x.detach(), &super::cast(&w.detach(), x.dtype())?, b.map(|b| b.detach()).as_ref())?
     };
     match b {
         Some(b) => attach(&[x, w, b], out, LinearBackward),
@@ -57,7 +57,7 @@ impl Backward for LinearBackward {
 
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, stored) = (args[0], args[1]);
-        let w = &super::in_dtype_of(stored, x)?;
+        let w = &super::cast(stored, x.dtype())?;
         let out_features = w.dim(0)?;
         let g = grad.reshape(((), out_features))?;
         let dx = if needs[0] { Some(g.matmul(w)?.reshape(x.dims())?) } else { None };

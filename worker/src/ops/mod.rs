@@ -71,11 +71,6 @@ pub(crate) fn cpu_fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !DEVICE_GENERIC.with(|r| r.get())
 }
 
-/// `w` in `x`'s dtype: a no-op (a cheap handle) when they already agree.
-pub(crate) fn in_dtype_of(w: &candle_core::Tensor, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    cast(w, x.dtype())
-}
-
 /// `t.to_dtype(dtype)`, with float8 e4m3 → f16/f32 on the CPU through a 256-entry table
 /// (an fp8 base's weights are cast at every layer call; candle converts each element through
 /// f32 in software). A no-op when the dtypes agree. The table cast records no backward: it is

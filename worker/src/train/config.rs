@@ -507,6 +507,9 @@ impl TrainConfig {
         if has_mask_dir && self.masked_loss && !self.conditioning_data_dir.is_dir() {
             errors.push(err("conditioning_data_dir", format!("{} is not a folder", self.conditioning_data_dir.display())));
         }
+        if !matches!(self.log_with.as_str(), "auto" | "tensorboard") {
+            errors.push(err("log_with", format!("is {:?}: Loft writes TensorBoard logs (\"tensorboard\", or \"auto\" = TensorBoard when logging_dir is set)", self.log_with)));
+        }
         if !(0.0..1.0).contains(&self.validation_split) {
             errors.push(err("validation_split", format!("is {}: a share of the images from 0 (no validation) to below 1", self.validation_split)));
         }

@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::config::TrainConfig;
-use crate::data::masks::{area_resize, find_mask_file, flip_horizontal};
+use crate::data::masks::{area_resize, check_size, find_mask_file, flip_horizontal};
 use crate::data::py_random::PyRandom;
 use crate::data::images::{load_fitted, Augment};
 use crate::data::{scan_train_dir, MaskSource, BadImage, BadImagePolicy, BucketChoice, BucketManager, ImageEntry, Subset};
@@ -114,17 +114,7 @@ impl TrainSet {
                             .map_err(anyhow::Error::from)
                             .and_then(|r| Ok(r.into_dimensions()?))
                             .with_context(|| format!("the mask {} is not a readable image", path.display()))?;
-                        if size != (entry.width, entry.height) {
-                            bail!(
-                                "the mask {} is {}×{} but its image {} is {}×{}: a mask must have its image's size",
-                                path.display(),
-                                size.0,
-                                size.1,
-                                entry.path.display(),
-                                entry.width,
-                                entry.height
-                            );
-                        }
+                        check_size(&path, size, &entry.path, (entry.width, entry.height))?;
                         (Some(MaskSource::File(path)), sha256_hex(&bytes))
                     }
                     Ok(Some(MaskSource::Alpha)) => (Some(MaskSource::Alpha), "alpha".to_string()),

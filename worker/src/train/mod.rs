@@ -86,25 +86,6 @@ pub struct TrainOutcome {
 /// Runs a training job to the end, or until `cancel`. Errors are also reported as a
 /// [`TrainEvent::Failed`].
 pub fn run(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
-    // With a logging_dir every event's scalars also go to a TensorBoard event file.
-    let failed = |sink: &mut dyn EventSink, e: anyhow::Error| {
-        sink.emit(TrainEvent::Failed { error: format!("{e:#}") });
-        Err(e)
-    };
-    // A config that cannot run leaves no log folder behind.
-    let problems = if config.logging_dir.as_os_str().is_empty() { vec![] } else { config.check_supported() };
-    if !problems.is_empty() {
-        return failed(sink, anyhow::anyhow!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")));
-    }
-    let sink_ref = sink;
-    let mut logged = match tensorboard::TensorBoardSink::open(config, &mut *sink_ref) {
-        Ok(l) => l,
-        Err(e) => return failed(sink_ref, e),
-    };
-    let sink: &mut dyn EventSink = match logged.as_mut() {
-        Some(l) => l,
-        None => sink_ref,
-    };
     match run_inner(config, options, sink, cancel) {
         Ok(o) => Ok(o),
         Err(e) => {
@@ -153,6 +134,13 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     if !problems.is_empty() {
         bail!("invalid config: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "));
     }
+    // With a logging_dir every event's scalars also go to a TensorBoard event file (opened
+    // after the checks, so a config that cannot run leaves no log folder behind).
+    let mut logged = tensorboard::TensorBoardSink::open(cfg, &mut *sink)?;
+    let sink: &mut dyn EventSink = match logged.as_mut() {
+        Some(l) => l,
+        None => sink,
+    };
     let (device, device_line) = match &options.device {
         Some(d) => (d.clone(), format!("device: {}", crate::device::describe(d))),
         None => crate::device::select(&cfg.device).map_err(|e| anyhow::anyhow!("device: {e:#}"))?,
@@ -251,7 +239,11 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     };
     let use_latent_cache = cfg.cache_latents && augment == Augment::default();
     if cfg.cache_latents && !use_latent_cache {
-        log(sink, "info", "latents are encoded every step: random_crop, color_aug and face_crop_aug_range change the image each time");
+        let set: Vec<&str> = [("random_crop", augment.random_crop), ("color_aug", augment.color_aug), ("face_crop_aug_range", augment.face_crop.is_some())]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
+        log(sink, "info", format!("latents are encoded every step: {} change the image each time", set.join(", ")));
     }
     let mut latent_cache = LatentCache::new(if use_latent_cache { cache_dir } else { None }, vae_id)?;
     if use_latent_cache {

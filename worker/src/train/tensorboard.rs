@@ -261,10 +261,6 @@ pub struct TensorBoardSink<'a> {
     failed: bool,
 }
 
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
 /// sd-scripts' name of an optimizer group's learning rate.
 fn lr_tag(group: &str) -> String {
     format!("lr/{}", group.replace("text_encoder", "textencoder"))
@@ -276,17 +272,14 @@ impl<'a> TensorBoardSink<'a> {
         if cfg.logging_dir.as_os_str().is_empty() {
             return Ok(None);
         }
-        if !matches!(cfg.log_with.as_str(), "auto" | "tensorboard") {
-            bail!("log_with = {:?}: Loft writes TensorBoard logs (\"tensorboard\", or \"auto\" with a logging_dir)", cfg.log_with);
-        }
-        let started = now();
+        let started = super::unix_now();
         let file = EventFile::create(&run_dir(cfg, started as u64), started)?;
         inner.emit(TrainEvent::Log { level: "info".into(), message: format!("TensorBoard logs: {}", file.path.parent().unwrap_or(&file.path).display()) });
         Ok(Some(TensorBoardSink { inner, file, epoch_started: started, failed: false }))
     }
 
     fn scalars(&mut self, event: &TrainEvent) -> Result<()> {
-        let t = now();
+        let t = super::unix_now();
         let put = |file: &mut EventFile, step: u64, tag: &str, value: f64| file.write(t, step as i64, &EventBody::Scalar(tag.to_string(), value as f32));
         match event {
             TrainEvent::Started { .. } => self.epoch_started = t,
