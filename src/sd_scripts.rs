@@ -238,6 +238,17 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
                 not_exported.push((key.to_string(), "\"auto\" follows the device in Loft; sd-scripts takes fp16/bf16 from this key or accelerate's config: set mixed_precision to bf16 (or fp16) to export it".to_string()));
                 continue;
             }
+            // Lists in sd-scripts (nargs="*"): one path per line, numbers separated by commas.
+            ("base_weights", v) => Toml::Array(v.as_str().unwrap_or("").lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Toml::String(l.into())).collect()),
+            ("base_weights_multiplier", _) if text("base_weights").trim().is_empty() => continue,
+            ("base_weights_multiplier", v) => Toml::Array(
+                v.as_str()
+                    .unwrap_or("")
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter_map(|t| t.parse::<f64>().ok())
+                    .map(Toml::Float)
+                    .collect(),
+            ),
             ("max_token_length", v) if v.as_str() == Some("75") => continue,
             ("max_token_length", v) => Toml::Integer(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(75)),
             ("sample_prompts", v) => {
@@ -354,6 +365,13 @@ fn typed(kind: &Kind, v: &Toml) -> Option<serde_json::Value> {
             Toml::String(s) => s.trim().parse::<f64>().ok()?,
             _ => return None,
         }),
+        // sd-scripts' list arguments (base_weights, base_weights_multiplier): one item per line
+        // in a multi-line field, separated by commas in a text field.
+        Kind::Multiline | Kind::Text if matches!(v, Toml::Array(_)) => {
+            let Toml::Array(items) = v else { unreachable!() };
+            let items: Option<Vec<String>> = items.iter().map(|i| typed(&Kind::Text, i).and_then(|t| t.as_str().map(str::to_string))).collect();
+            serde_json::Value::String(items?.join(if *kind == Kind::Multiline { "\n" } else { ", " }))
+        }
         _ => serde_json::Value::String(as_text()?),
     })
 }
@@ -747,6 +765,32 @@ mod tests {
         assert!(errors.iter().any(|e| e.field == "network_dim"), "{errors:?}");
         let errors = import(&registry, "network_module = \"networks.oft\"", None, None).unwrap_err();
         assert_eq!(errors[0].field, "network_algo");
+    }
+
+    /// sd-scripts' list arguments: base_weights / base_weights_multiplier export as TOML lists
+    /// (a string would be iterated character by character by sd-scripts' nargs="*" loop) and
+    /// import back into the multi-line and comma-separated fields.
+    #[test]
+    fn base_weights_are_lists_both_ways() {
+        let (_, flat) = export_of(json!({"base_weights": "/l/style.safetensors\n\n/l/char.safetensors\n", "base_weights_multiplier": "0.8, -0.5"}));
+        let paths: Vec<&str> = flat["base_weights"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(paths, ["/l/style.safetensors", "/l/char.safetensors"]);
+        let mults: Vec<f64> = flat["base_weights_multiplier"].as_array().unwrap().iter().map(|v| v.as_float().unwrap()).collect();
+        assert_eq!(mults, [0.8, -0.5]);
+        let (_, flat) = export_of(json!({"base_weights_multiplier": "0.8"}));
+        assert!(!flat.contains_key("base_weights_multiplier"), "no files, no strengths");
+
+        let registry = Registry::embedded().unwrap();
+        let text = "base_weights = [\"/l/a.safetensors\", \"/l/b.safetensors\"]\nbase_weights_multiplier = [1.0, 0.25]\n";
+        let got = import(&registry, text, None, None).unwrap();
+        assert_eq!(got.config["base_weights"], "/l/a.safetensors\n/l/b.safetensors");
+        assert_eq!(got.config["base_weights_multiplier"], "1, 0.25");
+        let cfg = loft_worker::train::TrainConfig::read_fields(&got.config).unwrap();
+        assert_eq!(cfg.base_weights, [std::path::PathBuf::from("/l/a.safetensors"), "/l/b.safetensors".into()]);
+        assert_eq!(cfg.base_weights_multiplier, [1.0, 0.25]);
+        let bad = json!({"base_weights": "/l/a.safetensors", "base_weights_multiplier": "1.0, x"});
+        let e = loft_worker::train::TrainConfig::read_fields(bad.as_object().unwrap()).unwrap_err();
+        assert!(e.field == "base_weights_multiplier" && e.message.contains("\"x\""), "{e}");
     }
 
     #[test]

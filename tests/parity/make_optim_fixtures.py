@@ -18,7 +18,9 @@ References (the real packages, used directly; nothing is ported):
   * Adafactor  transformers.optimization.Adafactor (transformers 4.57.6)
   * schedulers diffusers.optimization.get_scheduler (diffusers 0.37.1)
 
-Every optimizer runs in float32 on the CPU, as users run it. Params: `w` 6x5, `b` 5 and
+Every optimizer runs in float32 on the CPU, as users run it; the HALF cases run on float16 /
+bfloat16 params and gradients (full_fp16 / full_bf16) and need only torch, lion-pytorch and
+prodigyopt. Params: `w` 6x5, `b` 5 and
 `conv` 3x2x3x3 (seeded; the Prodigy cases start `conv` at zero, as a LoRA up weight
 does). Gradients: 5 fixed sets, each a shared direction plus fresh noise (so Prodigy's d
 estimate moves). Each step k uses lr = group lr x lr_scale[k] (how Loft's trainer applies
@@ -34,15 +36,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import diffusers
-import bitsandbytes
 import lion_pytorch
 import prodigyopt  # noqa: F401
-import transformers
-from diffusers.optimization import get_scheduler
 from lion_pytorch import Lion
 from prodigyopt import Prodigy
-from transformers.optimization import Adafactor
+
+# diffusers, bitsandbytes and transformers are imported where they are used, so the half-precision
+# cases (`python make_optim_fixtures.py adamw_fp16 ...`) need only torch, lion-pytorch and prodigyopt.
 
 OUT = Path(__file__).resolve().parents[1] / "fixtures" / "optim"
 STEPS = 5
@@ -90,6 +90,21 @@ CASES = {
                          [("all", 0.0, ["w", "b", "conv"])], [1.0] * STEPS, ["b"]),
 }
 
+# full_fp16 / full_bf16: the same steps on half-precision params and gradients, as sd-scripts runs
+# them after `network.to(weight_dtype)` (torch keeps the states as zeros_like(param), half too,
+# and rounds after every in-place op). Gradients ~1e-1..1, where fp16's second moment does not
+# underflow (below ~1e-4 it squares to zero and AdamW's update becomes inf, in torch and in Loft).
+HALF = {"adamw_fp16": torch.float16, "lion_fp16": torch.float16,
+        "adamw_bf16": torch.bfloat16, "lion_bf16": torch.bfloat16, "prodigy_bf16": torch.bfloat16}
+CASES["adamw_fp16"] = ("AdamW", {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+                       [("all", 1e-2, ["w", "b", "conv"])], [1.0] * STEPS, [])
+CASES["lion_fp16"] = ("Lion", {"betas": [0.9, 0.99], "weight_decay": 0.1},
+                      [("all", 1e-2, ["w", "b", "conv"])], [1.0, 0.8, 0.6, 0.4, 0.2], [])
+CASES["adamw_bf16"] = CASES["adamw_groups"]
+CASES["lion_bf16"] = CASES["lion_fp16"]
+# Prodigy's steps (~1e-6 at first) vanish in bf16 params of size 1, so this case starts at zero.
+CASES["prodigy_bf16"] = ("Prodigy", {"d_coef": 20.0}, [("all", 1.0, ["w", "b", "conv"])], [1.0] * STEPS, ["w", "b", "conv"])
+
 # Cases with their own shapes: several 256-value quantization blocks, the last one partial.
 CASE_SHAPES = {"adamw8bit_blocks": {"w": (40, 30), "b": (5,), "conv": (16, 8, 3, 3)}}
 
@@ -104,6 +119,7 @@ def make_optimizer(kind: str, opts: dict, groups: list[dict]):
                                  weight_decay=opts["weight_decay"], amsgrad=opts.get("amsgrad", False),
                                  foreach=False)
     if kind == "AdamW8bit":
+        import bitsandbytes
         return bitsandbytes.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=tuple(opts["betas"]), eps=opts["eps"],
                                             weight_decay=opts["weight_decay"], min_8bit_size=opts["min_8bit_size"])
     if kind == "Lion":
@@ -112,6 +128,7 @@ def make_optimizer(kind: str, opts: dict, groups: list[dict]):
         kw = {k: (tuple(v) if k == "betas" else v) for k, v in opts.items()}
         return Prodigy(groups, lr=max(g["lr"] for g in groups), **kw)
     if kind == "Adafactor":
+        from transformers.optimization import Adafactor
         kw = {k: (tuple(v) if k == "eps" else v) for k, v in opts.items()}
         lr = None if opts.get("relative_step", True) else groups[0]["lr"]
         if lr is None:
@@ -122,6 +139,7 @@ def make_optimizer(kind: str, opts: dict, groups: list[dict]):
 
 def run_case(name: str) -> None:
     kind, opts, groups, scales, zero_init = CASES[name]
+    dtype = HALF.get(name, torch.float32)
     shapes = CASE_SHAPES.get(name, SHAPES)
     gen = torch.Generator().manual_seed(sum(map(ord, name)) * 7919)
     params = {}
@@ -129,9 +147,9 @@ def run_case(name: str) -> None:
         t = torch.randn(shape, generator=gen) * INIT_SCALE.get(name, 0.5)
         if pname in zero_init:
             t = torch.zeros(shape)
-        params[pname] = torch.nn.Parameter(t)
+        params[pname] = torch.nn.Parameter(t.to(dtype))
     direction = {p: torch.randn(s, generator=gen) for p, s in shapes.items()}
-    grads = [{p: (direction[p] + 0.7 * torch.randn(s, generator=gen)) * (0.5 + 0.25 * k)
+    grads = [{p: ((direction[p] + 0.7 * torch.randn(s, generator=gen)) * (0.5 + 0.25 * k)).to(dtype)
               for p, s in shapes.items()} for k in range(STEPS)]
 
     out = {f"param.{p}.init": params[p].detach().clone() for p in shapes}
@@ -168,17 +186,26 @@ def run_case(name: str) -> None:
         "groups": json.dumps([{"name": g, "lr": lr, "params": names} for (g, lr, names) in groups]),
         "lr_scale": json.dumps(scales),
         "steps": str(STEPS),
-        "reference": {
-            "AdamW": f"torch.optim.AdamW (torch {torch.__version__}, foreach=False)",
-            "AdamW8bit": f"bitsandbytes.optim.AdamW8bit (bitsandbytes {bitsandbytes.__version__}, CPU)",
-            "Lion": f"lion_pytorch.Lion (lion-pytorch {getattr(lion_pytorch, '__version__', '0.2.5')})",
-            "Prodigy": "prodigyopt.Prodigy (prodigyopt 1.1.2)",
-            "Adafactor": f"transformers.optimization.Adafactor (transformers {transformers.__version__})",
-        }[kind],
+        "dtype": str(dtype).removeprefix("torch."),
+        "reference": reference(kind),
     }
     save_file(out, str(OUT / f"{name}.safetensors"), metadata=meta)
     print(f"{name}: {kind}, max |Δparam| after {STEPS} steps = "
           f"{max((out[f'param.{p}.step{STEPS}'] - out[f'param.{p}.init']).abs().max().item() for p in shapes):.3e}")
+
+
+def reference(kind: str) -> str:
+    if kind == "AdamW":
+        return f"torch.optim.AdamW (torch {torch.__version__}, foreach=False)"
+    if kind == "AdamW8bit":
+        import bitsandbytes
+        return f"bitsandbytes.optim.AdamW8bit (bitsandbytes {bitsandbytes.__version__}, CPU)"
+    if kind == "Lion":
+        return f"lion_pytorch.Lion (lion-pytorch {getattr(lion_pytorch, '__version__', '0.2.5')})"
+    if kind == "Prodigy":
+        return "prodigyopt.Prodigy (prodigyopt 1.1.2)"
+    import transformers
+    return f"transformers.optimization.Adafactor (transformers {transformers.__version__})"
 
 
 # name -> (diffusers scheduler name, warmup, training steps, num_cycles or None, power or None, base lr)
@@ -198,6 +225,8 @@ SCHED_STEPS = 111  # values at steps 0..=110: 10 past the end check the clamping
 
 
 def run_schedulers() -> None:
+    import diffusers
+    from diffusers.optimization import get_scheduler
     out, meta = {}, {}
     for name, (sched, warmup, total, cycles, power, base_lr) in SCHEDULERS.items():
         p = torch.nn.Parameter(torch.zeros(1))

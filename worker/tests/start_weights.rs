@@ -70,18 +70,40 @@ fn base_weights_are_merged_before_training() {
         train(&cfg).1[0]
     };
     let plain = step_one("plain", &|_| {});
-    let merged = step_one("merged", &|c| c.base_weights = first.clone());
+    let merged = step_one("merged", &|c| c.base_weights = vec![first.clone()]);
     let loaded = step_one("loaded", &|c| c.network_weights = first.clone());
     assert!((merged - loaded).abs() <= 1e-5 * loaded.abs().max(1.0), "merged {merged} vs loaded {loaded}");
     assert!((merged - plain).abs() > 1e-4, "the merge changed nothing: {merged} vs {plain}");
     let half = step_one("half", &|c| {
-        c.base_weights = first.clone();
-        c.base_weights_multiplier = 0.5;
+        c.base_weights = vec![first.clone()];
+        c.base_weights_multiplier = vec![0.5];
     });
     assert!((half - merged).abs() > 1e-5 && (half - plain).abs() > 1e-5, "multiplier 0.5: {half} (plain {plain}, 1.0 {merged})");
+    // Several files, each at its own multiplier, merged in order: a LoRA's ΔW is linear in its
+    // multiplier, so the file twice at 0.25 is the file once at 0.5; a file without a
+    // multiplier is merged at 1.0, so [file, file] at [0.5] is the file at 1.5.
+    let quarters = step_one("quarters", &|c| {
+        c.base_weights = vec![first.clone(), first.clone()];
+        c.base_weights_multiplier = vec![0.25, 0.25];
+    });
+    assert!((quarters - half).abs() <= 1e-5 * half.abs().max(1.0), "two files at 0.25: {quarters} vs one at 0.5: {half}");
+    let one_and_a_half = step_one("one_and_a_half", &|c| {
+        c.base_weights = vec![first.clone(), first.clone()];
+        c.base_weights_multiplier = vec![0.5];
+    });
+    let at_1_5 = step_one("at_1_5", &|c| {
+        c.base_weights = vec![first.clone()];
+        c.base_weights_multiplier = vec![1.5];
+    });
+    assert!((one_and_a_half - at_1_5).abs() <= 1e-5 * at_1_5.abs().max(1.0), "[0.5, default 1.0]: {one_and_a_half} vs 1.5: {at_1_5}");
+    let mut extra = first_cfg.clone();
+    extra.base_weights = vec![first.clone()];
+    extra.base_weights_multiplier = vec![1.0, 0.5];
+    let e = refusal(&extra);
+    assert!(e.contains("base_weights_multiplier") && e.contains("2 values for 1"), "{e}");
 
     let mut missing = first_cfg.clone();
-    missing.base_weights = tmp.path().join("nope.safetensors");
+    missing.base_weights = vec![first.clone(), tmp.path().join("nope.safetensors")];
     let e = refusal(&missing);
     assert!(e.contains("base_weights") && e.contains("nope.safetensors"), "{e}");
 }

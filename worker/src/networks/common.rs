@@ -435,7 +435,8 @@ pub(crate) struct Ctx {
     /// The frozen base weight (a cheap reference-counted handle, not a copy).
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    /// Dtype of the trainable tensors (f32, or f64 when the base weight is f64).
+    /// Dtype of the trainable tensors (f32, f64 when the base weight is f64, or the half dtype
+    /// of `full_fp16` / `full_bf16`).
     pub dtype: DType,
     pub device: Device,
     pub multiplier: f64,
@@ -447,7 +448,11 @@ pub(crate) struct Ctx {
 impl Ctx {
     pub fn new(opts: &NetworkOptions, base: &BaseLayer, layer: &str) -> Result<Self> {
         base.check()?;
-        let dtype = if base.weight.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let dtype = match opts.param_dtype {
+            Some(d) => d,
+            None if base.weight.dtype() == DType::F64 => DType::F64,
+            None => DType::F32,
+        };
         Ok(Self {
             layer: layer.to_string(),
             kind: base.kind.clone(),

@@ -76,6 +76,11 @@ pub struct NetworkOptions {
     pub rescaled: bool,
     /// Seed for initial values and dropout masks (mixed with a hash of the layer name).
     pub seed: u64,
+    /// The dtype of the trained tensors: `None` keeps them f32 (f64 over an f64 layer);
+    /// `full_fp16` / `full_bf16` train them in half precision, as sd-scripts' `network.to(weight_dtype)`
+    /// does. Initial values are drawn in f32 and then cast, as there.
+    #[serde(skip)]
+    pub param_dtype: Option<candle_core::DType>,
 }
 
 impl Default for NetworkOptions {
@@ -107,6 +112,7 @@ impl Default for NetworkOptions {
             constraint: 0.0,
             rescaled: false,
             seed: 0,
+            param_dtype: None,
         }
     }
 }

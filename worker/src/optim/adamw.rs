@@ -8,10 +8,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
 use super::{all_params, load_params, 
-    check_adam_hyper, check_groups, grad_of, grad_tensor, lerp, lerp_tensor, read, to_device_like, write, Args,
-    Optimizer, ParamGroup, StateIn, StateOut,
+    check_adam_hyper, check_groups, grad_of, grad_tensor, lerp, lerp_tensor, read, state_dtype, steps_on_host, to_device_like,
+    write, Args, Optimizer, ParamGroup, StateIn, StateOut,
 };
-use crate::ops::host_loops;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -56,7 +55,8 @@ struct State {
     max_exp_avg_sq: Vec<f32>,
 }
 
-/// [`State`] kept on the parameter's device (f32 tensors shaped like it).
+/// [`State`] kept on the parameter's device (tensors shaped like it, in `state_dtype`: f32, or
+/// the parameter's half dtype under full_fp16/full_bf16).
 #[derive(Clone, Debug)]
 struct DeviceState {
     step: f64,
@@ -121,7 +121,7 @@ impl AdamW {
         }
         let st = device_state.get_mut(name).expect("inserted above");
         st.step += 1.0;
-        let mut p = var.as_tensor().detach().to_dtype(candle_core::DType::F32)?;
+        let mut p = var.as_tensor().detach().to_dtype(state_dtype(var))?;
         if wd != 0.0 {
             p = (p * (1.0 - lr * wd) as f32 as f64)?;
         }
@@ -162,7 +162,7 @@ impl Optimizer for AdamW {
         for group in &self.groups {
             let lr = group.lr * lr_scale;
             for (name, var) in &group.params {
-                if !host_loops(var.as_tensor()) {
+                if !steps_on_host(var) {
                     if let Some(g) = grad_tensor(grads, name, var)? {
                         Self::step_on_device(&self.cfg, &mut self.state, &mut self.device_state, (name, var), g, lr)?;
                     }

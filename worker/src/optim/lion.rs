@@ -8,9 +8,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
 use super::{all_params, load_params, 
-    check_groups, grad_of, grad_tensor, read, to_device_like, write, Args, Optimizer, ParamGroup, StateIn, StateOut,
+    check_groups, grad_of, grad_tensor, read, state_dtype, steps_on_host, to_device_like, write, Args, Optimizer, ParamGroup,
+    StateIn, StateOut,
 };
-use crate::ops::host_loops;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LionConfig {
@@ -95,7 +95,7 @@ impl Optimizer for Lion {
             let (b1, w1) = (beta1 as f32, (1.0 - beta1) as f32);
             let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
             for (name, var) in &group.params {
-                if !host_loops(var.as_tensor()) {
+                if !steps_on_host(var) {
                     // The same three lines as the loop below, as tensor ops on the device.
                     let Some(g) = grad_tensor(grads, name, var)? else { continue };
                     let m = match (self.device_exp_avg.remove(name), self.exp_avg.remove(name)) {
@@ -103,7 +103,7 @@ impl Optimizer for Lion {
                         (None, Some(host)) => to_device_like(&host, var)?,
                         (None, None) => g.zeros_like()?,
                     };
-                    let p = (var.as_tensor().detach().to_dtype(candle_core::DType::F32)? * decay as f64)?;
+                    let p = (var.as_tensor().detach().to_dtype(state_dtype(var))? * decay as f64)?;
                     let update = ((&m * b1 as f64)? + (&g * w1 as f64)?)?.sign()?;
                     let p = (p + (update * neg_lr as f64)?)?;
                     let m = ((m * b2 as f64)? + (g * w2 as f64)?)?;

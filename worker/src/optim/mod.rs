@@ -29,6 +29,12 @@
 //! `ops::with_device_generic_ops` runs that path on the CPU for the tests); Prodigy, Adafactor
 //! and AdamW8bit still step on the host (a GPU run reads their tensors each step).
 //!
+//! Half-precision parameters (`full_fp16` / `full_bf16`): AdamW and Lion step them with their
+//! tensor path in the parameter's dtype, states included, as torch does (each op rounds to the
+//! half dtype; [`state_dtype`]); Adafactor and AdamW8bit compute in f32 and write the half
+//! parameter back, as transformers and bitsandbytes do; Prodigy keeps its moments rounded to the
+//! parameter's dtype ([`round_to`]).
+//!
 //! Also here: [`clip_grad_norm`] (torch's `clip_grad_norm_`), [`GradAccumulator`] (gradient
 //! accumulation over micro-batches) and [`parse_optimizer_args`] (sd-scripts' `optimizer_args`).
 
@@ -301,14 +307,44 @@ pub(crate) fn grad_tensor(grads: &GradStore, name: &str, var: &Var) -> Result<Op
             if g.dims() != var.dims() {
                 bail!("gradient of {name:?} has shape {:?}, parameter {:?}", g.dims(), var.dims());
             }
-            Ok(Some(g.detach().to_dtype(DType::F32)?))
+            Ok(Some(g.detach().to_dtype(state_dtype(var))?))
         }
     }
 }
 
-/// Host state values as an f32 tensor shaped and placed like `var` (resuming onto a device).
+/// Host state values as a tensor in [`state_dtype`], shaped and placed like `var` (resuming
+/// onto a device).
 pub(crate) fn to_device_like(data: &[f32], var: &Var) -> Result<Tensor> {
-    Tensor::from_slice(data, var.shape().clone(), var.device())
+    Tensor::from_slice(data, var.shape().clone(), var.device())?.to_dtype(state_dtype(var))
+}
+
+/// The dtype an optimizer's tensor path keeps `var`'s state in and computes in: f32, or the
+/// parameter's own half dtype when the trained tensors are half (`full_fp16` / `full_bf16`).
+/// There torch makes each state `zeros_like(param)` and every in-place op of the step rounds
+/// to it; candle's half ops round after each op the same way, so AdamW and Lion step half
+/// parameters with their tensor path, on the CPU too.
+pub(crate) fn state_dtype(var: &Var) -> DType {
+    match var.dtype() {
+        DType::F16 | DType::BF16 => var.dtype(),
+        _ => DType::F32,
+    }
+}
+
+/// Rounds host state values to `dtype`'s precision in place (f32 values that a half tensor
+/// could hold): a host-loop optimizer stepping a bf16 parameter (`full_bf16`) keeps its state
+/// as the reference keeps it, `zeros_like(param)` in bf16, while computing in f32.
+pub(crate) fn round_to(dtype: DType, values: &mut [f32]) {
+    match dtype {
+        DType::BF16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        DType::F16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        _ => {}
+    }
+}
+
+/// Whether AdamW/Lion step `var` with their f32 host loops (an f32/f64 CPU parameter outside
+/// `ops::with_device_generic_ops`) rather than with tensor ops in [`state_dtype`].
+pub(crate) fn steps_on_host(var: &Var) -> bool {
+    crate::ops::host_loops(var.as_tensor()) && state_dtype(var) == DType::F32
 }
 
 /// `torch.lerp` on tensors, with the same two formulas as [`lerp`] (`weight` is one number).

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use super::{all_params, load_params, check_groups, grad_of, read, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
+use super::{all_params, check_groups, grad_of, load_params, read, round_to, write, Args, Optimizer, ParamGroup, StateIn, StateOut};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProdigyConfig {
@@ -228,6 +228,11 @@ impl Optimizer for Prodigy {
                     abs_sum += st.s[j].abs() as f64;
                 }
                 d_denom += abs_sum as f32 as f64;
+                // full_bf16: prodigyopt's states are zeros_like(p), bf16 too (full_fp16 is
+                // refused with Prodigy: its d²-scaled moments underflow fp16, see the config).
+                for buf in [&mut st.s, &mut st.exp_avg, &mut st.exp_avg_sq] {
+                    round_to(var.dtype(), buf);
+                }
                 work.push((gi, pi, g));
             }
         }

@@ -22,10 +22,14 @@ pub struct TrainConfig {
     pub pretrained_model_name_or_path: PathBuf,
     /// A separate VAE (diffusers `vae/` folder); empty = the model's own.
     pub vae: PathBuf,
-    /// A LoRA merged into the frozen model before training (empty = none), at
-    /// `base_weights_multiplier`.
-    pub base_weights: PathBuf,
-    pub base_weights_multiplier: f64,
+    /// LoRA files merged into the frozen model before training, in order (none = nothing
+    /// merged). The form holds one path per line; sd-scripts' files a list.
+    #[serde(deserialize_with = "paths_from_lines_or_list")]
+    pub base_weights: Vec<PathBuf>,
+    /// The strength of each `base_weights` file, in the same order; a file without one is
+    /// merged at 1.0, as sd-scripts does. The form holds "1.0, 0.5"; sd-scripts' files a list.
+    #[serde(deserialize_with = "numbers_from_text_or_list")]
+    pub base_weights_multiplier: Vec<f64>,
     /// An earlier network file of the same algorithm to start from (empty = fresh adapters).
     pub network_weights: PathBuf,
     /// Take network/conv dim and alpha from `network_weights`.
@@ -38,9 +42,12 @@ pub struct TrainConfig {
     pub mixed_precision: String,
     /// `auto`, `cpu`, `cuda`, `cuda:N` (see [`crate::device::select`]).
     pub device: String,
+    /// Train the network's weights (and the optimizer's states) in fp16, not only the model:
+    /// needs `mixed_precision = "fp16"`.
     pub full_fp16: bool,
     /// Store the frozen model's Linear/Conv2d weights as float8 e4m3 (needs fp16/bf16).
     pub fp8_base: bool,
+    /// As `full_fp16`, in bf16 (needs `mixed_precision = "bf16"`, so a GPU).
     pub full_bf16: bool,
     pub no_half_vae: bool,
 
@@ -235,8 +242,8 @@ impl Default for TrainConfig {
             model_family: ModelFamily::Sd15,
             pretrained_model_name_or_path: PathBuf::new(),
             vae: PathBuf::new(),
-            base_weights: PathBuf::new(),
-            base_weights_multiplier: 1.0,
+            base_weights: vec![],
+            base_weights_multiplier: vec![1.0],
             network_weights: PathBuf::new(),
             dim_from_weights: false,
             v_parameterization: false,
@@ -400,12 +407,41 @@ impl Default for TrainConfig {
     }
 }
 
+/// `base_weights`: a text of paths, one per line (blank lines skipped), or a list of paths.
+fn paths_from_lines_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect()),
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|v| v.as_str().map(PathBuf::from).ok_or_else(|| D::Error::custom(format!("base_weights: {v} is not a path"))))
+            .collect(),
+        other => Err(D::Error::custom(format!("base_weights: {other} is not a list of paths"))),
+    }
+}
+
+/// `base_weights_multiplier`: one number, a text of numbers separated by commas or spaces, or
+/// a list of numbers.
+fn numbers_from_text_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    use serde::de::Error;
+    let bad = |v: &dyn std::fmt::Display| D::Error::custom(format!("base_weights_multiplier: {v} is not a number"));
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => Ok(vec![n.as_f64().ok_or_else(|| bad(&n))?]),
+        serde_json::Value::String(text) => text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse::<f64>().map_err(|_| bad(&format!("{t:?}"))))
+            .collect(),
+        serde_json::Value::Array(items) => items.iter().map(|v| v.as_f64().ok_or_else(|| bad(v))).collect(),
+        other => Err(bad(&other)),
+    }
+}
+
 /// Registry keys this engine does not implement, with the value that means "off". A config
-/// that sets one of them to anything else is refused, naming the key.
-pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[
-    ("full_fp16", "false"),
-    ("full_bf16", "false"),
-];
+/// that sets one of them to anything else is refused, naming the key. Empty today: every
+/// option the form offers trains. What the hardware cannot do (bf16 on the CPU) is refused
+/// where the run meets the device, naming the reason.
+pub const UNSUPPORTED_WHEN_SET: &[(&str, &str)] = &[];
 
 /// A config problem, naming the key.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -469,7 +505,12 @@ impl TrainConfig {
                 known.insert(k.clone(), v.clone());
             }
         }
-        serde_json::from_value(serde_json::Value::Object(known)).map_err(|e| err("config", e.to_string()))
+        serde_json::from_value(serde_json::Value::Object(known)).map_err(|e| {
+            // Our own readers start their messages with the key; serde's do not name it.
+            let message = e.to_string();
+            let field = message.split_once(':').map(|(k, _)| k).filter(|k| fields.contains_key(*k)).unwrap_or("config").to_string();
+            err(&field, message)
+        })
     }
 
     /// Checks that the run is one this engine can do, before any work.
@@ -518,6 +559,36 @@ impl TrainConfig {
                 errors.push(err("face_crop_aug_range", e));
             } else if self.enable_bucket {
                 errors.push(err("face_crop_aug_range", "crops around faces without buckets only (as in sd-scripts, which ignores it with buckets): turn enable_bucket off, or clear this"));
+            }
+        }
+        if !self.base_weights.is_empty() && self.base_weights_multiplier.len() > self.base_weights.len() {
+            errors.push(err(
+                "base_weights_multiplier",
+                format!("has {} values for {} base_weights files: give one per file, in the same order (a file without one is merged at 1.0)", self.base_weights_multiplier.len(), self.base_weights.len()),
+            ));
+        }
+        if self.full_fp16 && self.full_bf16 {
+            errors.push(err("full_bf16", "cannot be on together with full_fp16: the trained weights are either fp16 or bf16"));
+        }
+        for (key, on, wanted) in [("full_fp16", self.full_fp16, "fp16"), ("full_bf16", self.full_bf16, "bf16")] {
+            if on && !["auto", wanted].contains(&self.mixed_precision.as_str()) {
+                errors.push(err(key, format!("trains the network's weights in {wanted} and needs mixed_precision = \"{wanted}\" (sd-scripts asserts the same); it is {:?}", self.mixed_precision)));
+            }
+        }
+        // torch's AdamW and prodigyopt keep their moments in the weights' dtype and Loft steps
+        // fp16 weights the same way (the optimizer fixtures check it); with these two that
+        // divides by zero at LoRA gradient sizes, so the run is refused before it starts.
+        if self.full_fp16 && self.optimizer_type == "Prodigy" {
+            errors.push(err("full_fp16", "cannot train with Prodigy: prodigyopt keeps its moments in the weights' dtype, and its d²-scaled second moment (d starts at 1e-6) and its eps·d underflow fp16 to zero, so the first step divides zero by zero; use AdamW8bit, Lion or Adafactor (they compute in f32), full_bf16 on a GPU, or leave full_fp16 off"));
+        }
+        if self.full_fp16 && self.optimizer_type == "AdamW" {
+            let eps = crate::optim::parse_optimizer_args(&self.optimizer_args)
+                .ok()
+                .and_then(|a| a.get("eps").and_then(|e| e.parse::<f64>().ok()))
+                .unwrap_or(crate::optim::AdamWConfig::default().eps);
+            // Half of fp16's smallest subnormal: below it eps rounds to 0.
+            if eps < 2f64.powi(-25) {
+                errors.push(err("full_fp16", format!("cannot train with AdamW at eps {eps:e}: torch's AdamW keeps its moments in fp16, where eps rounds to 0 and a gradient below ~1e-3 squares to 0, so the step divides by zero (inf); use AdamW8bit, Lion or Adafactor (they compute in f32), set eps=1e-7 or more in optimizer_args, or leave full_fp16 off")));
             }
         }
         if self.weighted_captions && self.shuffle_caption {
@@ -679,9 +750,11 @@ mod tests {
         assert_eq!((c.network_dim, c.factor, c.conv_dim), (16, 8, None));
 
         let map = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o",
-                         "full_fp16": true, "network_dim": "eight"});
+                         "full_fp16": true, "mixed_precision": "no"});
         let errs = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
-        assert!(errs.iter().any(|e| e.field == "full_fp16"), "{errs:?}");
+        assert!(errs.iter().any(|e| e.field == "full_fp16" && e.message.contains("mixed_precision = \"fp16\"")), "{errs:?}");
+        let map = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "output_dir": "/o", "network_dim": "eight"});
+        let errs = TrainConfig::from_map(map.as_object().unwrap()).unwrap_err();
         assert!(errs.iter().any(|e| e.message.contains("network_dim") || e.message.contains("invalid type")), "{errs:?}");
 
         let errs = TrainConfig::from_map(&serde_json::Map::new()).unwrap_err();

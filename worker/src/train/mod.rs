@@ -42,6 +42,7 @@ use crate::grad_checkpoint::GradientCheckpointing;
 use crate::lora_file::{parse_save_precision, BaseModelVersion, NetworkMetadata};
 use crate::models::pipeline::StableDiffusion;
 use crate::models::vae::AutoencoderKL;
+use crate::networks::NetworkOptions;
 use crate::models::ModelFamily;
 use crate::noise::{diffusion_loss, sample_noise, sample_timesteps, LossOptions, NoiseOptions, NoiseSchedule};
 use crate::optim::loss_scale::LossScale;
@@ -150,7 +151,8 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
 
     // ---- 1. The model, frozen, and the noise schedule.
     // Mixed precision: the frozen model is stored and computes in fp16/bf16; the trained
-    // variables stay f32 (each adapter casts them for its call, as autocast does), the loss is
+    // variables stay f32 unless full_fp16/full_bf16 (each adapter casts them for its call, as
+    // autocast does), the loss is
     // computed in f32, and fp16 scales the loss so small gradients survive the half backward.
     // `auto` follows the device: bf16 where the GPU has it, fp16 on older GPUs, f32 on the CPU.
     let mixed_precision: &'static str = match cfg.mixed_precision.as_str() {
@@ -168,6 +170,20 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         }
         "bf16" => DType::BF16,
         _ => DType::F32,
+    };
+    // full_fp16 / full_bf16: the trained tensors (and the optimizer's states) in the half dtype
+    // too, as sd-scripts' `network.to(weight_dtype)`; fp16 keeps the loss scale below.
+    let param_dtype = match (cfg.full_fp16, cfg.full_bf16) {
+        (false, false) => None,
+        (fp16, _) => {
+            let (key, wanted) = if fp16 { ("full_fp16", DType::F16) } else { ("full_bf16", DType::BF16) };
+            if dtype != wanted {
+                let why = if wanted == DType::BF16 && device.is_cpu() { " (the CPU backend has no bf16 matrix multiply: full_bf16 needs a GPU)" } else { "" };
+                bail!("{key} trains the network in {} and needs mixed precision in it, but mixed_precision {:?} is {mixed_precision:?} on this device{why}", wanted.as_str(), cfg.mixed_precision);
+            }
+            log(sink, "info", format!("{key}: the network's weights, gradients and optimizer states in {}", wanted.as_str()));
+            Some(wanted)
+        }
     };
     if device.is_cpu() && dtype == DType::F16 {
         log(sink, "info", "mixed_precision fp16 on the CPU halves the model's memory but runs slower than \"no\" (most CPUs have no fp16 arithmetic)");
@@ -260,7 +276,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     }
 
     // ---- 3. The network.
-    let net_opts = cfg.network_options();
+    let net_opts = NetworkOptions { param_dtype, ..cfg.network_options() };
     let start_state = match &start_file {
         Some(file) => {
             let (state, unmatched) = start_weights::adapter_state(cfg, &model, file, &device, cfg.dim_from_weights)?;
@@ -794,6 +810,8 @@ impl RunContext<'_> {
         m.extra.insert("ss_flip_aug".into(), crate::lora_file::py_bool(cfg.flip_aug));
         m.extra.insert("ss_zero_terminal_snr".into(), crate::lora_file::py_bool(cfg.zero_terminal_snr));
         m.extra.insert("ss_fp8_base".into(), crate::lora_file::py_bool(cfg.fp8_base));
+        m.extra.insert("ss_full_fp16".into(), crate::lora_file::py_bool(cfg.full_fp16));
+        m.extra.insert("ss_full_bf16".into(), crate::lora_file::py_bool(cfg.full_bf16));
         m.extra.insert("ss_loss_type".into(), cfg.loss_type.clone());
         m.extra.insert("ss_max_grad_norm".into(), crate::lora_file::py_float(cfg.max_grad_norm));
         m.extra.insert("ss_prior_loss_weight".into(), crate::lora_file::py_float(cfg.prior_loss_weight));

@@ -1,6 +1,6 @@
 //! Where a run starts from other files, as sd-scripts does it:
 //!
-//! - `base_weights` (+ `base_weights_multiplier`): a LoRA merged into the frozen model before
+//! - `base_weights` (+ `base_weights_multiplier`): LoRA files merged into the frozen model before
 //!   training, with the same merge as `loft lora merge` ([`StableDiffusion::apply_networks_with`]);
 //!   the new network trains on top of it and is saved without it.
 //! - `network_weights`: an earlier network file of the same algorithm loaded into the adapters
@@ -22,25 +22,26 @@ use crate::networks::{build_adapter, NetworkAlgo};
 /// Adapter tensors by kohya name (the name the network writes), then by file key.
 pub type AdapterState = HashMap<String, HashMap<String, Tensor>>;
 
-/// Merges `base_weights` into the frozen model. Returns a line for the log.
+/// Merges the `base_weights` files into the frozen model, in order, each at its multiplier (1.0
+/// where `base_weights_multiplier` has none, as sd-scripts). Returns a line for the log.
 pub fn merge_base_weights(model: &mut StableDiffusion, cfg: &TrainConfig) -> Result<Option<String>> {
-    if cfg.base_weights.as_os_str().is_empty() {
+    if cfg.base_weights.is_empty() {
         return Ok(None);
     }
-    let file = LoraFile::load(&cfg.base_weights).with_context(|| format!("base_weights {}", cfg.base_weights.display()))?;
-    let unmatched = model
-        .merge_networks(&[(&file, cfg.base_weights_multiplier)], MultiplierRule::Lycoris)
-        .with_context(|| format!("base_weights {}", cfg.base_weights.display()))?;
-    let mut line = format!(
-        "base_weights: merged {} ({} modules) at {} into the base model",
-        cfg.base_weights.display(),
-        file.modules.len() - unmatched.len(),
-        cfg.base_weights_multiplier
-    );
-    if let Some(first) = unmatched.first() {
-        line += &format!("; {} modules match no layer (first: {first})", unmatched.len());
+    let mut lines = vec![];
+    for (i, path) in cfg.base_weights.iter().enumerate() {
+        let multiplier = cfg.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
+        let file = LoraFile::load(path).with_context(|| format!("base_weights {}", path.display()))?;
+        let unmatched = model
+            .merge_networks(&[(&file, multiplier)], MultiplierRule::Lycoris)
+            .with_context(|| format!("base_weights {}", path.display()))?;
+        let mut line = format!("merged {} ({} modules) at {multiplier}", path.display(), file.modules.len() - unmatched.len());
+        if let Some(first) = unmatched.first() {
+            line += &format!(", {} modules match no layer (first: {first})", unmatched.len());
+        }
+        lines.push(line);
     }
-    Ok(Some(line))
+    Ok(Some(format!("base_weights: {} into the base model", lines.join("; "))))
 }
 
 /// Whether a module saved as `file` can be loaded into a network of `algo`: the same algorithm,
