@@ -1,6 +1,7 @@
 //! Loft: the web shell, the field registry and the job queue around the `loft-worker` engine.
 
 pub mod bench;
+pub mod datasets;
 pub mod db;
 pub mod drafts;
 pub mod jobs;

@@ -4,6 +4,7 @@
 mod api;
 mod clients;
 mod dashboard;
+mod datasets;
 mod export;
 mod hub;
 mod jobs;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub jobs: Jobs,
     /// This process runs a worker (unified mode), shown on the queue page.
     pub worker_in_process: bool,
+    /// The datasets under the data directory.
+    pub datasets: crate::datasets::Datasets,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -77,12 +80,15 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/jobs/{id}/{action}", post(jobs::ui_action))
         .route("/static/{*path}", get(static_file))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(datasets::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Forms and JSON configs are small; anything larger is refused with 413 before parsing.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(axum::extract::DefaultBodyLimit::disable())
         // Worker endpoints: their own token, and uploads of network files larger than a form.
         .merge(hub::routes(state.clone()))
+        // Dataset uploads: streamed to disk under the settings' request limit, same token.
+        .merge(datasets::upload_routes(state.datasets.limits.max_request_bytes).layer(middleware::from_fn_with_state(state.clone(), require_token)))
         // Outermost: browser-borne requests from other sites never reach a handler.
         .layer(middleware::from_fn_with_state(state.clone(), same_origin_only))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -1,0 +1,333 @@
+//! Datasets and subsets on disk: `ROOT/DATASET/N_class/` (sd-scripts' layout: N repeats, the
+//! class tokens after the underscore), safe names, and paths that cannot leave the root.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Image files a dataset holds (what the upload check decodes and sd-scripts trains on).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+
+/// What went wrong, by the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// 400: a malformed name or value.
+    #[error("{0}")]
+    Invalid(String),
+    /// 403: a name or path that would leave the datasets root (`..`, separators, percent or
+    /// backslash variants, a symlink out).
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500: the disk said no.
+    #[error("{0}")]
+    Io(String),
+}
+
+pub type Result<T> = std::result::Result<T, DatasetError>;
+
+pub(crate) fn io_error(what: impl std::fmt::Display, e: std::io::Error) -> DatasetError {
+    DatasetError::Io(format!("{what}: {e}"))
+}
+
+/// Upload limits (settings, with these defaults).
+#[derive(Clone, Debug, Serialize)]
+pub struct UploadLimits {
+    /// One file.
+    pub max_file_bytes: u64,
+    /// One request (all its files).
+    pub max_request_bytes: u64,
+    /// The longest side an image may have (larger ones are refused before decoding).
+    pub max_side: u32,
+    /// The shortest side an image must have: the registry's smallest bucket side.
+    pub min_side: u32,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self { max_file_bytes: 64 << 20, max_request_bytes: 2 << 30, max_side: 16384, min_side: 256 }
+    }
+}
+
+/// The datasets under one root.
+#[derive(Clone, Debug)]
+pub struct Datasets {
+    pub root: PathBuf,
+    pub limits: UploadLimits,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DatasetSummary {
+    pub name: String,
+    pub subsets: usize,
+    pub images: usize,
+    pub bytes: u64,
+}
+
+impl DatasetSummary {
+    /// The size for a page: "3.2 MiB".
+    pub fn mib(&self) -> String {
+        format!("{:.1} MiB", self.bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Dataset {
+    pub name: String,
+    pub path: PathBuf,
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Subset {
+    /// The folder name, `N_class`: how requests name the subset.
+    pub folder: String,
+    pub repeats: u32,
+    pub class_tokens: String,
+    pub images: Vec<ImageEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageEntry {
+    pub file: String,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    /// The `.txt` caption beside the image, if there is one.
+    pub caption: Option<String>,
+}
+
+/// Checks a dataset, subset or file name from a request: one plain path component. Anything
+/// that could point elsewhere (separators, `..`, a leading dot, `%` from a double-encoded
+/// request, NUL) is refused as forbidden; other unusable names as invalid.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.contains(['/', '\\', '%', '\0']) || name.starts_with('.') || name.contains("..") || Path::new(name).is_absolute() {
+        return Err(DatasetError::Forbidden(format!("{what} {name:?}: a name, not a path (no '/', '\\', '..', '%' or leading '.')")));
+    }
+    if name.trim().is_empty() || name.trim() != name {
+        return Err(DatasetError::Invalid(format!("{what} {name:?}: empty, or starts or ends with a space")));
+    }
+    if name.chars().count() > 100 {
+        return Err(DatasetError::Invalid(format!("{what} {name:?}: longer than 100 characters")));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || matches!(c, ':' | '*' | '?' | '"' | '<' | '>' | '|')) {
+        return Err(DatasetError::Invalid(format!("{what} {name:?}: the character {c:?} is not allowed")));
+    }
+    Ok(())
+}
+
+/// `N_class` → `(N, class)`, or `None` for a folder sd-scripts would not read as a subset.
+pub fn parse_subset_folder(folder: &str) -> Option<(u32, String)> {
+    let (n, class) = folder.split_once('_')?;
+    let repeats = n.parse::<u32>().ok().filter(|r| *r > 0)?;
+    Some((repeats, class.to_string()))
+}
+
+pub fn is_image(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader sees the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent folder"))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl Datasets {
+    pub fn new(root: PathBuf, limits: UploadLimits) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&root)?;
+        let root = root.canonicalize()?;
+        Ok(Self { root, limits })
+    }
+
+    /// A path under the root from checked names, resolved: an existing path must still lie
+    /// inside the root once symlinks are followed.
+    fn resolve(&self, parts: &[(&str, &str)]) -> Result<PathBuf> {
+        let mut path = self.root.clone();
+        for (what, name) in parts {
+            check_name(what, name)?;
+            path.push(name);
+        }
+        if let Ok(real) = path.canonicalize() {
+            if !real.starts_with(&self.root) {
+                return Err(DatasetError::Forbidden(format!("{} leads outside the datasets folder (a symlink)", parts.last().map(|p| p.1).unwrap_or(""))));
+            }
+        }
+        Ok(path)
+    }
+
+    /// An existing dataset's folder.
+    pub fn dataset_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.resolve(&[("dataset", name)])?;
+        if !dir.is_dir() {
+            return Err(DatasetError::NotFound(format!("no dataset {name:?}")));
+        }
+        Ok(dir)
+    }
+
+    /// An existing subset's folder.
+    pub fn subset_dir(&self, name: &str, subset: &str) -> Result<PathBuf> {
+        self.dataset_dir(name)?;
+        let dir = self.resolve(&[("dataset", name), ("subset", subset)])?;
+        if !dir.is_dir() {
+            return Err(DatasetError::NotFound(format!("dataset {name:?} has no subset {subset:?}")));
+        }
+        Ok(dir)
+    }
+
+    /// An existing image (or its caption's image) in a subset.
+    pub fn image_path(&self, name: &str, subset: &str, file: &str) -> Result<PathBuf> {
+        self.subset_dir(name, subset)?;
+        let path = self.resolve(&[("dataset", name), ("subset", subset), ("file", file)])?;
+        if !is_image(&path) || !path.is_file() {
+            return Err(DatasetError::NotFound(format!("subset {subset:?} has no image {file:?}")));
+        }
+        Ok(path)
+    }
+
+    pub fn create(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.resolve(&[("dataset", name)])?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(DatasetError::Conflict(format!("a dataset {name:?} exists already"))),
+            Err(e) => Err(io_error(format!("creating dataset {name:?}"), e)),
+        }
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let dir = self.dataset_dir(name)?;
+        // A symlinked dataset folder is unlinked, never followed.
+        if dir.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+            return std::fs::remove_file(&dir).map_err(|e| io_error(format!("deleting dataset {name:?}"), e));
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| io_error(format!("deleting dataset {name:?}"), e))
+    }
+
+    /// Creates subset `REPEATS_CLASS`; returns its folder name.
+    pub fn create_subset(&self, name: &str, class_tokens: &str, repeats: u32) -> Result<String> {
+        self.dataset_dir(name)?;
+        if repeats == 0 || repeats > 10_000 {
+            return Err(DatasetError::Invalid(format!("repeats {repeats}: from 1 to 10000")));
+        }
+        check_name("class tokens", class_tokens)?;
+        let folder = format!("{repeats}_{class_tokens}");
+        let dir = self.resolve(&[("dataset", name), ("subset", &folder)])?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(folder),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(DatasetError::Conflict(format!("dataset {name:?} has a subset {folder:?} already"))),
+            Err(e) => Err(io_error(format!("creating subset {folder:?}"), e)),
+        }
+    }
+
+    /// Changes a subset's repeats and/or class tokens (renames its folder); returns the new name.
+    pub fn update_subset(&self, name: &str, subset: &str, repeats: Option<u32>, class_tokens: Option<&str>) -> Result<String> {
+        let dir = self.subset_dir(name, subset)?;
+        let (old_repeats, old_class) = parse_subset_folder(subset).unwrap_or((1, subset.to_string()));
+        let repeats = repeats.unwrap_or(old_repeats);
+        let class = class_tokens.unwrap_or(&old_class);
+        if repeats == 0 || repeats > 10_000 {
+            return Err(DatasetError::Invalid(format!("repeats {repeats}: from 1 to 10000")));
+        }
+        check_name("class tokens", class)?;
+        let folder = format!("{repeats}_{class}");
+        if folder == subset {
+            return Ok(folder);
+        }
+        let target = self.resolve(&[("dataset", name), ("subset", &folder)])?;
+        if target.exists() {
+            return Err(DatasetError::Conflict(format!("dataset {name:?} has a subset {folder:?} already")));
+        }
+        std::fs::rename(&dir, &target).map_err(|e| io_error(format!("renaming subset {subset:?}"), e))?;
+        Ok(folder)
+    }
+
+    pub fn delete_subset(&self, name: &str, subset: &str) -> Result<()> {
+        let dir = self.subset_dir(name, subset)?;
+        std::fs::remove_dir_all(&dir).map_err(|e| io_error(format!("deleting subset {subset:?}"), e))
+    }
+
+    /// The subset uploads go to when none is named: the first one, or `1_NAME` made for them.
+    pub fn default_subset(&self, name: &str) -> Result<String> {
+        let d = self.get(name)?;
+        match d.subsets.first() {
+            Some(s) => Ok(s.folder.clone()),
+            None => self.create_subset(name, name, 1),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<DatasetSummary>> {
+        let mut out = vec![];
+        let entries = std::fs::read_dir(&self.root).map_err(|e| io_error("reading the datasets folder", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.path().is_dir() || check_name("dataset", &name).is_err() {
+                continue;
+            }
+            let Ok(d) = self.get(&name) else { continue };
+            let images = d.subsets.iter().map(|s| s.images.len()).sum();
+            let bytes = d.subsets.iter().flat_map(|s| &s.images).map(|i| i.bytes).sum();
+            out.push(DatasetSummary { name, subsets: d.subsets.len(), images, bytes });
+        }
+        out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+        Ok(out)
+    }
+
+    /// A dataset's subsets (the `N_class` folders sd-scripts reads) and their images.
+    pub fn get(&self, name: &str) -> Result<Dataset> {
+        let dir = self.dataset_dir(name)?;
+        let mut subsets = vec![];
+        let entries = std::fs::read_dir(&dir).map_err(|e| io_error(format!("reading dataset {name:?}"), e))?;
+        for entry in entries.flatten() {
+            let folder = entry.file_name().to_string_lossy().into_owned();
+            let Some((repeats, class_tokens)) = parse_subset_folder(&folder) else { continue };
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let images = list_images(&entry.path());
+            subsets.push(Subset { folder, repeats, class_tokens, images });
+        }
+        subsets.sort_by(|a, b| a.folder.cmp(&b.folder));
+        Ok(Dataset { name: name.to_string(), path: dir, subsets })
+    }
+}
+
+/// The images of one folder with their sizes (read from the headers) and captions.
+fn list_images(dir: &Path) -> Vec<ImageEntry> {
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with('.') || !is_image(&path) || !path.is_file() {
+            continue;
+        }
+        let (width, height) = image::ImageReader::open(&path)
+            .ok()
+            .and_then(|r| r.with_guessed_format().ok())
+            .and_then(|r| r.into_dimensions().ok())
+            .unwrap_or((0, 0));
+        let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        let caption = std::fs::read_to_string(path.with_extension("txt")).ok();
+        out.push(ImageEntry { file, width, height, bytes, caption });
+    }
+    out.sort_by(|a, b| a.file.cmp(&b.file));
+    out
+}

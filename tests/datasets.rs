@@ -1,0 +1,347 @@
+//! Datasets over HTTP, in-process: create/list/read/delete, uploads that are checked image by
+//! image (and leave nothing behind when refused), a traversal corpus against every route that
+//! takes a name, bulk caption operations with preview and undo, and the pages.
+
+use axum::body::{to_bytes, Body};
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use loft::server::open_state;
+use loft::web::{router, AppState};
+
+struct App {
+    router: Router,
+    data: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn app_with(edit: impl FnOnce(&mut AppState)) -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut state = open_state(&data, None).unwrap();
+    edit(&mut state);
+    App { router: router(state), data, _dir: dir }
+}
+
+fn app() -> App {
+    // Small images keep the tests fast: the shortest side allowed is 32 here (256 by default).
+    app_with(|s| s.datasets.limits.min_side = 32)
+}
+
+async fn send(app: &App, req: Request<Body>) -> (StatusCode, String) {
+    let res = app.router.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let body = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn json_req(app: &App, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let req = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+    let req = req.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).unwrap();
+    let (status, text) = send(app, req).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(vec![]);
+    image::RgbImage::from_pixel(w, h, image::Rgb(rgb)).write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn jpeg(w: u32, h: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(vec![]);
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 120])).write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+fn webp(w: u32, h: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(vec![]);
+    image::RgbaImage::from_pixel(w, h, image::Rgba([200, 100, 50, 255])).write_to(&mut out, image::ImageFormat::WebP).unwrap();
+    out.into_inner()
+}
+
+/// A multipart body: `(field, file name or None, bytes)`.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "loftboundary7MA4YWxkTrZu0gW";
+    let mut body = vec![];
+    for (field, file, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{field}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes()),
+            None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{field}\"\r\n\r\n").as_bytes()),
+        }
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload(app: &App, dataset: &str, parts: &[(&str, Option<&str>, &[u8])]) -> (StatusCode, Value) {
+    let (content_type, body) = multipart(parts);
+    let req = Request::post(format!("/api/datasets/{dataset}/images")).header(header::CONTENT_TYPE, content_type).body(Body::from(body)).unwrap();
+    let (status, text) = send(app, req).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Every file under `dir`, relative, sorted (dot-files included: nothing half-written may hide).
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn create_list_read_and_delete() {
+    let app = app();
+    let (s, v) = json_req(&app, "POST", "/api/datasets", Some(json!({"name": "my cat"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, _) = json_req(&app, "POST", "/api/datasets", Some(json!({"name": "my cat"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, v) = json_req(&app, "POST", "/api/datasets", Some(json!({"name": "bad:name"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("':'"), "{v}");
+    let (s, v) = json_req(&app, "POST", "/api/datasets/my%20cat/subsets", Some(json!({"name": "ohwx cat", "repeats": 10}))).await;
+    assert_eq!((s, v["subset"].as_str()), (StatusCode::CREATED, Some("10_ohwx cat")));
+    let (s, v) = json_req(&app, "PUT", "/api/datasets/my%20cat/subsets/10_ohwx%20cat", Some(json!({"repeats": 4}))).await;
+    assert_eq!((s, v["subset"].as_str()), (StatusCode::OK, Some("4_ohwx cat")), "{v}");
+    assert!(app.data.join("datasets/my cat/4_ohwx cat").is_dir());
+    let (s, v) = upload(&app, "my%20cat", &[("subset", None, b"4_ohwx cat"), ("files", Some("a.png"), &png(40, 48, [9, 9, 9])), ("files", Some("a.txt"), b"a cat, sitting")]).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = json_req(&app, "GET", "/api/datasets", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["datasets"][0]["name"], "my cat");
+    assert_eq!(v["datasets"][0]["images"], 1);
+    let (s, v) = json_req(&app, "GET", "/api/datasets/my%20cat", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let img = &v["subsets"][0]["images"][0];
+    assert_eq!((img["file"].as_str(), img["width"].as_u64(), img["height"].as_u64(), img["caption"].as_str()), (Some("a.png"), Some(40), Some(48), Some("a cat, sitting")));
+    assert_eq!(v["subsets"][0]["repeats"], 4);
+    let (s, _) = json_req(&app, "GET", "/api/datasets/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = json_req(&app, "DELETE", "/api/datasets/my%20cat", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!app.data.join("datasets/my cat").exists());
+}
+
+#[tokio::test]
+async fn uploads_are_checked_one_by_one_and_refused_files_leave_nothing() {
+    let app = app_with(|s| {
+        s.datasets.limits.min_side = 32;
+        s.datasets.limits.max_file_bytes = 20_000;
+    });
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    let good_jpeg = jpeg(64, 40);
+    let cut_jpeg = &good_jpeg[..good_jpeg.len() / 2];
+    let p = png(50, 50, [1, 2, 3]);
+    let big = vec![0u8; 30_000];
+    let (s, v) = upload(
+        &app,
+        "set",
+        &[
+            ("files", Some("photo.jpg"), &good_jpeg),
+            ("files", Some("photo.txt"), b"1girl, smile\n"),
+            ("files", Some("web.webp"), &webp(40, 40)),
+            ("files", Some("flat.png"), &p),
+            ("files", Some("cut.jpg"), cut_jpeg),
+            ("files", Some("cut.png"), &p[..p.len() - 20]),
+            ("files", Some("notes.png"), b"this is not an image"),
+            ("files", Some("renamed.jpg"), &p),
+            ("files", Some("tiny.png"), &png(16, 64, [5, 5, 5])),
+            ("files", Some("huge.png"), &big),
+            ("files", Some("script.exe"), b"MZ"),
+            ("files", Some("../../escape.png"), &p),
+            ("files", Some("orphan.txt"), b"no image"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let accepted: Vec<&str> = v["accepted"].as_array().unwrap().iter().map(|a| a["file"].as_str().unwrap()).collect();
+    assert_eq!(accepted, ["photo.jpg", "web.webp", "flat.png", "escape.png", "photo.txt"], "{v}");
+    let reason = |f: &str| v["rejected"].as_array().unwrap().iter().find(|r| r["file"] == f).map(|r| r["reason"].as_str().unwrap().to_string()).unwrap_or_else(|| panic!("{f} not rejected: {v}"));
+    assert!(reason("cut.jpg").contains("truncated"));
+    assert!(reason("cut.png").contains("truncated"));
+    assert!(reason("notes.png").contains("not an image"));
+    assert!(reason("renamed.jpg").contains("PNG file named .jpg"));
+    assert!(reason("tiny.png").contains("16×64") && reason("tiny.png").contains("32"));
+    assert!(reason("huge.png").contains("20000 byte limit"));
+    assert!(reason("script.exe").contains(".exe is not accepted"));
+    assert!(reason("orphan.txt").contains("no image named orphan"));
+    // Only the accepted files are on disk: no part files, nothing of the refused ones.
+    let dir = app.data.join("datasets/set");
+    assert_eq!(files_under(&dir), ["1_set/escape.png", "1_set/flat.png", "1_set/photo.jpg", "1_set/photo.txt", "1_set/web.webp"]);
+    assert_eq!(std::fs::read_to_string(dir.join("1_set/photo.txt")).unwrap(), "1girl, smile\n");
+    // A second upload of the same name is stored beside it, never over it.
+    let (_, v) = upload(&app, "set", &[("files", Some("flat.png"), &png(40, 40, [7, 7, 7])), ("files", Some("flat.txt"), b"second")]).await;
+    assert_eq!(v["accepted"][0]["file"], "flat_1.png", "{v}");
+    assert_eq!(std::fs::read_to_string(dir.join("1_set/flat_1.txt")).unwrap(), "second");
+    // Everything refused: 400, and the same report.
+    let (s, v) = upload(&app, "set", &[("files", Some("x.png"), b"nope")]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["rejected"][0]["file"], "x.png");
+    // An unknown subset or dataset: refused before anything is written.
+    let (s, _) = upload(&app, "set", &[("subset", None, b"9_nothing"), ("files", Some("y.png"), &p)]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = upload(&app, "other", &[("files", Some("y.png"), &p)]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(files_under(&dir).len(), 7);
+}
+
+#[tokio::test]
+async fn a_request_over_the_limit_keeps_nothing() {
+    let app = app_with(|s| {
+        s.datasets.limits.min_side = 32;
+        s.datasets.limits.max_request_bytes = 3000;
+    });
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    let p = png(40, 40, [1, 1, 1]);
+    assert!(p.len() < 1500, "{}", p.len());
+    let (s, v) = upload(&app, "set", &[("files", Some("a.png"), &p), ("files", Some("b.png"), &png(300, 300, [1, 2, 3])), ("files", Some("c.png"), &jpeg(300, 300))]).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(files_under(&app.data.join("datasets/set")), Vec::<String>::new(), "a.png was removed again");
+}
+
+#[tokio::test]
+async fn traversal_and_symlink_escapes_are_forbidden_and_touch_nothing() {
+    let app = app();
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    upload(&app, "set", &[("files", Some("a.png"), &png(40, 40, [1, 1, 1]))]).await;
+    // A symlink inside the root that points out of it.
+    let outside = app.data.parent().unwrap().join("outside");
+    std::fs::create_dir_all(outside.join("1_x")).unwrap();
+    std::fs::write(outside.join("1_x/secret.png"), png(40, 40, [0, 0, 0])).unwrap();
+    std::os::unix::fs::symlink(&outside, app.data.join("datasets/link")).unwrap();
+    std::os::unix::fs::symlink(&outside, app.data.join("datasets/set/1_link")).unwrap();
+    let names = ["..", "%2e%2e", "..%2F..%2Fetc", "%2e%2e%2fpasswd", "..%5C..%5Cwindows", "%252e%252e", "%2Fetc", ".hidden", "link"];
+    for n in names {
+        // `link` is a dataset that resolves out of the root; as a subset or file name it is
+        // simply absent (404), so only the dataset-level routes are checked with it.
+        let dataset_level = 5;
+        let uris = [
+            ("GET", format!("/api/datasets/{n}")),
+            ("DELETE", format!("/api/datasets/{n}")),
+            ("POST", format!("/api/datasets/{n}/subsets")),
+            ("POST", format!("/api/datasets/{n}/captions")),
+            ("GET", format!("/api/datasets/{n}/tags")),
+            ("PUT", format!("/api/datasets/set/captions/{n}/a.png")),
+            ("PUT", format!("/api/datasets/set/captions/1_set/{n}")),
+            ("GET", format!("/datasets/set/thumbs/1_set/{n}")),
+            ("GET", format!("/datasets/set/thumbs/{n}/a.png")),
+            ("DELETE", format!("/api/datasets/set/subsets/{n}")),
+        ];
+        for (method, uri) in uris.into_iter().take(if n == "link" { dataset_level } else { usize::MAX }) {
+            let body = match (method, uri.ends_with("/subsets"), uri.ends_with("/captions")) {
+                ("POST", true, _) => Some(json!({"name": "x"})),
+                ("POST", _, true) => Some(json!({"op": "sort", "apply": true})),
+                ("PUT", _, _) => None,
+                _ => None,
+            };
+            let (s, v) = json_req(&app, method, &uri, body).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{method} {uri}: {v}");
+        }
+        let (s, _) = upload(&app, n, &[("files", Some("z.png"), &png(40, 40, [2, 2, 2]))]).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "upload to {n}");
+    }
+    // The subset symlink is forbidden too (it resolves out of the root).
+    let (s, _) = json_req(&app, "GET", "/datasets/set/thumbs/1_link/secret.png", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = json_req(&app, "DELETE", "/api/datasets/set/subsets/1_link", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(outside.join("1_x/secret.png").is_file(), "nothing outside the root was touched");
+    assert_eq!(files_under(&outside), ["1_x/secret.png"]);
+}
+
+#[tokio::test]
+async fn bulk_caption_operations_preview_apply_and_undo() {
+    let app = app();
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    let p = png(40, 40, [3, 3, 3]);
+    upload(&app, "set", &[("files", Some("a.png"), &p), ("files", Some("a.txt"), b"1girl, smile, watermark\n"), ("files", Some("b.png"), &p), ("files", Some("b.txt"), b"1girl, Smile, smile, hat")]).await;
+    let dir = app.data.join("datasets/set/1_set");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let captions = |op: Value| json_req(&app, "POST", "/api/datasets/set/captions", Some(op));
+
+    // A preview changes nothing.
+    let (s, v) = captions(json!({"op": "trigger", "word": "ohwx"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["applied"].as_bool(), v["files"].as_u64(), v["changes"].as_array().unwrap().len()), (Some(false), Some(2), 2));
+    assert_eq!(v["changes"][0], json!({"file": "1_set/a.png", "before": "1girl, smile, watermark", "after": "ohwx, 1girl, smile, watermark"}));
+    assert_eq!(read("a.txt"), "1girl, smile, watermark\n");
+    // Applied, and never twice.
+    captions(json!({"op": "trigger", "word": "ohwx", "apply": true})).await;
+    assert_eq!(read("a.txt"), "ohwx, 1girl, smile, watermark\n");
+    let (_, v) = captions(json!({"op": "trigger", "word": "ohwx", "apply": true})).await;
+    assert_eq!(v["changes"].as_array().unwrap().len(), 0);
+    // Each operation, on a selection or a subset.
+    captions(json!({"op": "remove", "tags": ["WATERMARK"], "apply": true, "files": ["1_set/a.png"]})).await;
+    assert_eq!(read("a.txt"), "ohwx, 1girl, smile\n");
+    captions(json!({"op": "dedupe", "apply": true, "subset": "1_set"})).await;
+    assert_eq!(read("b.txt"), "ohwx, 1girl, Smile, hat\n");
+    captions(json!({"op": "sort", "apply": true})).await;
+    assert_eq!(read("b.txt"), "1girl, hat, ohwx, Smile\n");
+    let (_, v) = captions(json!({"op": "replace", "find": "^1girl", "with": "1woman", "regex": true, "apply": true})).await;
+    assert_eq!(v["changes"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(read("a.txt"), "1woman, ohwx, smile\n");
+    // Undo puts back what the last operation changed: preview first, then apply; then there is
+    // nothing left to undo.
+    let (_, v) = captions(json!({"op": "undo"})).await;
+    assert_eq!(v["changes"][0]["after"], "1girl, ohwx, smile");
+    assert_eq!(read("a.txt"), "1woman, ohwx, smile\n");
+    captions(json!({"op": "undo", "apply": true})).await;
+    assert_eq!((read("a.txt"), read("b.txt")), ("1girl, ohwx, smile\n".to_string(), "1girl, hat, ohwx, Smile\n".to_string()));
+    let (s, _) = captions(json!({"op": "undo", "apply": true})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Bad requests are named and write nothing.
+    for (op, needle) in [(json!({"op": "shout"}), "op"), (json!({"op": "trigger"}), "word"), (json!({"op": "replace", "find": "(", "regex": true}), "regular expression"), (json!({"op": "sort", "files": ["1_set/zzz.png"]}), "zzz.png"), (json!({"op": "sort", "bogus": 1}), "bogus")] {
+        let (s, v) = captions(op.clone()).await;
+        assert!(s.is_client_error() && v.to_string().contains(needle), "{op}: {s} {v}");
+    }
+    // One caption, edited in place.
+    let req = Request::put("/api/datasets/set/captions/1_set/b.png").body(Body::from("a hat\r\nsecond line")).unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(read("b.txt"), "a hat\nsecond line\n");
+    let (s, v) = json_req(&app, "GET", "/api/datasets/set/tags", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["tags"][0], json!({"tag": "1girl", "count": 1}));
+}
+
+#[tokio::test]
+async fn pages_thumbnails_and_the_form_flow() {
+    let app = app();
+    let (s, html) = send(&app, Request::get("/datasets").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("No dataset yet") && html.contains("aria-current=\"page\">Datasets"), "{html}");
+    let req = Request::post("/ui/datasets").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from("name=cats+and+dogs")).unwrap();
+    let res = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["HX-Redirect"], "/datasets/cats%20and%20dogs");
+    upload(&app, "cats%20and%20dogs", &[("files", Some("c.png"), &png(300, 200, [250, 10, 10])), ("files", Some("c.txt"), b"red, cat")]).await;
+    let (s, html) = send(&app, Request::get("/datasets/cats%20and%20dogs").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("/datasets/cats%20and%20dogs/thumbs/1_cats%20and%20dogs/c.png") && html.contains("red, cat") && html.contains("300×200"), "{html}");
+    let res = app.router.clone().oneshot(Request::get("/datasets/cats%20and%20dogs/thumbs/1_cats%20and%20dogs/c.png").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "image/jpeg");
+    let bytes = to_bytes(res.into_body(), usize::MAX).await.unwrap();
+    let thumb = image::load_from_memory(&bytes).unwrap();
+    assert!(thumb.width() == 256 && (170..=171).contains(&thumb.height()), "{}×{}", thumb.width(), thumb.height());
+    // The bulk form previews, then applies with the same values.
+    let req = Request::post("/ui/datasets/cats%20and%20dogs/captions").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from("op=trigger&word=ohwx&position=end&subset=")).unwrap();
+    let (_, html) = send(&app, req).await;
+    assert!(html.contains("would change") && html.contains("red, cat, ohwx") && html.contains("name=\"apply\" value=\"true\""), "{html}");
+    let req = Request::post("/ui/datasets/cats%20and%20dogs/captions").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from("op=trigger&word=ohwx&position=end&subset=&apply=true")).unwrap();
+    let (_, html) = send(&app, req).await;
+    assert!(html.contains("1 caption changed"), "{html}");
+    assert_eq!(std::fs::read_to_string(app.data.join("datasets/cats and dogs/1_cats and dogs/c.txt")).unwrap(), "red, cat, ohwx\n");
+}
