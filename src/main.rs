@@ -30,6 +30,10 @@ enum Command {
         /// Access token required on every request (needed when binding beyond loopback).
         #[arg(long, env = "LOFT_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// A folder besides the data directory that the app may read from (base models, folders
+        /// to import into a dataset). Repeatable.
+        #[arg(long = "allow-root", value_name = "DIR")]
+        allow_root: Vec<PathBuf>,
         #[command(flatten)]
         jobs: loft::jobs::cli::ServeJobArgs,
     },
@@ -50,6 +54,11 @@ enum Command {
     ExportSdScripts(loft::sd_scripts::ExportArgs),
     /// Read a kohya sd-scripts --config_file TOML into a config with the registry's keys.
     ImportSdScripts(loft::sd_scripts::ImportArgs),
+    /// Datasets without a server: check what a config's training would make of its images.
+    Dataset {
+        #[command(subcommand)]
+        command: loft::datasets::cli::DatasetCommand,
+    },
     /// Inspect or resize LoRA / LyCORIS files.
     Lora {
         #[command(subcommand)]
@@ -65,9 +74,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve { port, data_dir, bind, token, jobs } => tokio::runtime::Runtime::new()
+        Command::Serve { port, data_dir, bind, token, allow_root, jobs } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token, jobs }))),
+            .and_then(|rt| rt.block_on(serve(ServeOptions { bind, port, data_dir, access_token: token, allow_root, jobs }))),
         Command::Worker(args) => loft::jobs::cli::worker(args),
         Command::Bench { command } => loft::bench::run(command),
         Command::Train(args) => loft::train_cli::train(args),
@@ -76,6 +85,7 @@ fn main() -> ExitCode {
         Command::ExportSdScripts(args) => loft::sd_scripts::export_cli(args),
         Command::ImportSdScripts(args) => loft::sd_scripts::import_cli(args),
         Command::Lora { command } => loft::lora_cli::run(command),
+        Command::Dataset { command } => loft::datasets::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,9 @@ pub struct ServeOptions {
     pub port: u16,
     pub data_dir: PathBuf,
     pub access_token: Option<String>,
+    /// Folders besides the data directory that requests may point into (models, folders to
+    /// import): `--allow-root DIR`, repeatable.
+    pub allow_root: Vec<PathBuf>,
     /// The queue: in-process worker or not, worker token, lease.
     pub jobs: ServeJobArgs,
 }
@@ -55,6 +58,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         );
     }
     let mut state = open_state(&options.data_dir, options.access_token.clone())?;
+    state.datasets.allow_roots(&options.allow_root)?;
     let worker_token = crate::jobs::hub::worker_token(&state.db, options.jobs.worker_token.clone())?;
     state.jobs.worker_token = Some(Arc::new(worker_token.clone()));
     state.jobs.lease = std::time::Duration::from_secs(options.jobs.lease_secs);

@@ -260,6 +260,9 @@ async fn queue_from_the_form_and_watch_it_live() {
     d.wait_for("the dataset tab", "return !!document.querySelector('#f-train_data_dir')").await;
     d.type_into("#f-train_data_dir", dataset.to_str().unwrap()).await;
     d.click("#queue-job").await; // the typed path goes along with the click
+    d.wait_for("the pre-flight", "return !!document.querySelector('#queue-confirm')").await;
+    d.screenshot("queue-preflight").await;
+    d.click("#queue-confirm").await;
     d.wait_for("the job page", "return /^\\/jobs\\/\\d+$/.test(location.pathname)").await;
     d.wait_long("a running job", "var h = document.querySelector('#job-head [data-state]'); return !!h && h.dataset.state === 'running' && parseInt(document.querySelector('#job-percent').textContent) > 10", 30).await;
     d.screenshot("job-running").await;

@@ -345,3 +345,49 @@ async fn pages_thumbnails_and_the_form_flow() {
     assert!(html.contains("1 caption changed"), "{html}");
     assert_eq!(std::fs::read_to_string(app.data.join("datasets/cats and dogs/1_cats and dogs/c.txt")).unwrap(), "red, cat, ohwx\n");
 }
+
+const COOKIE: &str = "loft_draft=00112233445566778899aabbccddeeff";
+
+async fn post_form(app: &App, uri: &str, form: &str) -> (StatusCode, String) {
+    let req = Request::post(uri).header(header::COOKIE, COOKIE).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(form.to_string())).unwrap();
+    send(app, req).await
+}
+
+/// The Dataset tab offers the datasets as the training folder; the Queue button shows the
+/// pre-flight (buckets, what is dropped) before queueing; a dataset with nothing usable is
+/// refused by the API and the form.
+#[tokio::test]
+async fn the_dataset_picker_and_the_preflight_before_queueing() {
+    let app = app();
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "good"}))).await;
+    upload(&app, "good", &[("files", Some("a.png"), &png(48, 32, [1, 1, 1])), ("files", Some("a.txt"), b"a thing"), ("files", Some("b.png"), &png(32, 32, [9, 9, 9]))]).await;
+    let good = app.data.join("datasets/good").canonicalize().unwrap();
+    let req = Request::get("/ui/tab/dataset").header(header::COOKIE, COOKIE).body(Body::empty()).unwrap();
+    let (_, html) = send(&app, req).await;
+    assert!(html.contains("list=\"dl-train_data_dir\"") && html.contains(&format!("<option value=\"{}\" label=\"dataset good (2 images)\">", good.display())), "{html}");
+    // Something the upload would refuse, put there by hand: the pre-flight names it.
+    std::fs::write(good.join("1_good/broken.png"), b"not a png").unwrap();
+
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-sd15");
+    post_form(&app, "/ui/tab/model", &format!("pretrained_model_name_or_path={model}")).await;
+    post_form(&app, "/ui/tab/dataset", &format!("train_data_dir={}&resolution=32&min_bucket_reso=16&max_bucket_reso=64&bucket_reso_steps=8", good.display())).await;
+    let (s, html) = post_form(&app, "/ui/preflight", "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("id=\"queue-confirm\"") && html.contains("Ready to queue:</strong> 2 images"), "{html}");
+    assert!(html.contains("broken.png") && html.contains("1 dropped"), "{html}");
+    let (_, jobs) = json_req(&app, "GET", "/api/jobs", None).await;
+    assert_eq!(jobs["jobs"], json!([]), "the pre-flight queues nothing");
+
+    // Nothing usable: refused by name, by the API and the confirmation alike.
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "bad"}))).await;
+    json_req(&app, "POST", "/api/datasets/bad/subsets", Some(json!({"name": "x", "repeats": 2}))).await;
+    let bad = app.data.join("datasets/bad").canonicalize().unwrap();
+    std::fs::write(bad.join("2_x/only.jpg"), b"nope").unwrap();
+    let config = json!({"pretrained_model_name_or_path": model, "train_data_dir": bad, "resolution": 32});
+    let (s, v) = json_req(&app, "POST", "/api/jobs", Some(json!({"config": config}))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("train_data_dir") && v.to_string().contains("no usable training image") && v.to_string().contains("only.jpg"), "{v}");
+    post_form(&app, "/ui/tab/dataset", &format!("train_data_dir={}", bad.display())).await;
+    let (_, html) = post_form(&app, "/ui/preflight", "").await;
+    assert!(html.contains("no usable training image") && !html.contains("queue-confirm"), "{html}");
+}

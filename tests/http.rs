@@ -370,6 +370,7 @@ fn start_up_errors_are_clear() {
             port,
             data_dir: dir.path().join("d"),
             access_token: None,
+            allow_root: vec![],
             jobs: Default::default(),
         }))
         .unwrap_err();
@@ -380,6 +381,7 @@ fn start_up_errors_are_clear() {
             port: 0,
             data_dir: dir.path().join("d"),
             access_token: None,
+            allow_root: vec![],
             jobs: Default::default(),
         }))
         .unwrap_err();

@@ -49,22 +49,6 @@ fn format_name(f: ImageFormat) -> &'static str {
     }
 }
 
-/// Whether the file's last structure is there: a cut file decodes without an error in places.
-fn is_complete(format: ImageFormat, bytes: &[u8]) -> bool {
-    match format {
-        // EOI, possibly followed by padding some writers leave.
-        ImageFormat::Jpeg => {
-            let end = bytes.iter().rposition(|b| *b != 0).map(|i| i + 1).unwrap_or(0);
-            end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
-        }
-        // The IEND chunk: length 0, type, CRC.
-        ImageFormat::Png => bytes.len() >= 12 && bytes[bytes.len() - 12..bytes.len() - 4] == [0, 0, 0, 0, b'I', b'E', b'N', b'D'],
-        // RIFF's size field counts every byte after the first 8.
-        ImageFormat::WebP => bytes.len() >= 12 && u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize + 8 <= bytes.len(),
-        _ => false,
-    }
-}
-
 /// Checks an uploaded image's bytes against its extension and the limits, decoding it in full.
 pub fn check_image(bytes: &[u8], ext: &str, limits: &UploadLimits) -> Result<CheckedImage, String> {
     let format = image::guess_format(bytes).map_err(|_| "is not an image (its first bytes match no image format)".to_string())?;
@@ -77,7 +61,7 @@ pub fn check_image(bytes: &[u8], ext: &str, limits: &UploadLimits) -> Result<Che
     if format != expected {
         return Err(format!("is a {} file named .{ext}", format_name(format)));
     }
-    if !is_complete(format, bytes) {
+    if !loft_worker::data::images::is_complete(format, bytes) {
         return Err(format!("is a truncated or damaged {} (its end marker is missing)", format_name(format)));
     }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);

@@ -11,6 +11,7 @@
 //! datasets root: nothing outside it is read or written.
 
 pub mod captions;
+pub mod cli;
 pub mod images;
 pub mod store;
 

@@ -59,6 +59,9 @@ impl Default for UploadLimits {
 pub struct Datasets {
     pub root: PathBuf,
     pub limits: UploadLimits,
+    /// Folders a request may point into besides the datasets (models, folders to import): the
+    /// data directory and every `--allow-root`, canonical.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,7 +158,73 @@ impl Datasets {
     pub fn new(root: PathBuf, limits: UploadLimits) -> std::io::Result<Self> {
         std::fs::create_dir_all(&root)?;
         let root = root.canonicalize()?;
-        Ok(Self { root, limits })
+        let data_dir = root.parent().map(Path::to_path_buf).unwrap_or_else(|| root.clone());
+        Ok(Self { root, limits, allowed_roots: vec![data_dir] })
+    }
+
+    /// Adds allowed roots (`--allow-root`); each must be an existing folder.
+    pub fn allow_roots(&mut self, roots: &[PathBuf]) -> std::io::Result<()> {
+        for r in roots {
+            let real = r.canonicalize().map_err(|e| std::io::Error::new(e.kind(), format!("--allow-root {}: {e}", r.display())))?;
+            if !real.is_dir() {
+                return Err(std::io::Error::other(format!("--allow-root {}: not a folder", r.display())));
+            }
+            if !self.allowed_roots.contains(&real) {
+                self.allowed_roots.push(real);
+            }
+        }
+        Ok(())
+    }
+
+    /// `path` resolved (symlinks included), if it lies inside an allowed root.
+    pub fn inside_allowed_root(&self, path: &Path) -> Result<PathBuf> {
+        if path.as_os_str().to_string_lossy().contains(['%', '\\']) {
+            return Err(DatasetError::Forbidden(format!("{}: percent-encoded or backslash paths are not accepted", path.display())));
+        }
+        let real = path.canonicalize().map_err(|_| DatasetError::NotFound(format!("{}: no such file or folder", path.display())))?;
+        if self.allowed_roots.iter().any(|r| real.starts_with(r)) {
+            Ok(real)
+        } else {
+            Err(DatasetError::Forbidden(format!("{} is outside the allowed folders (the data directory and --allow-root)", path.display())))
+        }
+    }
+
+    /// Base models under the allowed roots, for the model picker: single-file `.safetensors`
+    /// checkpoints (over 500 MB, so LoRA files stay out) and diffusers folders
+    /// (`model_index.json`), at most three folders deep; `(path, label)`.
+    pub fn model_candidates(&self) -> Vec<(String, String)> {
+        let mut out = vec![];
+        fn walk(dir: &Path, depth: usize, out: &mut Vec<(String, String)>) {
+            if out.len() >= 200 {
+                return;
+            }
+            if dir.join("model_index.json").is_file() {
+                out.push((dir.display().to_string(), format!("{} (diffusers folder)", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())));
+                return;
+            }
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let mut entries: Vec<_> = entries.flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || name == "datasets" || name == "cache" {
+                    continue;
+                }
+                if p.is_dir() && depth > 0 {
+                    walk(&p, depth - 1, out);
+                } else if name.ends_with(".safetensors") {
+                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    if size > 500_000_000 {
+                        out.push((p.display().to_string(), format!("{name} ({:.1} GB)", size as f64 / 1e9)));
+                    }
+                }
+            }
+        }
+        for r in &self.allowed_roots {
+            walk(r, 3, &mut out);
+        }
+        out
     }
 
     /// A path under the root from checked names, resolved: an existing path must still lie

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use loft_worker::train::preflight::Preflight;
 use loft_worker::train::CancelToken;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -178,13 +179,21 @@ impl Jobs {
         config
     }
 
-    /// Checks what the engine will check, before the job waits in the queue for hours.
-    fn check_runnable(&self, resolved: &Config) -> Result<(), JobError> {
+    /// What training would make of a draft's dataset (the Queue button's confirmation): the
+    /// same checks as [`Jobs::enqueue`], without queueing anything.
+    pub fn preflight(&self, config: &Config) -> Result<Preflight, JobError> {
+        let resolved = self.absolute_paths(validated(&self.registry, config).map_err(preset_error)?);
+        self.check_runnable(&resolved)
+    }
+
+    /// Checks what the engine will check, before the job waits in the queue for hours, and
+    /// returns the dataset's pre-flight.
+    fn check_runnable(&self, resolved: &Config) -> Result<Preflight, JobError> {
         let mut probe = resolved.clone();
         if probe.get("output_dir").and_then(Value::as_str).is_none_or(|s| s.trim().is_empty()) {
             probe.insert("output_dir".into(), Value::String(self.data_dir.join("jobs").join("new").to_string_lossy().into_owned()));
         }
-        config::engine_config(&self.registry, &probe).map_err(JobError::Invalid)?;
+        let engine = config::engine_config(&self.registry, &probe).map_err(JobError::Invalid)?;
         // The dataset must be on this machine: local workers read it, remote ones download it from here.
         let dataset = resolved.get("train_data_dir").and_then(Value::as_str).unwrap_or("");
         if !Path::new(dataset).is_dir() {
@@ -193,7 +202,17 @@ impl Jobs {
                 message: format!("no folder at {dataset}: give the folder that holds the N_name image folders"),
             }]));
         }
-        Ok(())
+        // And hold something to train on (the pre-flight names what it drops).
+        let unusable = |message: String| JobError::Invalid(vec![FieldError { field: "train_data_dir".into(), message }]);
+        let report = loft_worker::train::preflight::preflight(&engine).map_err(|e| unusable(format!("{e:#}")))?;
+        if !report.usable() {
+            let why: Vec<String> = report.dropped.iter().take(3).map(|n| format!("{}: {}", n.file.display(), n.reason)).collect();
+            return Err(unusable(format!(
+                "{dataset} has no usable training image{}",
+                if why.is_empty() { String::new() } else { format!(" ({}{})", why.join("; "), if report.dropped.len() > 3 { format!("; {} more", report.dropped.len() - 3) } else { String::new() }) }
+            )));
+        }
+        Ok(report)
     }
 
     pub fn list(&self) -> Result<Vec<JobSummary>, JobError> {

@@ -553,6 +553,35 @@ pub async fn ui_queue(State(state): State<AppState>, headers: HeaderMap, Form(pa
     with_cookie(response, &draft, set)
 }
 
+#[derive(askama::Template)]
+#[template(path = "_preflight.html")]
+struct PreflightPanel {
+    report: loft_worker::train::preflight::Preflight,
+}
+
+/// `POST /ui/preflight` (the Queue button): the draft checked as for queueing, and what training
+/// would make of its dataset, with a button that queues it.
+pub async fn ui_preflight(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
+    let (draft, set) = draft_id(&headers);
+    let mut config = drafts::load(&state.db, &draft);
+    if merge_open_section(&state, &mut config, pairs) {
+        if let Err(e) = drafts::store(&state.db, &draft, &config) {
+            return render(&Notice { ok: false, message: format!("Not checked: the form could not be saved: {e}."), errors: vec![] });
+        }
+    }
+    let result = blocking(&state.jobs, move |jobs| jobs.preflight(&config)).await;
+    let response = match result {
+        Ok(report) => render(&PreflightPanel { report }),
+        Err(JobError::Invalid(errors)) => render(&Notice {
+            ok: false,
+            message: format!("Not queued: {} value(s) need fixing first.", errors.len()),
+            errors: error_lines(&state, &errors),
+        }),
+        Err(e) => render(&Notice { ok: false, message: format!("Not queued: {e}."), errors: vec![] }),
+    };
+    with_cookie(response, &draft, set)
+}
+
 /// `POST /ui/demo`: queue the demo and open its page.
 pub async fn ui_demo(State(state): State<AppState>) -> Response {
     match blocking(&state.jobs, queue_demo).await {

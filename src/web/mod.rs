@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/events", get(jobs::job_events))
         .route("/jobs/{id}/files/{file}", get(jobs::download))
         .route("/ui/queue", post(jobs::ui_queue))
+        .route("/ui/preflight", post(jobs::ui_preflight))
         .route("/ui/demo", post(jobs::ui_demo))
         .route("/ui/jobs/{id}/files/{file}/keep", post(jobs::ui_keep))
         .route("/ui/jobs/{id}/files/{file}/convert", get(jobs::ui_convert_form).post(jobs::ui_convert))

@@ -56,6 +56,8 @@ pub struct FieldView {
     /// The only problem is an empty required value: shown as a quiet hint, not an alarm, so a
     /// fresh form does not greet a newcomer in red.
     pub missing: bool,
+    /// Values offered in a datalist (the dataset and model pickers), with labels.
+    pub suggestions: Vec<ChoiceView>,
 }
 
 pub struct GroupView {
@@ -143,6 +145,7 @@ fn field_view(state: FieldState) -> FieldView {
         placeholder: state.placeholder.unwrap_or_default(),
         required: state.required,
         error: state.error.unwrap_or_default(),
+        suggestions: vec![],
     }
 }
 
@@ -258,7 +261,29 @@ fn tab_html(state: &AppState, id: &str, config: &Config, oob: bool) -> Option<Re
     if id == PRESETS_TAB {
         return Some(presets_template(state, config, String::new(), String::new(), &[], String::new(), oob).render());
     }
-    section_template(&state.registry, id, config, oob).map(|t| t.render())
+    section_template(&state.registry, id, config, oob).map(|mut t| {
+        add_pickers(state, &mut t);
+        t.render()
+    })
+}
+
+/// The pickers: the datasets for the data folders, the base models under the allowed roots for
+/// the model path (offered as a datalist: any path can still be typed).
+fn add_pickers(state: &AppState, t: &mut SectionTemplate) {
+    for f in t.groups.iter_mut().flat_map(|g| g.fields.iter_mut()) {
+        let options: Vec<(String, String)> = match f.key.as_str() {
+            "train_data_dir" | "reg_data_dir" => state
+                .datasets
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| (state.datasets.root.join(&d.name).display().to_string(), format!("dataset {} ({} images)", d.name, d.images)))
+                .collect(),
+            "pretrained_model_name_or_path" => state.datasets.model_candidates(),
+            _ => continue,
+        };
+        f.suggestions = options.into_iter().map(|(value, label)| ChoiceView { selected: value == f.value, value, label }).collect();
+    }
 }
 
 fn render_tab(state: &AppState, id: &str, config: &Config, oob: bool) -> Response {

@@ -186,3 +186,32 @@ mod tests {
         assert!(format!("{err:#}").contains("bad.png"), "{err:#}");
     }
 }
+
+/// Whether an encoded image's last structure is there (JPEG's EOI marker, possibly followed by
+/// zero padding; PNG's IEND chunk; WebP's full RIFF length). The image crate decodes a cut
+/// JPEG "at best effort" without an error (zune-jpeg's strict mode is off), so a truncated
+/// file is only caught this way. Other formats: true.
+pub fn is_complete(format: image::ImageFormat, bytes: &[u8]) -> bool {
+    match format {
+        image::ImageFormat::Jpeg => {
+            let end = bytes.iter().rposition(|b| *b != 0).map(|i| i + 1).unwrap_or(0);
+            end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9]
+        }
+        image::ImageFormat::Png => bytes.len() >= 12 && bytes[bytes.len() - 12..bytes.len() - 4] == [0, 0, 0, 0, b'I', b'E', b'N', b'D'],
+        // RIFF's size field counts every byte after the first 8.
+        image::ImageFormat::WebP => bytes.len() >= 12 && u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize + 8 <= bytes.len(),
+        _ => true,
+    }
+}
+
+/// Reads and decodes an image file in full, as training will: `Err` names why it cannot be
+/// trained on (unreadable, truncated, undecodable).
+pub fn check_readable(path: &Path) -> Result<(u32, u32), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot be read: {e}"))?;
+    let format = image::guess_format(&bytes).map_err(|_| "is not an image".to_string())?;
+    if !is_complete(format, &bytes) {
+        return Err("is truncated or damaged (its end marker is missing)".into());
+    }
+    let image = image::load_from_memory_with_format(&bytes, format).map_err(|e| format!("cannot be decoded: {e}"))?;
+    Ok((image.width(), image.height()))
+}

@@ -207,7 +207,7 @@ impl TrainSet {
 }
 
 /// Without buckets every image is resized to cover `reso × reso` and centre-cropped.
-fn fixed_bucket(w: u32, h: u32, reso: u32) -> BucketChoice {
+pub(crate) fn fixed_bucket(w: u32, h: u32, reso: u32) -> BucketChoice {
     let scale = (reso as f64 / w as f64).max(reso as f64 / h as f64);
     let resized = (((w as f64 * scale) + 0.5) as u32, ((h as f64 * scale) + 0.5) as u32);
     BucketChoice { bucket: (reso, reso), resized: (resized.0.max(reso), resized.1.max(reso)), aspect_error: 0.0 }

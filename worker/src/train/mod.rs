@@ -19,6 +19,7 @@ pub mod data;
 pub mod events;
 pub mod network;
 pub mod param_groups;
+pub mod preflight;
 pub mod start_weights;
 pub mod state;
 pub mod tensorboard;
