@@ -19,3 +19,18 @@ pub async fn stop_signal() {
         _ = terminate => {},
     }
 }
+
+/// Cancels `token` on Ctrl-C or SIGTERM (from a thread of its own), printing `message`: for the
+/// commands that run the engine without a server (`loft train`, `loft dataset tag`).
+pub fn cancel_on_signal(token: &loft_worker::train::CancelToken, message: &'static str) {
+    let token = token.clone();
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(async {
+                stop_signal().await;
+                eprintln!("\n{message}");
+                token.cancel();
+            });
+        }
+    });
+}

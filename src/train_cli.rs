@@ -63,17 +63,8 @@ pub fn load_train_config(path: &Path) -> Result<TrainConfig> {
 pub fn train(args: TrainArgs) -> Result<()> {
     let config = load_train_config(&args.config)?;
     let cancel = CancelToken::new();
-    let on_signal = cancel.clone();
     // Ctrl-C or SIGTERM: finish the current step, save a state, stop.
-    std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            rt.block_on(async {
-                crate::signal::stop_signal().await;
-                eprintln!("\nstopping after this step (a state is saved; continue with --resume)…");
-                on_signal.cancel();
-            });
-        }
-    });
+    crate::signal::cancel_on_signal(&cancel, "stopping after this step (a state is saved; continue with --resume)…");
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} steps [{elapsed}<{eta}] {msg}")

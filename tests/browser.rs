@@ -244,6 +244,8 @@ async fn queue_from_the_form_and_watch_it_live() {
     let data = tempfile::tempdir().unwrap();
     let dataset = data.path().join("pictures");
     std::fs::create_dir_all(dataset.join("5_thing")).unwrap();
+    // The queue's pre-flight wants one usable picture (the simulated loop does not read it).
+    image::RgbImage::from_pixel(64, 64, image::Rgb([90, 140, 200])).save(dataset.join("5_thing/a.png")).unwrap();
     let b = browser(&data.path().join("data"), &["--simulate", "60:60:3"]).await;
     let d = &b.d;
     d.call(reqwest::Method::POST, "/url", json!({"url": format!("{}/", b.app)})).await;

@@ -391,3 +391,66 @@ async fn the_dataset_picker_and_the_preflight_before_queueing() {
     let (_, html) = post_form(&app, "/ui/preflight", "").await;
     assert!(html.contains("no usable training image") && !html.contains("queue-confirm"), "{html}");
 }
+
+/// `POST /api/datasets/{name}/tag` checks the request (dataset, a tagger folder inside an allowed
+/// root, thresholds) and queues a job of the second kind; the queue's worker runner runs it and
+/// the captions appear, with progress as training steps.
+#[tokio::test]
+async fn tagging_is_a_queued_job() {
+    let tagger_src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tagger");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = open_state(&data, None).unwrap();
+    let jobs = state.jobs.clone();
+    let mut state = state;
+    state.datasets.limits.min_side = 32;
+    // The tagger is in a folder allowed with --allow-root; another folder is not allowed.
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("wd14")).unwrap();
+    for f in ["model.onnx", "selected_tags.csv"] {
+        std::fs::copy(tagger_src.join("tiny-wd14").join(f), models.join("wd14").join(f)).unwrap();
+    }
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    state.datasets.allow_roots(std::slice::from_ref(&models)).unwrap();
+    let app = App { router: router(state), data: data.clone(), _dir: dir };
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    let blue = std::fs::read(tagger_src.join("images/blue.png")).unwrap();
+    let red = std::fs::read(tagger_src.join("images/red.png")).unwrap();
+    upload(&app, "set", &[("files", Some("blue.png"), &blue), ("files", Some("red.png"), &red)]).await;
+
+    for (body, status, needle) in [
+        (json!({"model_dir": elsewhere}), StatusCode::FORBIDDEN, "outside the allowed folders"),
+        (json!({"model_dir": models}), StatusCode::BAD_REQUEST, "model.onnx and selected_tags.csv"),
+        (json!({"model_dir": models.join("wd14"), "general_threshold": 1.5}), StatusCode::BAD_REQUEST, "general_threshold"),
+        (json!({"model_dir": models.join("wd14"), "mode": "append"}), StatusCode::BAD_REQUEST, "mode"),
+        (json!({"model_dir": models.join("wd14").join("..%2F..")}), StatusCode::FORBIDDEN, "percent"),
+    ] {
+        let (s, v) = json_req(&app, "POST", "/api/datasets/set/tag", Some(body.clone())).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(v.to_string().contains(needle), "{body}: {v}");
+    }
+    let (s, _) = json_req(&app, "POST", "/api/datasets/nope/tag", Some(json!({"model_dir": models.join("wd14")}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list) = json_req(&app, "GET", "/api/jobs", None).await;
+    assert_eq!(list["jobs"], json!([]), "nothing queued by a refused request");
+
+    let (s, v) = json_req(&app, "POST", "/api/datasets/set/tag", Some(json!({"model_dir": models.join("wd14"), "trigger": "ohwx", "exclude": ["solo"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_i64().unwrap();
+    let (_, job) = json_req(&app, "GET", &format!("/api/jobs/{id}"), None).await;
+    assert_eq!((job["name"].as_str(), job["config"]["job_kind"].as_str()), (Some("tag set"), Some("tag")), "{job}");
+    // The worker's runner, as `loft serve` runs it.
+    let claim = jobs.claim("w", std::time::Duration::from_secs(60)).unwrap().unwrap();
+    let spec = loft::jobs::runner::JobSpec { id, name: claim.name.clone(), config: claim.config.clone(), job_dir: jobs.job_dir(id), resume: false };
+    let runner = loft::jobs::runner::EngineRunner { registry: std::sync::Arc::new(loft::registry::Registry::embedded().unwrap()), device: None };
+    let mut events = loft_worker::train::EventLog::default();
+    use loft::jobs::runner::JobRunner;
+    let outcome = runner.run(&spec, &mut events, &loft_worker::train::CancelToken::new()).unwrap();
+    assert_eq!(outcome.final_step, 2);
+    let steps = events.0.iter().filter(|e| matches!(e, loft_worker::train::TrainEvent::Step { .. })).count();
+    assert_eq!(steps, 2, "one step per image");
+    let sub = data.join("datasets/set/1_set");
+    assert_eq!(std::fs::read_to_string(sub.join("blue.txt")).unwrap(), "ohwx, blue theme, star (sky)\n");
+    assert_eq!(std::fs::read_to_string(sub.join("red.txt")).unwrap(), "ohwx, ^_^, red theme\n");
+}

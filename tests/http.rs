@@ -423,6 +423,7 @@ async fn a_job_file_converts_to_a_plain_lora_from_its_page() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let ds = dir.path().join("dataset/5_thing");
     std::fs::create_dir_all(&ds).unwrap();
+    image::RgbImage::from_pixel(32, 32, image::Rgb([10, 20, 30])).save(ds.join("a.png")).unwrap();
     let config = json!({
         "pretrained_model_name_or_path": fixtures.join("tiny-sd15"),
         "train_data_dir": ds.parent().unwrap(),

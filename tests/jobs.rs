@@ -96,12 +96,13 @@ async fn wait_http(url: &str) {
     panic!("{url} did not come up");
 }
 
-/// A dataset folder (the simulated runner does not read it, but enqueue checks it exists).
+/// A dataset folder with one small picture (the simulated runner does not read it, but enqueue
+/// checks that it holds a usable image).
 fn dataset(dir: &Path) -> PathBuf {
     let d = dir.join("dataset");
     std::fs::create_dir_all(d.join("5_thing")).unwrap();
     std::fs::write(d.join("5_thing/a.txt"), "a thing").unwrap();
-    std::fs::write(d.join("5_thing/a.png"), b"not really a png").unwrap();
+    image::RgbImage::from_pixel(32, 32, image::Rgb([200, 80, 40])).save(d.join("5_thing/a.png")).unwrap();
     d
 }
 

@@ -14,5 +14,6 @@ pub mod captions;
 pub mod cli;
 pub mod images;
 pub mod store;
+pub mod tagging;
 
 pub use store::{DatasetError, Datasets};

@@ -179,6 +179,14 @@ impl Jobs {
         config
     }
 
+    /// Queues a tagging job (`crate::datasets::tagging`) beside the training jobs.
+    pub fn enqueue_tag(&self, job: &crate::datasets::tagging::TagJob) -> Result<i64, JobError> {
+        let name = format!("tag {}", job.dataset);
+        let id = queue::enqueue(&mut self.db.conn(), &name, &job.to_config(), 0, DEFAULT_MAX_ATTEMPTS)?;
+        self.notify_queue();
+        Ok(id)
+    }
+
     /// What training would make of a draft's dataset (the Queue button's confirmation): the
     /// same checks as [`Jobs::enqueue`], without queueing anything.
     pub fn preflight(&self, config: &Config) -> Result<Preflight, JobError> {

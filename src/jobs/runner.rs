@@ -47,6 +47,11 @@ pub struct EngineRunner {
 
 impl JobRunner for EngineRunner {
     fn run(&self, job: &JobSpec, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+        // A tagging job (a second kind beside training): the engine's tagger over the dataset.
+        if let Some(tag) = crate::datasets::tagging::TagJob::from_config(&job.config) {
+            let tag = tag.map_err(|e| anyhow!(Permanent(e)))?;
+            return loft_worker::tagger::tag_folder(&tag.dataset_dir, &tag.model_dir, &tag.options, sink, cancel);
+        }
         let config = engine_config(&self.registry, &job.config).map_err(|errors| {
             let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
             anyhow!(Permanent(format!("the configuration is not valid: {}", list.join("; "))))

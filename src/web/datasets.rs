@@ -17,6 +17,7 @@ use super::{render, AppState};
 use crate::datasets::captions::{self, BulkOutcome, BulkRequest};
 use crate::datasets::images::{check_image, free_name, upload_name};
 use crate::datasets::store::{Dataset, DatasetSummary};
+use crate::datasets::tagging::{tagger_candidates, TagJob, TagRequest};
 use crate::datasets::{DatasetError, Datasets};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -50,6 +51,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/datasets/{name}/captions", post(api_captions))
         .route("/api/datasets/{name}/captions/{subset}/{file}", axum::routing::put(api_put_caption))
         .route("/api/datasets/{name}/tags", get(api_tags))
+        .route("/api/datasets/{name}/tag", post(api_tag))
+        .route("/ui/datasets/{name}/tag", post(ui_tag))
         .route("/datasets", get(datasets_page))
         .route("/datasets/{name}", get(dataset_page))
         .route("/datasets/{name}/thumbs/{subset}/{file}", get(thumbnail))
@@ -183,6 +186,66 @@ async fn api_tags(State(state): State<AppState>, Path(name): Path<String>) -> Re
         Ok(tags) => Json(json!({ "tags": tags.into_iter().map(|(tag, count)| json!({"tag": tag, "count": count})).collect::<Vec<_>>() })).into_response(),
         Err(e) => dataset_error(e),
     }
+}
+
+/// Checks a tagging request and queues it; the job's id, or the response naming the problem.
+async fn queue_tagging(state: &AppState, name: String, req: TagRequest) -> Result<i64, Response> {
+    let job = blocking(&state.datasets, move |d| TagJob::from_request(d, &name, &req)).await.map_err(dataset_error)?;
+    let jobs = state.jobs.clone();
+    tokio::task::spawn_blocking(move || jobs.enqueue_tag(&job))
+        .await
+        .expect("a database task does not panic")
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("the tagging job could not be queued: {e}")))
+}
+
+/// `POST /api/datasets/{name}/tag`: queues WD14 tagging of the dataset; answers with the job's id.
+async fn api_tag(State(state): State<AppState>, Path(name): Path<String>, body: Result<Json<TagRequest>, JsonRejection>) -> Response {
+    let req = match json_body(body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match queue_tagging(&state, name, req).await {
+        Ok(id) => (StatusCode::CREATED, [(header::LOCATION, format!("/api/jobs/{id}"))], Json(json!({ "id": id }))).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct TagForm {
+    model_dir: String,
+    general_threshold: f64,
+    character_threshold: f64,
+    #[serde(default)]
+    exclude: String,
+    #[serde(default)]
+    trigger: String,
+    #[serde(default)]
+    mode: String,
+}
+
+async fn ui_tag(State(state): State<AppState>, Path(name): Path<String>, Form(form): Form<TagForm>) -> Response {
+    let req = TagRequest {
+        model_dir: PathBuf::from(form.model_dir.trim()),
+        general_threshold: form.general_threshold,
+        character_threshold: form.character_threshold,
+        exclude: form.exclude.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+        trigger: form.trigger,
+        mode: if form.mode.is_empty() { "write".into() } else { form.mode },
+    };
+    match queue_tagging(&state, name, req).await {
+        // The job's page shows its progress bar and log.
+        Ok(id) => ([("HX-Redirect", format!("/jobs/{id}"))], "").into_response(),
+        Err(r) => {
+            let body = to_text(r).await;
+            render(&Note { ok: false, message: body })
+        }
+    }
+}
+
+/// The `error` text of a JSON error response.
+async fn to_text(r: Response) -> String {
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned())
 }
 
 // ---------------------------------------------------------------- upload
@@ -450,6 +513,8 @@ struct DatasetPage {
     tags: Vec<(String, usize)>,
     max_file_mib: u64,
     min_side: u32,
+    /// Tagger folders found under the allowed roots.
+    taggers: Vec<String>,
 }
 
 async fn datasets_page(State(state): State<AppState>) -> Response {
@@ -462,10 +527,10 @@ async fn datasets_page(State(state): State<AppState>) -> Response {
 
 async fn dataset_page(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let limits = state.datasets.limits.clone();
-    match blocking(&state.datasets, move |d| Ok::<_, DatasetError>((d.get(&name)?, captions::tag_frequency(d, &name)?))).await {
-        Ok((d, tags)) => {
+    match blocking(&state.datasets, move |d| Ok::<_, DatasetError>((d.get(&name)?, captions::tag_frequency(d, &name)?, tagger_candidates(d)))).await {
+        Ok((d, tags, taggers)) => {
             let images = d.subsets.iter().map(|s| s.images.len()).sum();
-            render(&DatasetPage { nav: "datasets", d, images, tags, max_file_mib: limits.max_file_bytes >> 20, min_side: limits.min_side })
+            render(&DatasetPage { nav: "datasets", d, images, tags, max_file_mib: limits.max_file_bytes >> 20, min_side: limits.min_side, taggers })
         }
         Err(e) => dataset_error(e),
     }

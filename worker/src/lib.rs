@@ -11,6 +11,7 @@ pub mod optim;
 pub mod profile;
 pub mod sample;
 pub mod schedule;
+pub mod tagger;
 pub mod train;
 
 /// The tensor library, re-exported so the root crate (CLI, tests) builds tensors with the same

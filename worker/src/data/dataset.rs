@@ -86,7 +86,7 @@ pub fn scan_train_dir(dir: &Path, caption_extension: &str, is_reg: bool) -> Resu
     Ok((subsets, ignored))
 }
 
-fn is_image(path: &Path) -> bool {
+pub fn is_image(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
