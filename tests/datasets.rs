@@ -454,3 +454,99 @@ async fn tagging_is_a_queued_job() {
     assert_eq!(std::fs::read_to_string(sub.join("blue.txt")).unwrap(), "ohwx, blue theme, star (sky)\n");
     assert_eq!(std::fs::read_to_string(sub.join("red.txt")).unwrap(), "ohwx, ^_^, red theme\n");
 }
+
+fn zip_of(entries: &[(&str, &[u8])], symlink: Option<(&str, &str)>) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(vec![]));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        w.start_file(*name, opts).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    if let Some((name, target)) = symlink {
+        w.add_symlink(name, target, opts).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+async fn import_zip(app: &App, dataset: &str, zip: &[u8]) -> (StatusCode, Value) {
+    let (content_type, body) = multipart(&[("file", Some("set.zip"), zip)]);
+    let req = Request::post(format!("/api/datasets/{dataset}/import")).header(header::CONTENT_TYPE, content_type).body(Body::from(body)).unwrap();
+    let (status, text) = send(app, req).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Zip import: subsets from `N_class` folders, captions kept, each image checked; a zip-slip
+/// entry and a symlink refused by name; a bomb and too many entries refuse the archive and
+/// write nothing. Folder import: only under an allowed root, symlinks not followed.
+#[tokio::test]
+async fn zip_and_folder_imports_are_checked_and_confined() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    let allowed = dir.path().join("pictures");
+    let app = {
+        let data = dir.path().join("data");
+        let mut state = open_state(&data, None).unwrap();
+        state.datasets.limits.min_side = 32;
+        state.datasets.limits.max_request_bytes = 1_000_000;
+        std::fs::create_dir_all(&allowed).unwrap();
+        state.datasets.allow_roots(std::slice::from_ref(&allowed)).unwrap();
+        App { router: router(state), data, _dir: tempfile::tempdir().unwrap() }
+    };
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "set"}))).await;
+    let p = png(40, 40, [5, 6, 7]);
+    let zip = zip_of(
+        &[
+            ("10_cat/a.png", &p),
+            ("10_cat/a.txt", b"a cat"),
+            ("loose.png", &p),
+            ("notes/readme.md", b"hi"),
+            ("10_cat/broken.png", b"nope"),
+            ("../evil.png", &p),
+        ],
+        Some(("link.png", "/etc/passwd")),
+    );
+    let (s, v) = import_zip(&app, "set", &zip).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let accepted: Vec<String> = v["accepted"].as_array().unwrap().iter().map(|a| format!("{}/{}", a["subset"].as_str().unwrap(), a["file"].as_str().unwrap())).collect();
+    assert_eq!(accepted, ["10_cat/a.png", "10_cat/loose.png", "10_cat/a.txt"], "loose files go to the first subset: {v}");
+    let reason = |f: &str| v["rejected"].as_array().unwrap().iter().find(|r| r["file"] == f).map(|r| r["reason"].as_str().unwrap().to_string()).unwrap_or_else(|| panic!("{f}: {v}"));
+    assert!(reason("../evil.png").contains("zip slip"));
+    assert!(reason("link.png").contains("symbolic link"));
+    assert!(reason("broken.png").contains("not an image"));
+    assert!(reason("readme.md").contains(".md is not accepted"));
+    assert!(!app.data.join("datasets/evil.png").exists() && !app.data.join("evil.png").exists());
+    assert_eq!(std::fs::read_to_string(app.data.join("datasets/set/10_cat/a.txt")).unwrap(), "a cat");
+    let before = files_under(&app.data.join("datasets/set"));
+    // A bomb: 5 MB of zeros packs into a few KB; its declared size is over the 1 MB limit.
+    let zeros = vec![0u8; 5_000_000];
+    let bomb = zip_of(&[("10_cat/b.png", &p), ("10_cat/zeros.png", &zeros)], None);
+    assert!(bomb.len() < 50_000);
+    let (s, v) = import_zip(&app, "set", &bomb).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("unpacks to"), "{v}");
+    let many: Vec<(String, Vec<u8>)> = (0..10_001).map(|i| (format!("f{i}.txt"), vec![])).collect();
+    let many_refs: Vec<(&str, &[u8])> = many.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let (s, v) = import_zip(&app, "set", &zip_of(&many_refs, None)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("10001 entries"), "{v}");
+    let (s, v) = import_zip(&app, "set", b"PK not really a zip").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(files_under(&app.data.join("datasets/set")), before, "refused archives wrote nothing");
+
+    // Folders: outside the allowed roots, refused; inside, imported (symlinks not followed).
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("x.png"), &p).unwrap();
+    let (s, v) = json_req(&app, "POST", "/api/datasets/set/import", Some(json!({"folder": outside}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    std::fs::create_dir_all(allowed.join("3_dog")).unwrap();
+    std::fs::write(allowed.join("3_dog/d.png"), &p).unwrap();
+    std::fs::write(allowed.join("3_dog/d.txt"), "a dog").unwrap();
+    std::os::unix::fs::symlink(outside.join("x.png"), allowed.join("3_dog/x.png")).unwrap();
+    let (s, v) = json_req(&app, "POST", "/api/datasets/set/import", Some(json!({"folder": allowed}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["accepted"].as_array().unwrap().len(), 2, "{v}");
+    assert!(app.data.join("datasets/set/3_dog/d.png").is_file() && !app.data.join("datasets/set/3_dog/x.png").exists());
+    let (s, _) = json_req(&app, "POST", "/api/datasets/set/import", Some(json!({"folder": allowed.join("..%2Foutside")}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

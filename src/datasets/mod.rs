@@ -13,6 +13,7 @@
 pub mod captions;
 pub mod cli;
 pub mod images;
+pub mod import;
 pub mod store;
 pub mod tagging;
 

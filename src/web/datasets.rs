@@ -69,6 +69,7 @@ pub fn upload_routes(limit: u64) -> Router<AppState> {
     Router::new()
         .route("/api/datasets/{name}/images", post(api_upload))
         .route("/ui/datasets/{name}/images", post(ui_upload))
+        .route("/api/datasets/{name}/import", post(api_import))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
 }
 
@@ -458,6 +459,90 @@ async fn api_upload(State(state): State<AppState>, Path(name): Path<String>, mul
         }
         Err(r) => r,
     }
+}
+
+// ---------------------------------------------------------------- import
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FolderImport {
+    folder: PathBuf,
+    #[serde(default)]
+    subset: Option<String>,
+}
+
+/// `POST /api/datasets/{name}/import`: a zip file (multipart, field `file`, optional `subset`
+/// first), or `{"folder": PATH, "subset"?}` for a folder under an allowed root.
+async fn api_import(State(state): State<AppState>, Path(name): Path<String>, request: axum::extract::Request) -> Response {
+    use axum::extract::FromRequest;
+    let is_multipart = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let result = if is_multipart {
+        let mut multipart = match Multipart::from_request(request, &state).await {
+            Ok(m) => m,
+            Err(e) => return error(e.status(), e.body_text()),
+        };
+        let mut subset = None;
+        let zip_path = state.jobs.data_dir.join("cache").join(format!("import-{}-{}.zip", std::process::id(), rand_suffix()));
+        let mut got_file = false;
+        loop {
+            match multipart.next_field().await {
+                Ok(Some(field)) if field.name() == Some("subset") => subset = Some(field.text().await.unwrap_or_default().trim().to_string()).filter(|s| !s.is_empty()),
+                Ok(Some(field)) if field.name() == Some("file") && !got_file => {
+                    if let Some(dir) = zip_path.parent() {
+                        let _ = tokio::fs::create_dir_all(dir).await;
+                    }
+                    match stream_to(field, &zip_path, state.datasets.limits.max_request_bytes).await {
+                        Ok(()) => got_file = true,
+                        Err(StreamError::TooLarge) => {
+                            let _ = tokio::fs::remove_file(&zip_path).await;
+                            return error(StatusCode::PAYLOAD_TOO_LARGE, "the zip file is larger than the request limit");
+                        }
+                        Err(StreamError::Body(r)) => {
+                            let _ = tokio::fs::remove_file(&zip_path).await;
+                            return r;
+                        }
+                    }
+                }
+                Ok(Some(field)) => return error(StatusCode::BAD_REQUEST, format!("unknown form field {:?}: the zip goes in `file`, the subset in `subset`", field.name().unwrap_or(""))),
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&zip_path).await;
+                    return error(e.status(), format!("upload: {}", e.body_text()));
+                }
+            }
+        }
+        if !got_file {
+            return error(StatusCode::BAD_REQUEST, "no zip file: send it in the `file` field");
+        }
+        let path = zip_path.clone();
+        let r = blocking(&state.datasets, move |d| crate::datasets::import::import_zip(d, &name, subset.as_deref(), &path)).await;
+        let _ = tokio::fs::remove_file(&zip_path).await;
+        r
+    } else {
+        let body = match axum::body::to_bytes(request.into_body(), 1 << 20).await {
+            Ok(b) => b,
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body: larger than 1 MiB"),
+        };
+        let req: FolderImport = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}; send a zip as multipart `file`, or {{\"folder\": PATH}}")),
+        };
+        blocking(&state.datasets, move |d| crate::datasets::import::import_folder(d, &name, req.subset.as_deref(), &req.folder)).await
+    };
+    match result {
+        Ok(outcome) => {
+            let status = if outcome.accepted.is_empty() && !outcome.rejected.is_empty() { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+            (status, Json(outcome)).into_response()
+        }
+        Err(e) => dataset_error(e),
+    }
+}
+
+/// A few random hex digits for a temporary file's name.
+fn rand_suffix() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 // ---------------------------------------------------------------- thumbnails
