@@ -305,3 +305,83 @@ async fn demo_trains_on_the_real_engine_and_its_epoch_downloads() {
     d.screenshot("demo-finished").await;
     d.call(reqwest::Method::DELETE, "", Value::Null).await;
 }
+
+/// A dataset as a new user makes one: create it, upload three pictures (one broken, refused
+/// with its reason), tag the rest with a WD14 tagger from disk as a queued job, add a trigger
+/// word to every caption (preview, then apply), edit one caption, and queue a training job on it
+/// through the Queue button's pre-flight.
+#[tokio::test]
+async fn a_dataset_from_upload_to_a_queued_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let files = tmp.path().join("to-upload");
+    std::fs::create_dir_all(&files).unwrap();
+    for f in ["blue.png", "red.png"] {
+        std::fs::copy(fixtures.join("tagger/images").join(f), files.join(f)).unwrap();
+    }
+    let mut jpeg = std::io::Cursor::new(vec![]);
+    image::RgbImage::from_fn(300, 300, |x, y| image::Rgb([x as u8, y as u8, 90])).write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+    let jpeg = jpeg.into_inner();
+    std::fs::write(files.join("broken.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let data = tmp.path().join("data");
+    let b = browser(&data, &["--allow-root", fixtures.join("tagger").to_str().unwrap()]).await;
+    let (d, app) = (&b.d, &b.app);
+    d.call(reqwest::Method::POST, "/window/rect", json!({"width": 1280, "height": 1000})).await;
+
+    d.call(reqwest::Method::POST, "/url", json!({"url": format!("{app}/datasets")})).await;
+    d.wait_for("the datasets page", "return !!document.querySelector('#new-dataset')").await;
+    d.type_into("#new-dataset input[name=name]", "shapes").await;
+    d.click("#new-dataset button[type=submit]").await;
+    d.wait_for("the dataset's page", "return location.pathname === '/datasets/shapes' && !!document.querySelector('#upload-files')").await;
+
+    // Upload through the file picker (the drop zone sends the same form).
+    d.eval("document.querySelector('#upload-files').hidden = false").await;
+    let input = d.find("#upload-files").await.unwrap();
+    let paths: Vec<String> = ["blue.png", "red.png", "broken.jpg"].iter().map(|f| files.join(f).display().to_string()).collect();
+    d.call(reqwest::Method::POST, &format!("/element/{input}/value"), json!({"text": paths.join("\n")})).await;
+    d.wait_long("the upload's report", "var r = document.querySelector('#upload-result'); return !!r && r.textContent.includes('2 files added')", 20).await;
+    let report = d.eval("return document.querySelector('#upload-result').textContent").await;
+    assert!(report.as_str().unwrap().contains("broken.jpg") && report.as_str().unwrap().contains("truncated"), "{report}");
+    d.wait_for("the thumbnails", "return document.querySelectorAll('#grid figure.thumb').length === 2").await;
+
+    // Tag with the tiny tagger: a job in the queue, watched on its page.
+    d.type_into("#tag-form input[name=model_dir]", fixtures.join("tagger/tiny-wd14").to_str().unwrap()).await;
+    d.click("#tag-form button[type=submit]").await;
+    d.wait_for("the tagging job's page", "return /^\\/jobs\\/\\d+$/.test(location.pathname)").await;
+    d.wait_long("the tagging job to finish", "var h = document.querySelector('#job-head [data-state]'); return !!h && h.dataset.state === 'succeeded'", 60).await;
+    d.call(reqwest::Method::POST, "/url", json!({"url": format!("{app}/datasets/shapes")})).await;
+    d.wait_for("the tagged captions", "var t = document.querySelector('textarea[aria-label=\"Caption of blue.png\"]'); return !!t && t.value.includes('blue theme')").await;
+
+    // A trigger word on every caption: preview, then apply.
+    d.type_into("#bulk-form input[name=word]", "ohwx").await;
+    d.click("#bulk-form button[type=submit]").await;
+    d.wait_for("the preview", "return !!document.querySelector('#apply-bulk')").await;
+    d.click("#apply-bulk").await;
+    d.wait_long("the captions to change", "var t = document.querySelectorAll('#grid textarea'); return t.length === 2 && Array.from(t).every(x => x.value.startsWith('ohwx, '))", 15).await;
+
+    // One caption edited in place.
+    d.type_into("textarea[aria-label=\"Caption of red.png\"]", "ohwx, a red square").await;
+    d.click("h1").await; // leaving the box commits the edit (a change event), as a user does
+    d.wait_for("the saved caption", "return !!document.querySelector('.saved .note.ok')").await;
+    let dir = data.join("datasets/shapes/1_shapes");
+    assert_eq!(std::fs::read_to_string(dir.join("red.txt")).unwrap(), "ohwx, a red square\n");
+    assert!(std::fs::read_to_string(dir.join("blue.txt")).unwrap().starts_with("ohwx, blue theme"));
+    d.eval("window.scrollTo(0, 0)").await;
+    d.screenshot("datasets").await;
+
+    // Train on it: the dataset is offered in the Dataset tab, the pre-flight shows it, the job queues.
+    d.call(reqwest::Method::POST, "/url", json!({"url": format!("{app}/")})).await;
+    d.wait_for("the model tab", "return !!document.querySelector('#f-pretrained_model_name_or_path')").await;
+    d.type_into("#f-pretrained_model_name_or_path", fixtures.join("models/tiny-sd15").to_str().unwrap()).await;
+    d.click("#tab-dataset").await;
+    d.wait_for("the dataset picker", "return !!document.querySelector('#dl-train_data_dir option[label^=\"dataset shapes\"]')").await;
+    let path = d.eval("return document.querySelector('#dl-train_data_dir option[label^=\"dataset shapes\"]').value").await;
+    d.type_into("#f-train_data_dir", path.as_str().unwrap()).await;
+    d.click("#queue-job").await;
+    d.wait_long("the pre-flight", "var c = document.querySelector('#queue-confirm'); return !!c && document.querySelector('.preflight').textContent.includes('2 images')", 20).await;
+    d.screenshot("queue-preflight-dataset").await;
+    d.click("#queue-confirm").await;
+    d.wait_for("the training job's page", "return /^\\/jobs\\/\\d+$/.test(location.pathname)").await;
+    let jobs: Value = reqwest::get(format!("{app}/api/jobs")).await.unwrap().json().await.unwrap();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "the tagging job and the training job: {jobs}");
+}

@@ -132,9 +132,17 @@ async fn create_list_read_and_delete() {
     assert_eq!(v["subsets"][0]["repeats"], 4);
     let (s, _) = json_req(&app, "GET", "/api/datasets/nope", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = json_req(&app, "DELETE", "/api/datasets/my%20cat", None).await;
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "other"}))).await;
+    let (s, _) = json_req(&app, "PUT", "/api/datasets/my%20cat", Some(json!({"name": "other"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = json_req(&app, "PUT", "/api/datasets/my%20cat", Some(json!({"name": "../escape"}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = json_req(&app, "PUT", "/api/datasets/my%20cat", Some(json!({"name": "cats"}))).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("cats")));
+    assert!(app.data.join("datasets/cats/4_ohwx cat/a.png").is_file());
+    let (s, _) = json_req(&app, "DELETE", "/api/datasets/cats", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert!(!app.data.join("datasets/my cat").exists());
+    assert!(!app.data.join("datasets/cats").exists());
 }
 
 #[tokio::test]

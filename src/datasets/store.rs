@@ -281,6 +281,16 @@ impl Datasets {
         }
     }
 
+    /// Renames a dataset (its folder).
+    pub fn rename(&self, name: &str, new_name: &str) -> Result<()> {
+        let dir = self.dataset_dir(name)?;
+        let target = self.resolve(&[("new name", new_name)])?;
+        if target.exists() {
+            return Err(DatasetError::Conflict(format!("a dataset {new_name:?} exists already")));
+        }
+        std::fs::rename(&dir, &target).map_err(|e| io_error(format!("renaming dataset {name:?}"), e))
+    }
+
     pub fn delete(&self, name: &str) -> Result<()> {
         let dir = self.dataset_dir(name)?;
         // A symlinked dataset folder is unlinked, never followed.

@@ -45,7 +45,7 @@ async fn blocking<T: Send + 'static>(ds: &Datasets, f: impl FnOnce(&Datasets) ->
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/datasets", get(api_list).post(api_create))
-        .route("/api/datasets/{name}", get(api_get).delete(api_delete))
+        .route("/api/datasets/{name}", get(api_get).put(api_rename).delete(api_delete))
         .route("/api/datasets/{name}/subsets", post(api_create_subset))
         .route("/api/datasets/{name}/subsets/{subset}", axum::routing::put(api_update_subset).delete(api_delete_subset))
         .route("/api/datasets/{name}/captions", post(api_captions))
@@ -102,6 +102,18 @@ async fn api_create(State(state): State<AppState>, body: Result<Json<NewDataset>
 async fn api_get(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match blocking(&state.datasets, move |d| d.get(&name)).await {
         Ok(d) => Json(d).into_response(),
+        Err(e) => dataset_error(e),
+    }
+}
+
+/// `PUT /api/datasets/{name}` `{"name": NEW}`: renames the dataset.
+async fn api_rename(State(state): State<AppState>, Path(name): Path<String>, body: Result<Json<NewDataset>, JsonRejection>) -> Response {
+    let req = match json_body(body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match blocking(&state.datasets, move |d| d.rename(&name, &req.name).map(|_| req.name)).await {
+        Ok(name) => Json(json!({ "name": name })).into_response(),
         Err(e) => dataset_error(e),
     }
 }
@@ -312,6 +324,9 @@ async fn upload(state: &AppState, name: &str, mut multipart: Multipart) -> Resul
             Some("subset") => {
                 let text = field.text().await.unwrap_or_default();
                 let s = text.trim().to_string();
+                if s.is_empty() {
+                    continue; // the form's "made for the upload" choice: the default subset
+                }
                 let n = name.to_string();
                 let checked = s.clone();
                 if let Err(e) = blocking(&ds, move |d| d.subset_dir(&n, &checked)).await {
