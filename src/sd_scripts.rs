@@ -40,6 +40,85 @@ pub struct SdScriptsConfig {
     /// A LyCORIS preset file (name, TOML) that `network_args` names with `preset=`, where
     /// LyCORIS's built-in preset of that name would build other modules than Loft trains.
     pub preset_file: Option<(String, String)>,
+    /// The dataset config (`dataset.toml`) that `dataset_config` names: `[general]` with the
+    /// dataset options, one `[[datasets]]` with a `[[datasets.subsets]]` per `N_class` folder.
+    pub dataset_file: Option<(String, String)>,
+}
+
+/// The dataset config file, when the training folder can be read here: the dataset options in
+/// `[general]` (where sd-scripts' ConfigSanitizer takes them all), and each `N_class` folder
+/// of the training (and regularisation) folder as a DreamBooth subset with its repeats and
+/// class tokens. `None`, with the reason in `not_exported`, when the folder cannot be read.
+fn dataset_file(registry: &Registry, active: &Config, not_exported: &mut Vec<(String, String)>) -> Option<(String, String)> {
+    use loft_worker::data::dataset::scan_train_dir;
+    let text = |key: &str| active.get(key).and_then(|v| v.as_str()).unwrap_or("").trim().to_string();
+    let caption_extension = text("caption_extension");
+    let ext = if caption_extension.is_empty() { ".caption".to_string() } else { caption_extension };
+    let mut subsets = vec![];
+    for (key, is_reg) in [("train_data_dir", false), ("reg_data_dir", true)] {
+        let dir = text(key);
+        if dir.is_empty() {
+            continue;
+        }
+        match scan_train_dir(Path::new(&dir), &ext, is_reg) {
+            Ok((found, _)) if !found.is_empty() => subsets.extend(found),
+            Ok(_) => {
+                not_exported.push(("dataset.toml".into(), format!("{key} {dir} has no N_name folders here; sd-scripts reads {key} from the main file")));
+                return None;
+            }
+            Err(e) => {
+                not_exported.push(("dataset.toml".into(), format!("{key} {dir} cannot be read here ({e}); sd-scripts reads {key} from the main file")));
+                return None;
+            }
+        }
+    }
+    if subsets.is_empty() {
+        return None;
+    }
+    let mut general = Table::new();
+    for field in registry.fields() {
+        let Some(name) = field.export.as_ref().and_then(|e| e.dataset.as_deref()) else { continue };
+        let Some(value) = active.get(&field.key) else { continue };
+        // Per subset (from the folder names), or subset-only in sd-scripts.
+        if matches!(name, "num_repeats" | "class_tokens" | "alpha_mask") || value.as_str() == Some("") || (value.as_f64() == Some(0.0) && ZERO_IS_UNSET.contains(&field.key.as_str())) {
+            continue;
+        }
+        let v = match value {
+            serde_json::Value::Bool(b) => Toml::Boolean(*b),
+            serde_json::Value::String(s) if name == "resize_interpolation" && s == "auto" => continue,
+            serde_json::Value::String(s) => Toml::String(s.clone()),
+            serde_json::Value::Number(n) if matches!(field.kind, Kind::Integer) => Toml::Integer(n.as_i64().unwrap_or_default()),
+            serde_json::Value::Number(n) => Toml::Float(n.as_f64().unwrap_or_default()),
+            _ => continue,
+        };
+        general.insert(name.to_string(), v);
+    }
+    let alpha_mask = active.get("alpha_mask").and_then(|v| v.as_bool()) == Some(true);
+    let subsets: Vec<Toml> = subsets
+        .into_iter()
+        .map(|s| {
+            let mut t = Table::new();
+            t.insert("image_dir".into(), Toml::String(s.image_dir.display().to_string()));
+            t.insert("num_repeats".into(), Toml::Integer(s.num_repeats as i64));
+            if !s.class_tokens.is_empty() {
+                t.insert("class_tokens".into(), Toml::String(s.class_tokens));
+            }
+            if s.is_reg {
+                t.insert("is_reg".into(), Toml::Boolean(true));
+            }
+            if alpha_mask {
+                t.insert("alpha_mask".into(), Toml::Boolean(true));
+            }
+            Toml::Table(t)
+        })
+        .collect();
+    let mut dataset = Table::new();
+    dataset.insert("subsets".into(), Toml::Array(subsets));
+    let mut doc = Table::new();
+    doc.insert("general".into(), Toml::Table(general));
+    doc.insert("datasets".into(), Toml::Array(vec![Toml::Table(dataset)]));
+    let body = toml::to_string(&doc).ok()?;
+    Some(("dataset.toml".into(), format!("# sd-scripts dataset config exported by Loft (the main file names it with dataset_config).\n\n{body}")))
 }
 
 /// Loft zeros meaning "not set" where sd-scripts reads 0 as a value (a frozen learning rate,
@@ -196,10 +275,16 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         _ => {}
     }
 
+    // The dataset as sd-scripts' dataset config; the main file then names it instead of the
+    // folders (sd-scripts ignores train_data_dir / reg_data_dir beside a dataset_config).
+    let dataset_file = dataset_file(registry, &active, &mut not_exported);
     for field in registry.fields() {
         let Some(export) = &field.export else { continue };
         let Some(value) = active.get(&field.key) else { continue };
         let key = field.key.as_str();
+        if dataset_file.is_some() && matches!(key, "train_data_dir" | "reg_data_dir") {
+            continue;
+        }
         let section = field.section.as_str();
         let is_zero = value.as_f64() == Some(0.0);
         if value.as_str() == Some("") || (is_zero && ZERO_IS_UNSET.contains(&key)) {
@@ -276,6 +361,13 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         }
         None => None,
     };
+    if let Some((name, _)) = &dataset_file {
+        let path = match Path::new(prompts_file).parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(dir) => dir.join(name).to_string_lossy().into_owned(),
+            None => name.clone(),
+        };
+        put("dataset", "dataset_config", Toml::String(path));
+    }
     if !network_args.is_empty() {
         put("network", "network_args", Toml::Array(network_args.into_iter().map(Toml::String).collect()));
     }
@@ -303,7 +395,7 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
     }
     out.push('\n');
     out.push_str(&toml::to_string(&table).map_err(|e| vec![FieldError { field: "config".into(), message: format!("cannot write TOML: {e}") }])?);
-    Ok(SdScriptsConfig { script, toml: out, sample_prompts, not_exported, preset_file })
+    Ok(SdScriptsConfig { script, toml: out, sample_prompts, not_exported, preset_file, dataset_file })
 }
 
 /// What an import produced.
@@ -568,6 +660,11 @@ pub fn export_cli(args: ExportArgs) -> anyhow::Result<()> {
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {} (the LyCORIS preset network_args names)", path.display());
     }
+    if let Some((name, text)) = &exported.dataset_file {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {} (the dataset config dataset_config names)", path.display());
+    }
     for (key, why) in &exported.not_exported {
         eprintln!("not exported: {key} ({why})");
     }
@@ -692,7 +789,8 @@ mod tests {
         assert_eq!(flat["sample_prompts"].as_str(), Some("/o/prompts.txt"));
         assert_eq!(e.sample_prompts.as_deref(), Some("a cat --n dog\na dog\n"));
         // num_repeats lives in folder names; Loft's mixed_precision "auto" has no sd-scripts value.
-        assert_eq!(e.not_exported.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["num_repeats", "mixed_precision"], "both are reported");
+        // (And the dataset config: the test's /d is not a folder here.)
+        assert_eq!(e.not_exported.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["dataset.toml", "num_repeats", "mixed_precision"], "each is reported");
         assert!(!flat.contains_key("mixed_precision"));
         assert!(e.toml.contains("# not exported: num_repeats"));
         // Values that apply are typed as sd-scripts expects them.
@@ -791,6 +889,57 @@ mod tests {
         let bad = json!({"base_weights": "/l/a.safetensors", "base_weights_multiplier": "1.0, x"});
         let e = loft_worker::train::TrainConfig::read_fields(bad.as_object().unwrap()).unwrap_err();
         assert!(e.field == "base_weights_multiplier" && e.message.contains("\"x\""), "{e}");
+    }
+
+    /// With a training folder on this machine, the export writes sd-scripts' dataset config: the
+    /// dataset options under `[general]` (only keys sd-scripts' ConfigSanitizer accepts there), a
+    /// subset per `N_class` folder with its repeats and class tokens (regularisation ones marked),
+    /// and the main file names it instead of the folders.
+    #[test]
+    fn the_dataset_config_lists_the_subsets() {
+        // sd-scripts' [general] keys (library/config_util.py, shared/reference/algorithms.md §4).
+        const GENERAL: &[&str] = &[
+            "batch_size", "resolution", "network_multiplier", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+            "validation_seed", "validation_split", "resize_interpolation", "num_repeats", "color_aug", "flip_aug", "random_crop", "face_crop_aug_range",
+            "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "token_warmup_min",
+            "token_warmup_step", "caption_prefix", "caption_suffix", "custom_attributes", "caption_extension", "class_tokens", "cache_info",
+            "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        for d in ["train/10_ohwx cat", "train/3_style", "train/notes", "reg/1_cat"] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        let (e, flat) = export_of(json!({
+            "train_data_dir": tmp.path().join("train"), "reg_data_dir": tmp.path().join("reg"),
+            "shuffle_caption": true, "keep_tokens": 1, "flip_aug": true, "resolution": 768, "train_batch_size": 2, "alpha_mask": true,
+            "masked_loss": true,
+        }));
+        assert!(!flat.contains_key("train_data_dir") && !flat.contains_key("reg_data_dir"), "{}", e.toml);
+        assert_eq!(flat["dataset_config"].as_str(), Some("/o/dataset.toml"));
+        let (name, text) = e.dataset_file.expect("a dataset config");
+        assert_eq!(name, "dataset.toml");
+        let doc: Table = toml::from_str(&text).unwrap();
+        let general = doc["general"].as_table().unwrap();
+        for k in general.keys() {
+            assert!(GENERAL.contains(&k.as_str()), "[general] {k} is not a key sd-scripts accepts there");
+        }
+        assert_eq!((general["shuffle_caption"].as_bool(), general["keep_tokens"].as_integer(), general["resolution"].as_integer(), general["batch_size"].as_integer()), (Some(true), Some(1), Some(768), Some(2)));
+        let subsets = doc["datasets"][0]["subsets"].as_array().unwrap();
+        let summary: Vec<(String, i64, String, bool, bool)> = subsets
+            .iter()
+            .map(|s| {
+                let dir = s["image_dir"].as_str().unwrap();
+                (dir.rsplit('/').next().unwrap().to_string(), s["num_repeats"].as_integer().unwrap(), s["class_tokens"].as_str().unwrap().to_string(), s.get("is_reg").is_some(), s["alpha_mask"].as_bool().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [("10_ohwx cat".to_string(), 10, "ohwx cat".to_string(), false, true), ("3_style".into(), 3, "style".into(), false, true), ("1_cat".into(), 1, "cat".into(), true, true)]
+        );
+        // A folder that is not here: no dataset config, the folders stay in the main file.
+        let (e, flat) = export_of(json!({"train_data_dir": "/nowhere/at/all"}));
+        assert!(e.dataset_file.is_none() && flat.contains_key("train_data_dir"));
+        assert!(e.not_exported.iter().any(|(k, why)| k == "dataset.toml" && why.contains("/nowhere/at/all")), "{:?}", e.not_exported);
     }
 
     #[test]

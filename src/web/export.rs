@@ -39,6 +39,7 @@ pub async fn api_export(State(state): State<AppState>, body: Result<Json<ExportP
             "toml": e.toml,
             "sample_prompts": e.sample_prompts,
             "lycoris_preset": e.preset_file.as_ref().map(|(name, text)| json!({"file": name, "toml": text})),
+            "dataset_config": e.dataset_file.as_ref().map(|(name, text)| json!({"file": name, "toml": text})),
             "not_exported": e.not_exported.iter().map(|(k, why)| json!({"field": k, "reason": why})).collect::<Vec<_>>(),
         }))
         .into_response(),
@@ -55,6 +56,8 @@ struct ExportPanel {
     not_exported: Vec<(String, String)>,
     /// The LyCORIS preset file's name and how many layers it lists.
     preset: Option<(String, usize)>,
+    /// The dataset config's name and its number of subsets.
+    dataset: Option<(String, usize)>,
 }
 
 /// The draft, with the open section's form merged in (as the Queue button does).
@@ -72,9 +75,10 @@ fn draft_with_form(state: &AppState, headers: &HeaderMap, pairs: Vec<(String, St
 pub async fn ui_export(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
     let (draft, set, config) = draft_with_form(&state, &headers, pairs);
     let response = match export(&state.registry, &config, PROMPTS_FILE) {
-        Ok(SdScriptsConfig { script, toml, sample_prompts, not_exported, preset_file }) => {
+        Ok(SdScriptsConfig { script, toml, sample_prompts, not_exported, preset_file, dataset_file }) => {
             let preset = preset_file.map(|(name, text)| (name, text.lines().filter(|l| l.starts_with("  \"")).count()));
-            render(&ExportPanel { script, toml, prompts: sample_prompts, not_exported, preset })
+            let dataset = dataset_file.map(|(name, text)| (name, text.matches("[[datasets.subsets]]").count()));
+            render(&ExportPanel { script, toml, prompts: sample_prompts, not_exported, preset, dataset })
         }
         Err(errors) => render(&Notice {
             ok: false,
@@ -95,6 +99,24 @@ pub async fn ui_download_preset(State(state): State<AppState>, headers: HeaderMa
             ([(header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], text).into_response()
         }
         Ok(_) => (StatusCode::NOT_FOUND, "this configuration trains kohya's networks.lora: no LyCORIS preset").into_response(),
+        Err(errors) => {
+            let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()
+        }
+    };
+    with_cookie(response, &draft, set)
+}
+
+/// `GET /ui/export/dataset.toml`: the draft's dataset config (404 when its training folder
+/// cannot be read here).
+pub async fn ui_download_dataset(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (draft, set, config) = draft_with_form(&state, &headers, vec![]);
+    let response = match export(&state.registry, &config, PROMPTS_FILE) {
+        Ok(SdScriptsConfig { dataset_file: Some((name, text)), .. }) => {
+            let disposition = format!("attachment; filename=\"{name}\"");
+            ([(header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], text).into_response()
+        }
+        Ok(_) => (StatusCode::NOT_FOUND, "the training folder has no N_name folders on this machine: no dataset config").into_response(),
         Err(errors) => {
             let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
             (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()

@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/export/sd-scripts", post(export::ui_export))
         .route("/ui/export/sd-scripts.toml", get(export::ui_download))
         .route("/ui/export/lycoris_preset.toml", get(export::ui_download_preset))
+        .route("/ui/export/dataset.toml", get(export::ui_download_dataset))
         .route("/jobs", get(jobs::queue_page))
         .route("/jobs/events", get(jobs::all_events))
         .route("/jobs/{id}", get(jobs::job_page))
