@@ -10,6 +10,7 @@ pub mod presets;
 pub mod registry;
 pub mod sd_scripts;
 pub mod server;
+pub mod settings;
 pub mod signal;
 pub mod train_cli;
 pub mod web;

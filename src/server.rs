@@ -46,7 +46,8 @@ pub fn open_state(data_dir: &Path, access_token: Option<String>) -> Result<AppSt
     // Uploaded images must reach the smallest training bucket the registry allows by default.
     let min_side = registry.field("min_bucket_reso").and_then(|f| f.default.as_u64()).map(|v| v as u32).unwrap_or(256);
     let limits = crate::datasets::store::UploadLimits { min_side, ..Default::default() };
-    let datasets = crate::datasets::Datasets::new(data_dir.join("datasets"), limits).with_context(|| format!("cannot create {}", data_dir.join("datasets").display()))?;
+    let mut datasets = crate::datasets::Datasets::new(data_dir.join("datasets"), limits).with_context(|| format!("cannot create {}", data_dir.join("datasets").display()))?;
+    crate::settings::Settings::load(&db).apply(&mut datasets);
     Ok(AppState { registry, db, access_token: access_token.map(Arc::new), jobs, worker_in_process: false, datasets })
 }
 

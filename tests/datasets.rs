@@ -558,3 +558,62 @@ async fn zip_and_folder_imports_are_checked_and_confined() {
     let (s, _) = json_req(&app, "POST", "/api/datasets/set/import", Some(json!({"folder": allowed.join("..%2Foutside")}))).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+/// The Settings page: tokens masked, limits and allowed folders stored (and in force from the
+/// next start), bad values named and not stored, disk use, the caches cleared unless a job runs.
+#[tokio::test]
+async fn settings_are_stored_masked_and_applied_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = "tok0123456789abcdefXYZW";
+    let state = open_state(&data, Some(token.into())).unwrap();
+    let jobs = state.jobs.clone();
+    let app = App { router: router(state), data: data.clone(), _dir: tempfile::tempdir().unwrap() };
+    let auth = format!("Bearer {token}");
+    let get = |uri: &str| Request::get(uri).header(header::AUTHORIZATION, auth.clone()).body(Body::empty()).unwrap();
+    let post = |uri: &str, form: String| Request::post(uri).header(header::AUTHORIZATION, auth.clone()).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(form)).unwrap();
+    let (s, html) = send(&app, get("/settings")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("tok0…XYZW") && !html.contains(token), "the token is masked");
+    // A few cached files, then their disk use and clearing.
+    std::fs::create_dir_all(data.join("cache/thumbs")).unwrap();
+    std::fs::write(data.join("cache/thumbs/x.jpg"), vec![0u8; 3000]).unwrap();
+    let (_, v) = send(&app, get("/api/settings")).await;
+    let v: Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["access_token"], "tok0…XYZW");
+    assert!(v["folders"].as_array().unwrap().iter().any(|f| f["size"] == "2.9 KB"), "{v}");
+
+    let roots = dir.path().join("models");
+    std::fs::create_dir_all(&roots).unwrap();
+    let (_, html) = send(&app, post("/ui/settings", format!("max_file_mib=10&max_request_mib=5&allowed_roots={}", dir.path().join("missing").display()))).await;
+    assert!(html.contains("max_request_mib: 5 MiB") && html.contains("is not an existing folder"), "{html}");
+    assert_eq!(crate_settings(&data).max_file_mib, 64, "nothing stored");
+    let (_, html) = send(&app, post("/ui/settings", format!("max_file_mib=10&max_request_mib=100&allowed_roots={}", roots.display()))).await;
+    assert!(html.contains("Saved."), "{html}");
+    drop(app);
+    let next = open_state(&data, None).unwrap();
+    assert_eq!((next.datasets.limits.max_file_bytes, next.datasets.limits.max_request_bytes), (10 << 20, 100 << 20));
+    assert!(next.datasets.allowed_roots.contains(&roots.canonicalize().unwrap()));
+
+    // Clearing the caches: refused while a job runs, done when the queue is idle.
+    let app = App { router: router(next), data: data.clone(), _dir: tempfile::tempdir().unwrap() };
+    let ds = data.join("pics/5_x");
+    std::fs::create_dir_all(&ds).unwrap();
+    image::RgbImage::from_pixel(32, 32, image::Rgb([1, 2, 3])).save(ds.join("a.png")).unwrap();
+    let config = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": data.join("pics")});
+    let id = jobs.enqueue(None, loft::jobs::JobSource::Config(config.as_object().unwrap()), 0).unwrap();
+    let claim = jobs.claim("w", std::time::Duration::from_secs(60)).unwrap().unwrap();
+    let req = Request::post("/ui/settings/clear-cache").body(Body::empty()).unwrap();
+    let (s, html) = send(&app, req).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{html}");
+    assert!(data.join("cache/thumbs/x.jpg").is_file());
+    jobs.finish(id, &claim.lease, &loft::jobs::RunEnd::Done { final_step: 1, network_file: None, cancelled: false }).unwrap();
+    let req = Request::post("/ui/settings/clear-cache").body(Body::empty()).unwrap();
+    let (s, html) = send(&app, req).await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(!data.join("cache").exists() && html.contains("Cleared the caches: 2.9 KB freed"), "{html}");
+}
+
+fn crate_settings(data: &std::path::Path) -> loft::settings::Settings {
+    loft::settings::Settings::load(&loft::db::Db::open(&data.join("loft.db")).unwrap())
+}

@@ -8,6 +8,7 @@ mod datasets;
 mod export;
 mod hub;
 mod jobs;
+mod settings;
 mod ui;
 
 use std::sync::Arc;
@@ -83,6 +84,10 @@ pub fn router(state: AppState) -> Router {
         .route("/static/{*path}", get(static_file))
         .route("/healthz", get(|| async { "ok" }))
         .merge(datasets::routes())
+        .route("/settings", get(settings::settings_page))
+        .route("/api/settings", get(settings::api_settings))
+        .route("/ui/settings", post(settings::ui_save))
+        .route("/ui/settings/clear-cache", post(settings::ui_clear_cache))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Forms and JSON configs are small; anything larger is refused with 413 before parsing.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
