@@ -343,6 +343,7 @@ async fn a_dataset_from_upload_to_a_queued_job() {
     let report = d.eval("return document.querySelector('#upload-result').textContent").await;
     assert!(report.as_str().unwrap().contains("broken.jpg") && report.as_str().unwrap().contains("truncated"), "{report}");
     d.wait_for("the thumbnails", "return document.querySelectorAll('#grid figure.thumb').length === 2").await;
+    d.screenshot("dataset-upload").await;
 
     // Tag with the tiny tagger: a job in the queue, watched on its page.
     d.type_into("#tag-form input[name=model_dir]", fixtures.join("tagger/tiny-wd14").to_str().unwrap()).await;
