@@ -17,20 +17,26 @@ use super::store::{io_error, parse_subset_folder, write_atomic, DatasetError, Da
 /// The most entries one archive or folder may hold.
 pub const MAX_ENTRIES: usize = 10_000;
 
+/// What an upload or an import did: the files stored (images with their size) and the ones
+/// refused, each with why.
 #[derive(Debug, Default, Serialize)]
-pub struct ImportOutcome {
-    pub accepted: Vec<Imported>,
-    pub rejected: Vec<Refused>,
+pub struct Report {
+    pub accepted: Vec<Accepted>,
+    pub rejected: Vec<Rejected>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Imported {
+pub struct Accepted {
     pub file: String,
     pub subset: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Refused {
+pub struct Rejected {
     pub file: String,
     pub reason: String,
 }
@@ -40,7 +46,7 @@ struct Sink<'a> {
     ds: &'a Datasets,
     dataset: String,
     default_subset: Option<String>,
-    outcome: ImportOutcome,
+    outcome: Report,
     /// (subset, stem) → stored image path.
     images: HashMap<(String, String), PathBuf>,
     captions: Vec<(String, String, String, String)>,
@@ -67,7 +73,7 @@ impl<'a> Sink<'a> {
         let (stem, ext) = match upload_name(shown) {
             Ok(v) => v,
             Err(reason) => {
-                self.outcome.rejected.push(Refused { file: shown.to_string(), reason });
+                self.outcome.rejected.push(Rejected { file: shown.to_string(), reason });
                 return Ok(());
             }
         };
@@ -75,14 +81,17 @@ impl<'a> Sink<'a> {
         if ext == "txt" {
             match String::from_utf8(bytes) {
                 Ok(text) => self.captions.push((shown.to_string(), subset, stem, text)),
-                Err(_) => self.outcome.rejected.push(Refused { file: shown.to_string(), reason: "is not UTF-8 text".into() }),
+                Err(_) => self.outcome.rejected.push(Rejected { file: shown.to_string(), reason: "is not UTF-8 text".into() }),
             }
             return Ok(());
         }
-        if let Err(reason) = check_image(&bytes, &ext, &self.ds.limits) {
-            self.outcome.rejected.push(Refused { file: shown.to_string(), reason });
-            return Ok(());
-        }
+        let checked = match check_image(&bytes, &ext, &self.ds.limits) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.outcome.rejected.push(Rejected { file: shown.to_string(), reason });
+                return Ok(());
+            }
+        };
         let dir = self.ds.root.join(&self.dataset).join(&subset);
         let target = free_name(&dir, &stem, &ext);
         let part = dir.join(format!(".import-{}.part", std::process::id()));
@@ -92,11 +101,11 @@ impl<'a> Sink<'a> {
         linked.map_err(|e| io_error(format!("storing {shown}"), e))?;
         let file = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         self.images.insert((subset.clone(), stem), target);
-        self.outcome.accepted.push(Imported { file, subset });
+        self.outcome.accepted.push(Accepted { file, subset, width: Some(checked.width), height: Some(checked.height) });
         Ok(())
     }
 
-    fn finish(mut self) -> Result<ImportOutcome> {
+    fn finish(mut self) -> Result<Report> {
         for (shown, subset, stem, text) in std::mem::take(&mut self.captions) {
             let dir = self.ds.root.join(&self.dataset).join(&subset);
             let image = self.images.get(&(subset.clone(), stem.clone())).cloned().or_else(|| {
@@ -107,9 +116,9 @@ impl<'a> Sink<'a> {
                     let caption = image.with_extension("txt");
                     write_atomic(&caption, text.as_bytes()).map_err(|e| io_error(format!("writing {shown}"), e))?;
                     let file = caption.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    self.outcome.accepted.push(Imported { file, subset });
+                    self.outcome.accepted.push(Accepted { file, subset, width: None, height: None });
                 }
-                None => self.outcome.rejected.push(Refused { file: shown, reason: format!("no image named {stem}.* beside it") }),
+                None => self.outcome.rejected.push(Rejected { file: shown, reason: format!("no image named {stem}.* beside it") }),
             }
         }
         Ok(self.outcome)
@@ -122,7 +131,7 @@ fn folder_of(path: &Path) -> Option<String> {
 }
 
 /// Imports the zip file at `zip_path` into `dataset`.
-pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: &Path) -> Result<ImportOutcome> {
+pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: &Path) -> Result<Report> {
     ds.dataset_dir(dataset)?;
     if let Some(s) = subset {
         ds.subset_dir(dataset, s)?;
@@ -151,11 +160,11 @@ pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: 
             continue;
         }
         if entry.is_symlink() {
-            sink.outcome.rejected.push(Refused { file: raw, reason: "is a symbolic link: not imported".into() });
+            sink.outcome.rejected.push(Rejected { file: raw, reason: "is a symbolic link: not imported".into() });
             continue;
         }
         let Some(path) = entry.enclosed_name().filter(|p| p.components().all(|c| matches!(c, Component::Normal(_)))) else {
-            sink.outcome.rejected.push(Refused { file: raw, reason: "points outside the archive's folder (zip slip): not imported".into() });
+            sink.outcome.rejected.push(Rejected { file: raw, reason: "points outside the archive's folder (zip slip): not imported".into() });
             continue;
         };
         let limit = ds.limits.max_file_bytes;
@@ -166,7 +175,7 @@ pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: 
             return Err(DatasetError::Invalid(format!("the archive unpacks to more than its declared sizes and the {} byte limit", ds.limits.max_request_bytes)));
         }
         if bytes.len() as u64 > limit {
-            sink.outcome.rejected.push(Refused { file: raw, reason: format!("is larger than the {limit} byte limit for one file") });
+            sink.outcome.rejected.push(Rejected { file: raw, reason: format!("is larger than the {limit} byte limit for one file") });
             continue;
         }
         let shown = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -178,7 +187,7 @@ pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: 
 
 /// Imports (copies) the images and captions of a folder under an allowed root, and of its
 /// `N_class` subfolders.
-pub fn import_folder(ds: &Datasets, dataset: &str, subset: Option<&str>, folder: &Path) -> Result<ImportOutcome> {
+pub fn import_folder(ds: &Datasets, dataset: &str, subset: Option<&str>, folder: &Path) -> Result<Report> {
     ds.dataset_dir(dataset)?;
     if let Some(s) = subset {
         ds.subset_dir(dataset, s)?;
@@ -217,7 +226,7 @@ pub fn import_folder(ds: &Datasets, dataset: &str, subset: Option<&str>, folder:
         let shown = p.strip_prefix(&folder).unwrap_or(&p).display().to_string();
         let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         if size > ds.limits.max_file_bytes {
-            sink.outcome.rejected.push(Refused { file: shown, reason: format!("is larger than the {} byte limit for one file", ds.limits.max_file_bytes) });
+            sink.outcome.rejected.push(Rejected { file: shown, reason: format!("is larger than the {} byte limit for one file", ds.limits.max_file_bytes) });
             continue;
         }
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -9,13 +9,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::api::json_body;
 use super::{render, AppState};
 use crate::datasets::captions::{self, BulkOutcome, BulkRequest};
 use crate::datasets::images::{check_image, free_name, upload_name};
+use crate::datasets::import::{Accepted, Rejected, Report as UploadOutcome};
 use crate::datasets::store::{Dataset, DatasetSummary};
 use crate::datasets::tagging::{tagger_candidates, TagJob, TagRequest};
 use crate::datasets::{DatasetError, Datasets};
@@ -262,28 +263,6 @@ async fn to_text(r: Response) -> String {
 }
 
 // ---------------------------------------------------------------- upload
-
-#[derive(Debug, Default, Serialize)]
-pub struct UploadOutcome {
-    pub accepted: Vec<Accepted>,
-    pub rejected: Vec<Rejected>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Accepted {
-    pub file: String,
-    pub subset: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub width: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub height: Option<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Rejected {
-    pub file: String,
-    pub reason: String,
-}
 
 /// A caption that came with the upload, written once its image is known.
 struct PendingCaption {

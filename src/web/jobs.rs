@@ -531,26 +531,7 @@ pub(super) fn error_lines(state: &AppState, errors: &[FieldError]) -> Vec<ErrorL
 /// `POST /ui/queue`: the form's draft becomes a job (then the browser goes to its page), or the
 /// problems are listed with links to their tabs.
 pub async fn ui_queue(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
-    let (draft, set) = draft_id(&headers);
-    let mut config = drafts::load(&state.db, &draft);
-    // The open section's form comes along (as with a tab switch), so a value typed but not yet
-    // committed by a change event is queued too.
-    if merge_open_section(&state, &mut config, pairs) {
-        if let Err(e) = drafts::store(&state.db, &draft, &config) {
-            return render(&Notice { ok: false, message: format!("Not queued: the form could not be saved: {e}."), errors: vec![] });
-        }
-    }
-    let result = blocking(&state.jobs, move |jobs| jobs.enqueue(None, JobSource::Config(&config), 0)).await;
-    let response = match result {
-        Ok(id) => redirect(&format!("/jobs/{id}")),
-        Err(JobError::Invalid(errors)) => render(&Notice {
-            ok: false,
-            message: format!("Not queued: {} value(s) need fixing first.", errors.len()),
-            errors: error_lines(&state, &errors),
-        }),
-        Err(e) => render(&Notice { ok: false, message: format!("Not queued: {e}."), errors: vec![] }),
-    };
-    with_cookie(response, &draft, set)
+    with_draft_job(state, headers, pairs, |jobs, config| jobs.enqueue(None, JobSource::Config(config), 0), |id| redirect(&format!("/jobs/{id}"))).await
 }
 
 #[derive(askama::Template)]
@@ -562,16 +543,29 @@ struct PreflightPanel {
 /// `POST /ui/preflight` (the Queue button): the draft checked as for queueing, and what training
 /// would make of its dataset, with a button that queues it.
 pub async fn ui_preflight(State(state): State<AppState>, headers: HeaderMap, Form(pairs): Form<Vec<(String, String)>>) -> Response {
+    with_draft_job(state, headers, pairs, |jobs, config| jobs.preflight(config), |report| render(&PreflightPanel { report })).await
+}
+
+/// The Queue button's two steps: the draft, with the open section's form merged in (so a value
+/// typed but not yet committed by a change event goes along) and stored, handed to `act`; its
+/// result shown by `show`, or the problems to fix.
+async fn with_draft_job<T: Send + 'static>(
+    state: AppState,
+    headers: HeaderMap,
+    pairs: Vec<(String, String)>,
+    act: impl FnOnce(&Jobs, &Config) -> Result<T, JobError> + Send + 'static,
+    show: impl FnOnce(T) -> Response,
+) -> Response {
     let (draft, set) = draft_id(&headers);
     let mut config = drafts::load(&state.db, &draft);
     if merge_open_section(&state, &mut config, pairs) {
         if let Err(e) = drafts::store(&state.db, &draft, &config) {
-            return render(&Notice { ok: false, message: format!("Not checked: the form could not be saved: {e}."), errors: vec![] });
+            return render(&Notice { ok: false, message: format!("Not queued: the form could not be saved: {e}."), errors: vec![] });
         }
     }
-    let result = blocking(&state.jobs, move |jobs| jobs.preflight(&config)).await;
+    let result = blocking(&state.jobs, move |jobs| act(jobs, &config)).await;
     let response = match result {
-        Ok(report) => render(&PreflightPanel { report }),
+        Ok(value) => show(value),
         Err(JobError::Invalid(errors)) => render(&Notice {
             ok: false,
             message: format!("Not queued: {} value(s) need fixing first.", errors.len()),

@@ -463,11 +463,14 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn half_precision_trained_tensors_work() -> Result<()> {
-        // full_fp16: every algorithm's trained tensors in f16 over an f16 layer (sd-scripts'
-        // network.to(fp16)): the same initial values as f32 rounded to f16, an f16 output close
-        // to the f32 adapter's, and an f16 gradient for every trained tensor.
+    /// The same layer with its weight and bias in `dtype`.
+    fn layer_in(base: &BaseLayer, dtype: DType) -> Result<BaseLayer> {
+        Ok(BaseLayer { kind: base.kind.clone(), weight: base.weight.to_dtype(dtype)?, bias: base.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()? })
+    }
+
+    /// Every algorithm, rebuild and bypass, on every standard layer: `check(algo, options, the
+    /// f32 layer, its input, a randomised f32 adapter, that adapter's output, the layer in f16)`.
+    fn each_half_case(mut check: impl FnMut(NetworkAlgo, &NetworkOptions, &Tensor, &dyn Adapter, &Tensor, &BaseLayer) -> Result<()>) -> Result<()> {
         for algo in NetworkAlgo::ALL {
             for bypass in [false, true] {
                 let mut o = opts_for(algo);
@@ -476,38 +479,7 @@ mod tests {
                     let a = build_adapter(algo, &o, &base, "half")?;
                     randomize(a.as_ref(), 5)?;
                     let want = a.forward(&base, &x, false)?;
-                    let half = BaseLayer {
-                        kind: base.kind.clone(),
-                        weight: base.weight.to_dtype(DType::F16)?,
-                        bias: base.bias.as_ref().map(|b| b.to_dtype(DType::F16)).transpose()?,
-                    };
-                    let oh = NetworkOptions { param_dtype: Some(DType::F16), ..o.clone() };
-                    let fresh = build_adapter(algo, &oh, &half, "half")?;
-                    // Initial values drawn in f32 (over the same, f16-rounded, layer: ABBA starts
-                    // from its SVD) and cast.
-                    let rounded_base = BaseLayer {
-                        kind: half.kind.clone(),
-                        weight: half.weight.to_dtype(DType::F32)?,
-                        bias: half.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?,
-                    };
-                    let fresh32: HashMap<String, Var> = build_adapter(algo, &o, &rounded_base, "half")?.trainable().into_iter().collect();
-                    for (name, v) in fresh.trainable() {
-                        assert_eq!(v.dtype(), DType::F16, "{} {name}", algo.name());
-                        let rounded = fresh32[&name].as_tensor().to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-                        assert_close(&v.as_tensor().to_dtype(DType::F32)?, &rounded, 0.0, &format!("{} {name}: f32 init cast", algo.name()));
-                    }
-                    let ah = adapter_from_tensors(algo, &oh, &half, &state_map(a.as_ref())?)?;
-                    let y = ah.forward(&half, &x.to_dtype(DType::F16)?, true)?;
-                    assert_eq!(y.dtype(), DType::F16, "{}", algo.name());
-                    assert_close(&y.to_dtype(DType::F32)?, &want, 2e-2, &format!("{} with f16 parameters", algo.name()));
-                    let grads = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
-                    for (name, v) in ah.trainable() {
-                        assert_eq!(v.dtype(), DType::F16, "{} {name}", algo.name());
-                        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{} {name}: no gradient", algo.name()));
-                        assert_eq!(g.dtype(), DType::F16, "{} {name}", algo.name());
-                        let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                        assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0), "{} {name}: gradient {g:?}", algo.name());
-                    }
+                    check(algo, &o, &x, a.as_ref(), &want, &layer_in(&base, DType::F16)?)?;
                 }
             }
         }
@@ -515,29 +487,46 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_trained_tensors_work() -> Result<()> {
+        // full_fp16: every algorithm's trained tensors in f16 over an f16 layer (sd-scripts'
+        // network.to(fp16)): the same initial values as f32 rounded to f16, an f16 output close
+        // to the f32 adapter's, and an f16 gradient for every trained tensor.
+        each_half_case(|algo, o, x, a, want, half| {
+            let oh = NetworkOptions { param_dtype: Some(DType::F16), ..o.clone() };
+            let fresh = build_adapter(algo, &oh, half, "half")?;
+            // Initial values drawn in f32 (over the same, f16-rounded, layer: ABBA starts from
+            // its SVD) and cast.
+            let fresh32: HashMap<String, Var> = build_adapter(algo, o, &layer_in(half, DType::F32)?, "half")?.trainable().into_iter().collect();
+            for (name, v) in fresh.trainable() {
+                assert_eq!(v.dtype(), DType::F16, "{} {name}", algo.name());
+                let rounded = fresh32[&name].as_tensor().to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+                assert_close(&v.as_tensor().to_dtype(DType::F32)?, &rounded, 0.0, &format!("{} {name}: f32 init cast", algo.name()));
+            }
+            let ah = adapter_from_tensors(algo, &oh, half, &state_map(a)?)?;
+            let y = ah.forward(half, &x.to_dtype(DType::F16)?, true)?;
+            assert_eq!(y.dtype(), DType::F16, "{}", algo.name());
+            assert_close(&y.to_dtype(DType::F32)?, want, 2e-2, &format!("{} with f16 parameters", algo.name()));
+            let grads = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+            for (name, v) in ah.trainable() {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{} {name}: no gradient", algo.name()));
+                assert_eq!((v.dtype(), g.dtype()), (DType::F16, DType::F16), "{} {name}", algo.name());
+                let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0), "{} {name}: gradient {g:?}", algo.name());
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
     fn half_precision_base_layers_work() -> Result<()> {
         // Adapters keep f32 parameters; a f16 base and f16 activations give a f16 output close to
         // the all-f32 result.
-        for algo in NetworkAlgo::ALL {
-            for bypass in [false, true] {
-                let mut o = opts_for(algo);
-                o.bypass_mode = bypass && !matches!(algo, NetworkAlgo::Full | NetworkAlgo::GloraEx);
-                for (base, x) in standard_cases()? {
-                    let a = build_adapter(algo, &o, &base, "half")?;
-                    randomize(a.as_ref(), 5)?;
-                    let want = a.forward(&base, &x, false)?;
-                    let half = BaseLayer {
-                        kind: base.kind.clone(),
-                        weight: base.weight.to_dtype(DType::F16)?,
-                        bias: base.bias.as_ref().map(|b| b.to_dtype(DType::F16)).transpose()?,
-                    };
-                    let ah = adapter_from_tensors(algo, &o, &half, &state_map(a.as_ref())?)?;
-                    let y = ah.forward(&half, &x.to_dtype(DType::F16)?, false)?;
-                    assert_eq!(y.dtype(), DType::F16, "{}", algo.name());
-                    assert_close(&y.to_dtype(DType::F32)?, &want, 2e-2, &format!("{} in f16", algo.name()));
-                }
-            }
-        }
-        Ok(())
+        each_half_case(|algo, o, x, a, want, half| {
+            let ah = adapter_from_tensors(algo, o, half, &state_map(a)?)?;
+            let y = ah.forward(half, &x.to_dtype(DType::F16)?, false)?;
+            assert_eq!(y.dtype(), DType::F16, "{}", algo.name());
+            assert_close(&y.to_dtype(DType::F32)?, want, 2e-2, &format!("{} in f16", algo.name()));
+            Ok(())
+        })
     }
 }
