@@ -237,13 +237,18 @@ async fn traversal_and_symlink_escapes_are_forbidden_and_touch_nothing() {
     for n in names {
         // `link` is a dataset that resolves out of the root; as a subset or file name it is
         // simply absent (404), so only the dataset-level routes are checked with it.
-        let dataset_level = 5;
+        let dataset_level = 10;
         let uris = [
             ("GET", format!("/api/datasets/{n}")),
             ("DELETE", format!("/api/datasets/{n}")),
+            ("PUT", format!("/api/datasets/{n}")),
             ("POST", format!("/api/datasets/{n}/subsets")),
             ("POST", format!("/api/datasets/{n}/captions")),
             ("GET", format!("/api/datasets/{n}/tags")),
+            ("POST", format!("/api/datasets/{n}/import")),
+            ("POST", format!("/api/datasets/{n}/tag")),
+            ("GET", format!("/datasets/{n}")),
+            ("GET", format!("/datasets/{n}?tag=x")),
             ("PUT", format!("/api/datasets/set/captions/{n}/a.png")),
             ("PUT", format!("/api/datasets/set/captions/1_set/{n}")),
             ("GET", format!("/datasets/set/thumbs/1_set/{n}")),
@@ -251,10 +256,11 @@ async fn traversal_and_symlink_escapes_are_forbidden_and_touch_nothing() {
             ("DELETE", format!("/api/datasets/set/subsets/{n}")),
         ];
         for (method, uri) in uris.into_iter().take(if n == "link" { dataset_level } else { usize::MAX }) {
-            let body = match (method, uri.ends_with("/subsets"), uri.ends_with("/captions")) {
-                ("POST", true, _) => Some(json!({"name": "x"})),
-                ("POST", _, true) => Some(json!({"op": "sort", "apply": true})),
-                ("PUT", _, _) => None,
+            let body = match (method, uri.rsplit('/').next().unwrap_or("")) {
+                ("POST", "subsets") | ("PUT", _) if !uri.contains("/captions/") => Some(json!({"name": "x"})),
+                ("POST", "captions") => Some(json!({"op": "sort", "apply": true})),
+                ("POST", "import") => Some(json!({"folder": "/tmp"})),
+                ("POST", "tag") => Some(json!({"model_dir": "/tmp"})),
                 _ => None,
             };
             let (s, v) = json_req(&app, method, &uri, body).await;
@@ -324,6 +330,12 @@ async fn bulk_caption_operations_preview_apply_and_undo() {
     let (s, v) = json_req(&app, "GET", "/api/datasets/set/tags", None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["tags"][0], json!({"tag": "1girl", "count": 1}));
+    // Filtered by a tag: the API and the page show only the images that have it.
+    let (_, v) = json_req(&app, "GET", "/api/datasets/set?tag=OHWX", None).await;
+    let files: Vec<&str> = v["subsets"][0]["images"].as_array().unwrap().iter().map(|i| i["file"].as_str().unwrap()).collect();
+    assert_eq!(files, ["a.png"]);
+    let (_, html) = send(&app, Request::get("/datasets/set?tag=ohwx").body(Body::empty()).unwrap()).await;
+    assert!(html.contains("id=\"tag-filter\"") && html.contains("Caption of a.png") && !html.contains("Caption of b.png"), "{html}");
 }
 
 #[tokio::test]

@@ -388,6 +388,17 @@ impl Datasets {
     }
 }
 
+impl Dataset {
+    /// Keeps only the images whose caption has `tag` (exact, case-insensitive; comma-separated
+    /// tags, as the bulk operations see them).
+    pub fn filter_by_tag(&mut self, tag: &str) {
+        let wanted = tag.trim().to_lowercase();
+        for s in &mut self.subsets {
+            s.images.retain(|img| img.caption.as_deref().unwrap_or("").split(',').any(|t| t.trim().to_lowercase() == wanted));
+        }
+    }
+}
+
 /// The images of one folder with their sizes (read from the headers) and captions.
 fn list_images(dir: &Path) -> Vec<ImageEntry> {
     let mut out = vec![];

@@ -4,7 +4,7 @@
 use std::path::{Path as FsPath, PathBuf};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -100,9 +100,21 @@ async fn api_create(State(state): State<AppState>, body: Result<Json<NewDataset>
     }
 }
 
-async fn api_get(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+/// The images with this tag only (`?tag=…`), for the API and the page.
+#[derive(Deserialize, Default)]
+struct TagFilter {
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+async fn api_get(State(state): State<AppState>, Path(name): Path<String>, Query(filter): Query<TagFilter>) -> Response {
     match blocking(&state.datasets, move |d| d.get(&name)).await {
-        Ok(d) => Json(d).into_response(),
+        Ok(mut d) => {
+            if let Some(tag) = filter.tag.as_deref().filter(|t| !t.trim().is_empty()) {
+                d.filter_by_tag(tag);
+            }
+            Json(d).into_response()
+        }
         Err(e) => dataset_error(e),
     }
 }
@@ -594,6 +606,8 @@ struct DatasetPage {
     min_side: u32,
     /// Tagger folders found under the allowed roots.
     taggers: Vec<String>,
+    /// The tag the grid is filtered by.
+    filter: Option<String>,
 }
 
 async fn datasets_page(State(state): State<AppState>) -> Response {
@@ -604,12 +618,17 @@ async fn datasets_page(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn dataset_page(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn dataset_page(State(state): State<AppState>, Path(name): Path<String>, Query(filter): Query<TagFilter>) -> Response {
     let limits = state.datasets.limits.clone();
+    let tag = filter.tag.filter(|t| !t.trim().is_empty());
+    let shown = tag.clone();
     match blocking(&state.datasets, move |d| Ok::<_, DatasetError>((d.get(&name)?, captions::tag_frequency(d, &name)?, tagger_candidates(d)))).await {
-        Ok((d, tags, taggers)) => {
+        Ok((mut d, tags, taggers)) => {
             let images = d.subsets.iter().map(|s| s.images.len()).sum();
-            render(&DatasetPage { nav: "datasets", d, images, tags, max_file_mib: limits.max_file_bytes >> 20, min_side: limits.min_side, taggers })
+            if let Some(t) = &shown {
+                d.filter_by_tag(t);
+            }
+            render(&DatasetPage { nav: "datasets", d, images, tags, max_file_mib: limits.max_file_bytes >> 20, min_side: limits.min_side, taggers, filter: tag })
         }
         Err(e) => dataset_error(e),
     }
