@@ -460,7 +460,15 @@ async fn tagging_is_a_queued_job() {
     let id = v["id"].as_i64().unwrap();
     let (_, job) = json_req(&app, "GET", &format!("/api/jobs/{id}"), None).await;
     assert_eq!((job["name"].as_str(), job["config"]["job_kind"].as_str()), (Some("tag set"), Some("tag")), "{job}");
-    // The worker's runner, as `loft serve` runs it.
+    // A trainer-only worker on another machine does not take it (it reads this machine's
+    // folders); the worker beside the queue does, and runs it as `loft serve` does.
+    let remote = jobs.claim_wait("remote r", std::time::Duration::from_secs(60), std::time::Duration::from_millis(10)).await.unwrap();
+    assert!(remote.is_none(), "a remote worker took a tagging job");
+    // ...but takes a training job queued behind it.
+    let config = json!({"pretrained_model_name_or_path": "/m", "train_data_dir": data.join("datasets/set")});
+    let train = jobs.enqueue(None, loft::jobs::JobSource::Config(config.as_object().unwrap()), 0).unwrap();
+    let remote = jobs.claim_wait("remote r", std::time::Duration::from_secs(60), std::time::Duration::from_millis(10)).await.unwrap();
+    assert_eq!(remote.map(|c| c.job_id), Some(train));
     let claim = jobs.claim("w", std::time::Duration::from_secs(60)).unwrap().unwrap();
     let spec = loft::jobs::runner::JobSpec { id, name: claim.name.clone(), config: claim.config.clone(), job_dir: jobs.job_dir(id), resume: false };
     let runner = loft::jobs::runner::EngineRunner { registry: std::sync::Arc::new(loft::registry::Registry::embedded().unwrap()), device: None };

@@ -337,14 +337,19 @@ impl Jobs {
     // ---- what workers call (the local worker directly, remote ones through the hub's routes)
 
     pub fn claim(&self, worker: &str, lease: Duration) -> Result<Option<Claim>, JobError> {
-        let claim = queue::claim(&mut self.db.conn(), worker, lease.as_millis() as i64)?;
+        self.claim_for(worker, lease, queue::Takes::AnyJob)
+    }
+
+    pub fn claim_for(&self, worker: &str, lease: Duration, takes: queue::Takes) -> Result<Option<Claim>, JobError> {
+        let claim = queue::claim_for(&mut self.db.conn(), worker, lease.as_millis() as i64, takes)?;
         if claim.is_some() {
             self.notify_events();
         }
         Ok(claim)
     }
 
-    /// Waits up to `wait` for a job (a remote worker's long poll): answers as soon as one is queued.
+    /// Waits up to `wait` for a job (a remote worker's long poll): answers as soon as one is
+    /// queued. Remote workers take training jobs only: a tagging job reads this machine's folders.
     pub async fn claim_wait(&self, worker: &str, lease: Duration, wait: Duration) -> Result<Option<Claim>, JobError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.queue_changes();
@@ -352,7 +357,7 @@ impl Jobs {
             changes.borrow_and_update();
             let jobs = self.clone();
             let who = worker.to_string();
-            let claim = tokio::task::spawn_blocking(move || jobs.claim(&who, lease))
+            let claim = tokio::task::spawn_blocking(move || jobs.claim_for(&who, lease, queue::Takes::TrainingOnly))
                 .await
                 .map_err(|e| JobError::Io(format!("claim task: {e}")))??;
             if claim.is_some() {

@@ -295,7 +295,19 @@ pub fn expire_lease(conn: &Connection, job_id: i64, worker: &str) -> rusqlite::R
 /// Takes the next job for `worker`, in one `BEGIN IMMEDIATE` transaction: expired leases are
 /// swept first, then the first queued job (highest priority, then oldest) becomes running with a
 /// fresh lease that expires `lease_ms` from now.
+/// Which jobs a worker may take: every kind (a worker on the hub's machine), or only training
+/// (a trainer-only worker elsewhere: a tagging job reads the hub's own folders).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takes {
+    AnyJob,
+    TrainingOnly,
+}
+
 pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Result<Option<Claim>> {
+    claim_for(conn, worker, lease_ms, Takes::AnyJob)
+}
+
+pub fn claim_for(conn: &mut Connection, worker: &str, lease_ms: i64, takes: Takes) -> rusqlite::Result<Option<Claim>> {
     let now = now_ms();
     // A cheap look first, so idle workers woken by unrelated commits do not take the write lock.
     let anything: bool = qrow(conn, 
@@ -311,8 +323,9 @@ pub fn claim(conn: &mut Connection, worker: &str, lease_ms: i64) -> rusqlite::Re
     let next = tx
         .query_row(
             "SELECT id, name, config, attempts, max_attempts, runs FROM jobs
-             WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1",
-            [],
+             WHERE state = 'queued' AND (?1 OR COALESCE(json_extract(config, '$.job_kind'), 'train') = 'train')
+             ORDER BY priority DESC, seq LIMIT 1",
+            params![takes == Takes::AnyJob],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
