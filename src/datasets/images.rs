@@ -15,6 +15,8 @@ pub struct CheckedImage {
     pub width: u32,
     pub height: u32,
     pub format: &'static str,
+    /// What the user should know about an accepted image (EXIF rotation, alpha).
+    pub notes: Vec<String>,
 }
 
 /// An uploaded file's name reduced to its last component and checked: `(stem, lower-case
@@ -70,15 +72,27 @@ pub fn check_image(bytes: &[u8], ext: &str, limits: &UploadLimits) -> Result<Che
     l.max_image_height = Some(limits.max_side);
     l.max_alloc = Some(1 << 30);
     reader.limits(l);
-    let image = reader.decode().map_err(|e| match e {
+    let decode_error = |e: image::ImageError| match e {
         image::ImageError::Limits(_) => format!("is larger than {0}×{0} pixels", limits.max_side),
         other => format!("cannot be decoded as {}: {other}", format_name(format)),
-    })?;
+    };
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    let orientation = image::ImageDecoder::orientation(&mut decoder).unwrap_or(image::metadata::Orientation::NoTransforms);
+    let image = image::DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    // Accepted, but trained otherwise than a viewer shows them (sd-scripts, and Loft with it,
+    // ignores EXIF rotation and drops alpha).
+    let mut notes = vec![];
+    if orientation != image::metadata::Orientation::NoTransforms {
+        notes.push(format!("has an EXIF orientation ({orientation:?}) that viewers apply and training does not: it trains as stored"));
+    }
+    if image.color().has_alpha() {
+        notes.push("has an alpha channel: transparent pixels train as their stored colour (or as the loss mask with alpha_mask)".to_string());
+    }
     let (width, height) = (image.width(), image.height());
     if width.min(height) < limits.min_side {
         return Err(format!("is {width}×{height}: its shorter side is below the smallest training bucket ({} pixels)", limits.min_side));
     }
-    Ok(CheckedImage { width, height, format: format_name(format) })
+    Ok(CheckedImage { width, height, format: format_name(format), notes })
 }
 
 /// The first free name `STEM.EXT`, `STEM_1.EXT`, … in `dir`, where no image of another extension
@@ -119,7 +133,11 @@ mod tests {
     #[test]
     fn images_are_decoded_and_truncation_is_caught() {
         let limits = UploadLimits { min_side: 64, ..UploadLimits::default() };
-        assert_eq!(check_image(&png(80, 64), "png", &limits).unwrap(), CheckedImage { width: 80, height: 64, format: "PNG" });
+        assert_eq!(check_image(&png(80, 64), "png", &limits).unwrap(), CheckedImage { width: 80, height: 64, format: "PNG", notes: vec![] });
+        let mut rgba = std::io::Cursor::new(vec![]);
+        image::RgbaImage::from_pixel(64, 64, image::Rgba([1, 2, 3, 0])).write_to(&mut rgba, ImageFormat::Png).unwrap();
+        let notes = check_image(&rgba.into_inner(), "png", &limits).unwrap().notes;
+        assert!(notes.len() == 1 && notes[0].contains("alpha"), "{notes:?}");
         let j = jpeg(96, 96);
         assert!(check_image(&j, "jpeg", &limits).is_ok());
         // The image crate alone decodes a cut JPEG without an error: that is why the end marker

@@ -33,6 +33,9 @@ pub struct Accepted {
     pub width: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
+    /// Accepted, with something to know (EXIF rotation, alpha).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,7 +104,7 @@ impl<'a> Sink<'a> {
         linked.map_err(|e| io_error(format!("storing {shown}"), e))?;
         let file = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         self.images.insert((subset.clone(), stem), target);
-        self.outcome.accepted.push(Accepted { file, subset, width: Some(checked.width), height: Some(checked.height) });
+        self.outcome.accepted.push(Accepted { file, subset, width: Some(checked.width), height: Some(checked.height), notes: checked.notes });
         Ok(())
     }
 
@@ -116,7 +119,7 @@ impl<'a> Sink<'a> {
                     let caption = image.with_extension("txt");
                     write_atomic(&caption, text.as_bytes()).map_err(|e| io_error(format!("writing {shown}"), e))?;
                     let file = caption.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    self.outcome.accepted.push(Accepted { file, subset, width: None, height: None });
+                    self.outcome.accepted.push(Accepted { file, subset, width: None, height: None, notes: vec![] });
                 }
                 None => self.outcome.rejected.push(Rejected { file: shown, reason: format!("no image named {stem}.* beside it") }),
             }

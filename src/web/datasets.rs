@@ -398,7 +398,7 @@ async fn upload(state: &AppState, name: &str, mut multipart: Multipart) -> Resul
                 let file = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 stored.push(target.clone());
                 uploaded.push((uploaded_stem, target));
-                outcome.accepted.push(Accepted { file, subset: folder, width: Some(c.width), height: Some(c.height) });
+                outcome.accepted.push(Accepted { file, subset: folder, width: Some(c.width), height: Some(c.height), notes: c.notes });
             }
             Err(reason) => outcome.rejected.push(Rejected { file: raw_name, reason }),
         }
@@ -419,7 +419,7 @@ async fn upload(state: &AppState, name: &str, mut multipart: Multipart) -> Resul
                     Ok(()) => {
                         let file = caption.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                         stored.push(caption);
-                        outcome.accepted.push(Accepted { file, subset: folder, width: None, height: None });
+                        outcome.accepted.push(Accepted { file, subset: folder, width: None, height: None, notes: vec![] });
                     }
                     Err(e) => outcome.rejected.push(Rejected { file: c.file, reason: format!("could not be stored: {e}") }),
                 }
