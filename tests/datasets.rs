@@ -397,6 +397,12 @@ async fn the_dataset_picker_and_the_preflight_before_queueing() {
     assert!(html.contains("broken.png") && html.contains("1 dropped"), "{html}");
     let (_, jobs) = json_req(&app, "GET", "/api/jobs", None).await;
     assert_eq!(jobs["jobs"], json!([]), "the pre-flight queues nothing");
+    // The draft's sd-scripts dataset config downloads beside its TOML; kohya LoRA has no preset.
+    let (s, toml) = send(&app, Request::get("/ui/export/dataset.toml").header(header::COOKIE, COOKIE).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(toml.contains("[[datasets.subsets]]") && toml.contains("1_good") && toml.contains("class_tokens = \"good\""), "{toml}");
+    let (s, _) = send(&app, Request::get("/ui/export/lycoris_preset.toml").header(header::COOKIE, COOKIE).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 
     // Nothing usable: refused by name, by the API and the confirmation alike.
     json_req(&app, "POST", "/api/datasets", Some(json!({"name": "bad"}))).await;

@@ -92,31 +92,25 @@ pub async fn ui_export(State(state): State<AppState>, headers: HeaderMap, Form(p
 /// `GET /ui/export/lycoris_preset.toml`: the draft's LyCORIS preset file (404 when the draft's
 /// algorithm is not a LyCORIS one).
 pub async fn ui_download_preset(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let (draft, set, config) = draft_with_form(&state, &headers, vec![]);
-    let response = match export(&state.registry, &config, PROMPTS_FILE) {
-        Ok(SdScriptsConfig { preset_file: Some((name, text)), .. }) => {
-            let disposition = format!("attachment; filename=\"{name}\"");
-            ([(header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], text).into_response()
-        }
-        Ok(_) => (StatusCode::NOT_FOUND, "this configuration trains kohya's networks.lora: no LyCORIS preset").into_response(),
-        Err(errors) => {
-            let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
-            (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()
-        }
-    };
-    with_cookie(response, &draft, set)
+    download_side_file(&state, &headers, |e| e.preset_file, "this configuration trains kohya's networks.lora: no LyCORIS preset")
 }
 
 /// `GET /ui/export/dataset.toml`: the draft's dataset config (404 when its training folder
 /// cannot be read here).
 pub async fn ui_download_dataset(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let (draft, set, config) = draft_with_form(&state, &headers, vec![]);
-    let response = match export(&state.registry, &config, PROMPTS_FILE) {
-        Ok(SdScriptsConfig { dataset_file: Some((name, text)), .. }) => {
+    download_side_file(&state, &headers, |e| e.dataset_file, "the training folder has no N_name folders on this machine: no dataset config")
+}
+
+/// One of the files the main TOML names (`pick` chooses it) as a download; 404 with `missing`
+/// when this draft has none, 422 naming the problems when the draft is not valid.
+fn download_side_file(state: &AppState, headers: &HeaderMap, pick: fn(SdScriptsConfig) -> Option<(String, String)>, missing: &'static str) -> Response {
+    let (draft, set, config) = draft_with_form(state, headers, vec![]);
+    let response = match export(&state.registry, &config, PROMPTS_FILE).map(pick) {
+        Ok(Some((name, text))) => {
             let disposition = format!("attachment; filename=\"{name}\"");
             ([(header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)], text).into_response()
         }
-        Ok(_) => (StatusCode::NOT_FOUND, "the training folder has no N_name folders on this machine: no dataset config").into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, missing).into_response(),
         Err(errors) => {
             let lines: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
             (StatusCode::UNPROCESSABLE_ENTITY, format!("not exported; fix first:\n{}", lines.join("\n"))).into_response()
