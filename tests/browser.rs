@@ -343,6 +343,7 @@ async fn a_dataset_from_upload_to_a_queued_job() {
     let report = d.eval("return document.querySelector('#upload-result').textContent").await;
     assert!(report.as_str().unwrap().contains("broken.jpg") && report.as_str().unwrap().contains("truncated"), "{report}");
     d.wait_for("the thumbnails", "return document.querySelectorAll('#grid figure.thumb').length === 2").await;
+    d.wait_for("the count in the heading", "return document.querySelector('#head-count').textContent.includes('2 images in 1 subset')").await;
     d.screenshot("dataset-upload").await;
 
     // Tag with the tiny tagger: a job in the queue, watched on its page.
