@@ -50,6 +50,8 @@ impl Settings {
         for r in &self.allowed_roots {
             if !r.is_absolute() || !r.is_dir() {
                 errors.push(err("allowed_roots", format!("{} is not an existing folder given by its absolute path", r.display())));
+            } else if r.canonicalize().is_ok_and(|c| c.parent().is_none()) {
+                errors.push(err("allowed_roots", "/ would open the whole disk to requests: name the folders that hold models, taggers or pictures".into()));
             }
         }
         if !errors.is_empty() {

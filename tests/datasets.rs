@@ -323,6 +323,18 @@ async fn bulk_caption_operations_preview_apply_and_undo() {
         let (s, v) = captions(op.clone()).await;
         assert!(s.is_client_error() && v.to_string().contains(needle), "{op}: {s} {v}");
     }
+    // An image without a caption: a trigger gives it one, undo takes the file away again (an
+    // empty caption file would train an empty caption, and sd-scripts refuses one); saving an
+    // empty caption removes the file too.
+    upload(&app, "set", &[("files", Some("c.png"), &p)]).await;
+    captions(json!({"op": "trigger", "word": "ohwx", "apply": true, "files": ["1_set/c.png"]})).await;
+    assert_eq!(read("c.txt"), "ohwx\n");
+    captions(json!({"op": "undo", "apply": true})).await;
+    assert!(!dir.join("c.txt").exists());
+    captions(json!({"op": "trigger", "word": "ohwx", "apply": true, "files": ["1_set/c.png"]})).await;
+    let req = Request::put("/api/datasets/set/captions/1_set/c.png").body(Body::from("  \n")).unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::NO_CONTENT);
+    assert!(!dir.join("c.txt").exists());
     // One caption, edited in place.
     let req = Request::put("/api/datasets/set/captions/1_set/b.png").body(Body::from("a hat\r\nsecond line")).unwrap();
     assert_eq!(send(&app, req).await.0, StatusCode::NO_CONTENT);
@@ -568,6 +580,11 @@ async fn zip_and_folder_imports_are_checked_and_confined() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(files_under(&app.data.join("datasets/set")), before, "refused archives wrote nothing");
 
+    // An archive with nothing usable makes no subset folder.
+    json_req(&app, "POST", "/api/datasets", Some(json!({"name": "empty"}))).await;
+    let (s, _) = import_zip(&app, "empty", &zip_of(&[("7_x/bad.png", b"nope")], None)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(std::fs::read_dir(app.data.join("datasets/empty")).unwrap().next().is_none(), "no folder left behind");
     // Folders: outside the allowed roots, refused; inside, imported (symlinks not followed).
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("x.png"), &p).unwrap();
@@ -611,8 +628,8 @@ async fn settings_are_stored_masked_and_applied_at_the_next_start() {
 
     let roots = dir.path().join("models");
     std::fs::create_dir_all(&roots).unwrap();
-    let (_, html) = send(&app, post("/ui/settings", format!("max_file_mib=10&max_request_mib=5&allowed_roots={}", dir.path().join("missing").display()))).await;
-    assert!(html.contains("max_request_mib: 5 MiB") && html.contains("is not an existing folder"), "{html}");
+    let (_, html) = send(&app, post("/ui/settings", format!("max_file_mib=10&max_request_mib=5&allowed_roots={}%0A/", dir.path().join("missing").display()))).await;
+    assert!(html.contains("max_request_mib: 5 MiB") && html.contains("is not an existing folder") && html.contains("the whole disk"), "{html}");
     assert_eq!(crate_settings(&data).max_file_mib, 64, "nothing stored");
     let (_, html) = send(&app, post("/ui/settings", format!("max_file_mib=10&max_request_mib=100&allowed_roots={}", roots.display()))).await;
     assert!(html.contains("Saved."), "{html}");

@@ -215,47 +215,62 @@ pub fn bulk(ds: &Datasets, name: &str, req: &BulkRequest) -> Result<BulkOutcome>
 fn undo(ds: &Datasets, name: &str, dir: &std::path::Path, apply: bool) -> Result<BulkOutcome> {
     let record = std::fs::read(dir.join(UNDO_FILE)).map_err(|_| DatasetError::NotFound(format!("dataset {name:?} has no bulk operation to undo")))?;
     let recorded: Vec<Change> = serde_json::from_slice(&record).map_err(|e| DatasetError::Io(format!("the undo record is damaged: {e}")))?;
+    // The dataset's images as the operation found them (by listing, as it did).
+    let everything = BulkRequest { op: "undo".into(), apply: false, subset: None, files: None, word: None, position: None, tags: vec![], find: None, with: None, regex: false };
+    let images = targets(ds, name, &everything)?;
     let mut changes = vec![];
     for c in &recorded {
-        let Some((subset, file)) = c.file.split_once('/') else { continue };
-        let Ok(image) = ds.image_path(name, subset, file) else { continue };
-        let path = image.with_extension("txt");
-        let now = read_caption(&path);
+        let Some((_, path)) = images.iter().find(|(k, _)| *k == c.file) else { continue };
+        let now = read_caption(path);
         if now == c.after {
-            changes.push((path, Change { file: c.file.clone(), before: now, after: c.before.clone() }));
+            changes.push((path.clone(), Change { file: c.file.clone(), before: now, after: c.before.clone() }));
         }
     }
     if apply {
         for (path, c) in &changes {
-            let text = if c.after.is_empty() { String::new() } else { format!("{}\n", c.after) };
-            write_atomic(path, text.as_bytes()).map_err(|e| io_error(format!("restoring the caption of {}", c.file), e))?;
+            // No caption before: the file goes again (an empty one would train an empty caption
+            // instead of the class tokens, and sd-scripts refuses it).
+            let restored = if c.after.is_empty() { std::fs::remove_file(path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) } else { write_atomic(path, format!("{}\n", c.after).as_bytes()) };
+            restored.map_err(|e| io_error(format!("restoring the caption of {}", c.file), e))?;
         }
         std::fs::remove_file(dir.join(UNDO_FILE)).map_err(|e| io_error("clearing the undo record", e))?;
     }
     Ok(BulkOutcome { op: "undo".into(), applied: apply, files: recorded.len(), changes: changes.into_iter().map(|(_, c)| c).collect() })
 }
 
-/// Saves one image's caption (atomically; an empty text leaves an empty file).
+/// Saves one image's caption (atomically). An empty text removes the caption file, so the
+/// image trains with its subset's class tokens (an empty file would train an empty caption, and
+/// sd-scripts refuses one).
 pub fn save_caption(ds: &Datasets, name: &str, subset: &str, file: &str, text: &str) -> Result<()> {
-    if text.len() > 64 * 1024 {
+    if text.len() > MAX_CAPTION_BYTES {
         return Err(DatasetError::Invalid("caption: longer than 64 KiB".into()));
     }
     let image = ds.image_path(name, subset, file)?;
+    let path = image.with_extension("txt");
     let text = text.trim_end_matches(['\n', '\r']).replace("\r\n", "\n");
-    let body = if text.is_empty() { String::new() } else { format!("{text}\n") };
-    write_atomic(&image.with_extension("txt"), body.as_bytes()).map_err(|e| io_error(format!("writing the caption of {file}"), e))
+    if text.trim().is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(format!("removing the caption of {file}"), e)),
+            _ => Ok(()),
+        };
+    }
+    write_atomic(&path, format!("{text}\n").as_bytes()).map_err(|e| io_error(format!("writing the caption of {file}"), e))
 }
+
+/// The largest caption file Loft writes or imports.
+pub const MAX_CAPTION_BYTES: usize = 64 * 1024;
 
 /// How often each tag occurs over a dataset's captions, most frequent first.
 pub fn tag_frequency(ds: &Datasets, name: &str) -> Result<Vec<(String, usize)>> {
     let d = ds.get(name)?;
-    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    // Counted case-insensitively, as the filter and the bulk operations match; shown as first seen.
+    let mut counts: std::collections::BTreeMap<String, (String, usize)> = Default::default();
     for img in d.subsets.iter().flat_map(|s| &s.images) {
         for tag in split_tags(img.caption.as_deref().unwrap_or("")) {
-            *counts.entry(tag).or_default() += 1;
+            counts.entry(tag.to_lowercase()).or_insert_with(|| (tag.clone(), 0)).1 += 1;
         }
     }
-    let mut out: Vec<(String, usize)> = counts.into_iter().collect();
+    let mut out: Vec<(String, usize)> = counts.into_values().collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(out)
 }

@@ -79,7 +79,7 @@ pub fn run(command: DatasetCommand) -> Result<()> {
             let mut printer = Printer;
             let cancel = loft_worker::train::CancelToken::new();
             crate::signal::cancel_on_signal(&cancel, "stopping after this image (run the same command again to tag the rest)…");
-            let outcome = loft_worker::tagger::tag_folder(&dir, &model, &options, &mut printer, &cancel)?;
+            let outcome = loft_worker::tagger::tag_folder(&dir, &model, &options, true, &mut printer, &cancel)?;
             if outcome.cancelled {
                 bail!("stopped after {} images; run the same command again to tag the rest", outcome.final_step);
             }

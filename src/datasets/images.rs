@@ -30,11 +30,16 @@ pub fn upload_name(raw: &str) -> Result<(String, String), String> {
         return Err("has no extension: images are .png, .jpg, .jpeg or .webp, captions .txt".into());
     };
     let ext = ext.to_ascii_lowercase();
-    if stem.is_empty() || stem.chars().count() > 150 {
-        return Err("the name is empty or longer than 150 characters".into());
+    if stem.is_empty() {
+        return Err("the name has nothing before its extension".into());
     }
     if ext != "txt" && !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
         return Err(format!(".{ext} is not accepted: images are .png, .jpg, .jpeg or .webp, captions .txt"));
+    }
+    // The name it is stored under must be one every other route accepts (with room for the
+    // `_N` a taken name gets).
+    if stem.chars().count() > 90 || super::store::check_name("file", last).is_err() {
+        return Err("the name is longer than 90 characters or has '..' in it: rename the file".into());
     }
     Ok((stem.to_string(), ext))
 }
@@ -125,7 +130,8 @@ mod tests {
     fn names_are_reduced_and_checked() {
         assert_eq!(upload_name("C:\\photos\\cat.JPG").unwrap(), ("cat".into(), "jpg".into()));
         assert_eq!(upload_name("../../etc/dog.png").unwrap(), ("dog".into(), "png".into()));
-        for bad in ["", ".hidden.png", "noext", "x.exe", "a%2e.png", "a\0.png", ".png"] {
+        let long = format!("{}.png", "x".repeat(91));
+        for bad in ["", ".hidden.png", "noext", "x.exe", "a%2e.png", "a\0.png", ".png", "photo..png", long.as_str()] {
             assert!(upload_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -2,7 +2,8 @@
 //! goes through the upload check; a caption `.txt` is kept beside its image. From a zip, an
 //! entry that would leave the target (zip slip), a symlink, more entries or more uncompressed
 //! bytes than the limits allow are refused by name — the last two refuse the whole archive
-//! before anything is written. Files in an `N_class` folder go to that subset (made if needed),
+//! before anything is written, and an import that stops part-way takes back what it wrote. Files
+//! in an `N_class` folder go to that subset (made if needed),
 //! the others to the subset named in the request (or the dataset's first).
 
 use std::collections::HashMap;
@@ -53,23 +54,41 @@ struct Sink<'a> {
     /// (subset, stem) → stored image path.
     images: HashMap<(String, String), PathBuf>,
     captions: Vec<(String, String, String, String)>,
+    /// Everything this import wrote (files and the subset folders it made), to take back if it
+    /// stops part-way.
+    written: Vec<PathBuf>,
 }
 
 impl<'a> Sink<'a> {
-    /// The subset a file goes to: its `N_class` folder, or the default one.
+    /// The subset a file goes to: its `N_class` folder, or the default one (the first subset,
+    /// or `1_NAME`). Nothing is created here.
     fn subset_for(&mut self, folder: Option<&str>) -> Result<String> {
         if let Some(f) = folder.filter(|f| parse_subset_folder(f).is_some()) {
             super::store::check_name("subset", f)?;
-            let dir = self.ds.root.join(&self.dataset).join(f);
-            if !dir.exists() {
-                std::fs::create_dir(&dir).map_err(|e| io_error(format!("creating subset {f}"), e))?;
-            }
             return Ok(f.to_string());
         }
         if self.default_subset.is_none() {
-            self.default_subset = Some(self.ds.default_subset(&self.dataset)?);
+            let first = self.ds.get(&self.dataset)?.subsets.first().map(|s| s.folder.clone());
+            self.default_subset = Some(first.unwrap_or_else(|| format!("1_{}", self.dataset)));
         }
         Ok(self.default_subset.clone().expect("set above"))
+    }
+
+    /// The subset's folder, made when the first file that passed its check goes there.
+    fn subset_dir(&mut self, subset: &str) -> Result<PathBuf> {
+        let dir = self.ds.root.join(&self.dataset).join(subset);
+        if !dir.exists() {
+            std::fs::create_dir(&dir).map_err(|e| io_error(format!("creating subset {subset}"), e))?;
+            self.written.push(dir.clone());
+        }
+        Ok(dir)
+    }
+
+    /// Takes back what this import wrote (it stopped part-way).
+    fn roll_back(&self) {
+        for p in self.written.iter().rev() {
+            let _ = if p.is_dir() { std::fs::remove_dir(p) } else { std::fs::remove_file(p) };
+        }
     }
 
     fn add(&mut self, shown: &str, folder: Option<&str>, bytes: Vec<u8>) -> Result<()> {
@@ -82,6 +101,10 @@ impl<'a> Sink<'a> {
         };
         let subset = self.subset_for(folder)?;
         if ext == "txt" {
+            if bytes.len() > super::captions::MAX_CAPTION_BYTES {
+                self.outcome.rejected.push(Rejected { file: shown.to_string(), reason: "is a caption longer than 64 KiB".into() });
+                return Ok(());
+            }
             match String::from_utf8(bytes) {
                 Ok(text) => self.captions.push((shown.to_string(), subset, stem, text)),
                 Err(_) => self.outcome.rejected.push(Rejected { file: shown.to_string(), reason: "is not UTF-8 text".into() }),
@@ -95,20 +118,22 @@ impl<'a> Sink<'a> {
                 return Ok(());
             }
         };
-        let dir = self.ds.root.join(&self.dataset).join(&subset);
+        let dir = self.subset_dir(&subset)?;
         let target = free_name(&dir, &stem, &ext);
-        let part = dir.join(format!(".import-{}.part", std::process::id()));
+        let part = dir.join(super::store::temp_name("import"));
         std::fs::write(&part, &bytes).map_err(|e| io_error(format!("writing {shown}"), e))?;
         let linked = std::fs::hard_link(&part, &target);
         let _ = std::fs::remove_file(&part);
         linked.map_err(|e| io_error(format!("storing {shown}"), e))?;
+        self.written.push(target.clone());
         let file = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         self.images.insert((subset.clone(), stem), target);
         self.outcome.accepted.push(Accepted { file, subset, width: Some(checked.width), height: Some(checked.height), notes: checked.notes });
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Report> {
+    /// Writes the captions beside their images (uploaded now, or already there).
+    fn write_captions(&mut self) -> Result<()> {
         for (shown, subset, stem, text) in std::mem::take(&mut self.captions) {
             let dir = self.ds.root.join(&self.dataset).join(&subset);
             let image = self.images.get(&(subset.clone(), stem.clone())).cloned().or_else(|| {
@@ -118,13 +143,14 @@ impl<'a> Sink<'a> {
                 Some(image) => {
                     let caption = image.with_extension("txt");
                     write_atomic(&caption, text.as_bytes()).map_err(|e| io_error(format!("writing {shown}"), e))?;
+                    self.written.push(caption.clone());
                     let file = caption.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                     self.outcome.accepted.push(Accepted { file, subset, width: None, height: None, notes: vec![] });
                 }
                 None => self.outcome.rejected.push(Rejected { file: shown, reason: format!("no image named {stem}.* beside it") }),
             }
         }
-        Ok(self.outcome)
+        Ok(())
     }
 }
 
@@ -154,8 +180,9 @@ pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: 
     if declared > ds.limits.max_request_bytes {
         return Err(DatasetError::Invalid(format!("the archive unpacks to {declared} bytes, more than the {} byte limit of one import", ds.limits.max_request_bytes)));
     }
-    let mut sink = Sink { ds, dataset: dataset.to_string(), default_subset: subset.map(str::to_string), outcome: Default::default(), images: HashMap::new(), captions: vec![] };
+    let sink = Sink { ds, dataset: dataset.to_string(), default_subset: subset.map(str::to_string), outcome: Default::default(), images: HashMap::new(), captions: vec![], written: vec![] };
     let mut unpacked = 0u64;
+    all_or_nothing(sink, |sink| {
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(|e| DatasetError::Invalid(format!("entry {i} is damaged: {e}")))?;
         let raw = entry.name().map(|n| n.into_owned()).unwrap_or_else(|_| format!("entry {i}"));
@@ -185,7 +212,21 @@ pub fn import_zip(ds: &Datasets, dataset: &str, subset: Option<&str>, zip_path: 
         let folder = folder_of(&path);
         sink.add(&shown, folder.as_deref(), bytes)?;
     }
-    sink.finish()
+    Ok(())
+    })
+}
+
+/// Runs an import's entries and writes its captions; when it stops part-way, what it wrote is
+/// taken back, so a refused import leaves the dataset as it was.
+fn all_or_nothing(mut sink: Sink, run: impl FnOnce(&mut Sink) -> Result<()>) -> Result<Report> {
+    let result = run(&mut sink).and_then(|()| sink.write_captions());
+    match result {
+        Ok(()) => Ok(sink.outcome),
+        Err(e) => {
+            sink.roll_back();
+            Err(e)
+        }
+    }
 }
 
 /// Imports (copies) the images and captions of a folder under an allowed root, and of its
@@ -224,7 +265,8 @@ pub fn import_folder(ds: &Datasets, dataset: &str, subset: Option<&str>, folder:
         return Err(DatasetError::Invalid(format!("the folder has {} files; at most {MAX_ENTRIES} are imported at once", files.len())));
     }
     files.sort();
-    let mut sink = Sink { ds, dataset: dataset.to_string(), default_subset: subset.map(str::to_string), outcome: Default::default(), images: HashMap::new(), captions: vec![] };
+    let sink = Sink { ds, dataset: dataset.to_string(), default_subset: subset.map(str::to_string), outcome: Default::default(), images: HashMap::new(), captions: vec![], written: vec![] };
+    all_or_nothing(sink, |sink| {
     for p in files {
         let shown = p.strip_prefix(&folder).unwrap_or(&p).display().to_string();
         let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
@@ -240,5 +282,6 @@ pub fn import_folder(ds: &Datasets, dataset: &str, subset: Option<&str>, folder:
         let folder_name = (p.parent() != Some(folder.as_path())).then(|| folder_of(&p)).flatten();
         sink.add(&name, folder_name.as_deref(), bytes)?;
     }
-    sink.finish()
+    Ok(())
+    })
 }

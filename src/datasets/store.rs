@@ -135,6 +135,14 @@ pub fn is_image(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// A dot-file name no other request uses (`.PREFIX-<pid>-<random>.part`), for a file being
+/// written before it is checked and renamed.
+pub fn temp_name(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!(".{prefix}-{}-{}.part", std::process::id(), b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
 /// reader sees the old file or the new one, never half of one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -50,7 +50,7 @@ impl JobRunner for EngineRunner {
         // A tagging job (a second kind beside training): the engine's tagger over the dataset.
         if let Some(tag) = crate::datasets::tagging::TagJob::from_config(&job.config) {
             let tag = tag.map_err(|e| anyhow!(Permanent(e)))?;
-            return loft_worker::tagger::tag_folder(&tag.dataset_dir, &tag.model_dir, &tag.options, sink, cancel);
+            return loft_worker::tagger::tag_folder(&tag.dataset_dir, &tag.model_dir, &tag.options, job.resume, sink, cancel);
         }
         let config = engine_config(&self.registry, &job.config).map_err(|errors| {
             let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();

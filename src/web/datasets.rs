@@ -354,8 +354,8 @@ async fn upload(state: &AppState, name: &str, mut multipart: Multipart) -> Resul
             }
         };
         let dir = ds.root.join(name).join(&folder);
-        let limit = if ext == "txt" { 64 * 1024 } else { ds.limits.max_file_bytes };
-        let part = dir.join(format!(".upload-{}-{}.part", std::process::id(), stored.len() + outcome.rejected.len() + pending.len()));
+        let limit = if ext == "txt" { captions::MAX_CAPTION_BYTES as u64 } else { ds.limits.max_file_bytes };
+        let part = dir.join(crate::datasets::store::temp_name("upload"));
         match stream_to(field, &part, limit).await {
             Ok(()) => {}
             Err(StreamError::TooLarge) => {
@@ -488,7 +488,9 @@ async fn api_import(State(state): State<AppState>, Path(name): Path<String>, req
             Err(e) => return error(e.status(), e.body_text()),
         };
         let mut subset = None;
-        let zip_path = state.jobs.data_dir.join("cache").join(format!("import-{}-{}.zip", std::process::id(), rand_suffix()));
+        // Outside the caches (clearing them must not take an import's file), removed on every way out.
+        let zip_path = state.jobs.data_dir.join("tmp").join(crate::datasets::store::temp_name("import"));
+        let _remove_zip = RemoveOnDrop(zip_path.clone());
         let mut got_file = false;
         loop {
             match multipart.next_field().await {
@@ -544,11 +546,14 @@ async fn api_import(State(state): State<AppState>, Path(name): Path<String>, req
     }
 }
 
-/// A few random hex digits for a temporary file's name.
-fn rand_suffix() -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Deletes a temporary file when the request ends, however it ends (an early return, an
+/// error, the client going away).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 // ---------------------------------------------------------------- thumbnails

@@ -274,20 +274,25 @@ pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// What an interrupted run has done: the images tagged with these settings.
-#[derive(Serialize, Deserialize, Default)]
-struct Done {
-    settings: String,
-    files: Vec<PathBuf>,
+/// The record of an interrupted run: its settings on the first line, then one tagged image a
+/// line (appended as each is written, so a killed run loses at most the image in hand).
+fn read_done(path: &Path, settings: &str) -> HashSet<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(path) else { return HashSet::new() };
+    let mut lines = text.lines();
+    if lines.next() != Some(settings) {
+        return HashSet::new();
+    }
+    lines.map(PathBuf::from).collect()
 }
 
 /// The file that records a run's progress, inside the folder (a dot-file no trainer reads).
 const DONE_FILE: &str = ".loft-tagging.json";
 
 /// Tags every image of `dir` with the tagger in `model_dir` and writes the captions (`.txt`
-/// beside each image), reporting one step per image. Cancelling stops after the current image;
-/// a later run with the same settings skips what was done.
-pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
+/// beside each image), reporting one step per image. Cancelling stops after the current image.
+/// With `resume` (a retried job, the command run again) the images an interrupted run with the
+/// same settings tagged are skipped; without it every image is tagged.
+pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, resume: bool, sink: &mut dyn EventSink, cancel: &CancelToken) -> Result<TrainOutcome> {
     opts.check()?;
     let started = Instant::now();
     let tagger = Tagger::load(model_dir)?;
@@ -298,10 +303,13 @@ pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, sink: &mut dy
     }
     let settings = serde_json::to_string(&(model_dir, opts))?;
     let done_path = dir.join(DONE_FILE);
-    let mut done: Done = std::fs::read(&done_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).filter(|d: &Done| d.settings == settings).unwrap_or_default();
-    done.settings = settings;
+    let done = if resume { read_done(&done_path, &settings) } else { HashSet::new() };
+    if done.is_empty() {
+        std::fs::write(&done_path, format!("{settings}\n")).with_context(|| format!("cannot write {}", done_path.display()))?;
+    }
+    let mut record = std::fs::OpenOptions::new().append(true).open(&done_path).with_context(|| format!("cannot write {}", done_path.display()))?;
     let total = images.len() as u64;
-    let skipped = images.iter().filter(|p| done.files.contains(p)).count() as u64;
+    let skipped = images.iter().filter(|p| done.contains(*p)).count() as u64;
     sink.emit(TrainEvent::Started { total_steps: total, total_epochs: 1, start_step: skipped, steps_per_epoch: total, images: images.len() });
     if skipped > 0 {
         sink.emit(TrainEvent::Log { level: "info".into(), message: format!("resuming: {skipped} images were tagged by an earlier attempt") });
@@ -310,7 +318,7 @@ pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, sink: &mut dy
     let run_start = Instant::now();
     let mut failed = vec![];
     for path in &images {
-        if done.files.contains(path) {
+        if done.contains(path) {
             continue;
         }
         if cancel.is_cancelled() {
@@ -318,7 +326,7 @@ pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, sink: &mut dy
             return Ok(TrainOutcome { final_step: step, network_file: None, cancelled: true });
         }
         let caption_path = path.with_extension("txt");
-        match tagger.tag_file(path, opts) {
+        let tagged = match tagger.tag_file(path, opts) {
             Ok(tags) => {
                 let existing = std::fs::read_to_string(&caption_path).ok();
                 let caption = caption_for(existing.as_deref(), &tags, opts);
@@ -326,14 +334,19 @@ pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, sink: &mut dy
                 if step < skipped + 3 {
                     sink.emit(TrainEvent::Log { level: "info".into(), message: format!("{}: {caption}", path.display()) });
                 }
+                true
             }
             Err(e) => {
                 sink.emit(TrainEvent::Log { level: "warn".into(), message: format!("skipped {}: {e:#}", path.display()) });
                 failed.push(path.clone());
+                false
             }
+        };
+        // A failed image is not recorded: a retry tries it again.
+        if tagged {
+            use std::io::Write;
+            writeln!(record, "{}", path.display()).with_context(|| format!("cannot write {}", done_path.display()))?;
         }
-        done.files.push(path.clone());
-        write_atomic(&done_path, &serde_json::to_vec(&done)?)?;
         step += 1;
         let rate = (step - skipped) as f64 / run_start.elapsed().as_secs_f64().max(1e-6);
         sink.emit(TrainEvent::Step {

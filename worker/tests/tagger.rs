@@ -96,12 +96,12 @@ fn a_folder_is_tagged_written_merged_cancelled_and_resumed() {
 
     let cancel = CancelToken::new();
     let mut sink = StopAfter { inner: EventLog::default(), n: 2, cancel: &cancel };
-    let outcome = tag_folder(&dir, &model, &opts, &mut sink, &cancel).unwrap();
+    let outcome = tag_folder(&dir, &model, &opts, false, &mut sink, &cancel).unwrap();
     assert!(outcome.cancelled && outcome.final_step == 2, "{outcome:?}");
     assert!(dir.join(".loft-tagging.json").is_file(), "the progress is recorded");
     // The same settings again: the first two are skipped, the rest tagged.
     let mut log = EventLog::default();
-    let outcome = tag_folder(&dir, &model, &opts, &mut log, &CancelToken::new()).unwrap();
+    let outcome = tag_folder(&dir, &model, &opts, true, &mut log, &CancelToken::new()).unwrap();
     assert_eq!(outcome.final_step, 4);
     assert!(matches!(log.0.iter().find(|e| matches!(e, TrainEvent::Started { .. })), Some(TrainEvent::Started { start_step: 2, total_steps: 4, .. })));
     assert_eq!(log.0.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count(), 2);
@@ -112,8 +112,15 @@ fn a_folder_is_tagged_written_merged_cancelled_and_resumed() {
     assert_eq!(read("green.txt"), "ohwx, hatsune miku, green theme, solo\n");
     // Write mode replaces.
     let write = TagOptions { trigger: String::new(), merge: false, ..TagOptions::default() };
-    tag_folder(&dir, &model, &write, &mut EventLog::default(), &CancelToken::new()).unwrap();
+    tag_folder(&dir, &model, &write, false, &mut EventLog::default(), &CancelToken::new()).unwrap();
     assert_eq!(read("red.txt"), "^_^, red theme, solo\n");
-    let e = tag_folder(&tmp.path().join("nothing-here"), &model, &write, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    // A new run (not a resume) tags everything again, whatever an interrupted one left.
+    let stop = CancelToken::new();
+    let mut sink = StopAfter { inner: EventLog::default(), n: 1, cancel: &stop };
+    tag_folder(&dir, &model, &write, false, &mut sink, &stop).unwrap();
+    let mut log = EventLog::default();
+    tag_folder(&dir, &model, &write, false, &mut log, &CancelToken::new()).unwrap();
+    assert_eq!(log.0.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count(), 4);
+    let e = tag_folder(&tmp.path().join("nothing-here"), &model, &write, false, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
     assert!(format!("{e:#}").contains("nothing-here"), "{e:#}");
 }
