@@ -45,6 +45,17 @@ pub struct SdScriptsConfig {
     pub dataset_file: Option<(String, String)>,
 }
 
+/// A registry value as TOML: booleans, text, and numbers typed by the field's kind.
+fn plain_toml(kind: &Kind, value: &serde_json::Value) -> Option<Toml> {
+    Some(match value {
+        serde_json::Value::Bool(b) => Toml::Boolean(*b),
+        serde_json::Value::String(s) => Toml::String(s.clone()),
+        serde_json::Value::Number(n) if matches!(kind, Kind::Integer) => Toml::Integer(n.as_i64().unwrap_or_default()),
+        serde_json::Value::Number(n) => Toml::Float(n.as_f64().unwrap_or_default()),
+        _ => return None,
+    })
+}
+
 /// The dataset config file, when the training folder can be read here: the dataset options in
 /// `[general]` (where sd-scripts' ConfigSanitizer takes them all), and each `N_class` folder
 /// of the training (and regularisation) folder as a DreamBooth subset with its repeats and
@@ -83,15 +94,12 @@ fn dataset_file(registry: &Registry, active: &Config, not_exported: &mut Vec<(St
         if matches!(name, "num_repeats" | "class_tokens" | "alpha_mask") || value.as_str() == Some("") || (value.as_f64() == Some(0.0) && ZERO_IS_UNSET.contains(&field.key.as_str())) {
             continue;
         }
-        let v = match value {
-            serde_json::Value::Bool(b) => Toml::Boolean(*b),
-            serde_json::Value::String(s) if name == "resize_interpolation" && s == "auto" => continue,
-            serde_json::Value::String(s) => Toml::String(s.clone()),
-            serde_json::Value::Number(n) if matches!(field.kind, Kind::Integer) => Toml::Integer(n.as_i64().unwrap_or_default()),
-            serde_json::Value::Number(n) => Toml::Float(n.as_f64().unwrap_or_default()),
-            _ => continue,
-        };
-        general.insert(name.to_string(), v);
+        if name == "resize_interpolation" && value.as_str() == Some("auto") {
+            continue;
+        }
+        if let Some(v) = plain_toml(&field.kind, value) {
+            general.insert(name.to_string(), v);
+        }
     }
     let alpha_mask = active.get("alpha_mask").and_then(|v| v.as_bool()) == Some(true);
     let subsets: Vec<Toml> = subsets
@@ -323,28 +331,26 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
                 not_exported.push((key.to_string(), "\"auto\" follows the device in Loft; sd-scripts takes fp16/bf16 from this key or accelerate's config: set mixed_precision to bf16 (or fp16) to export it".to_string()));
                 continue;
             }
-            // Lists in sd-scripts (nargs="*"): one path per line, numbers separated by commas.
-            ("base_weights", v) => Toml::Array(v.as_str().unwrap_or("").lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Toml::String(l.into())).collect()),
-            ("base_weights_multiplier", _) if text("base_weights").trim().is_empty() => continue,
-            ("base_weights_multiplier", v) => Toml::Array(
-                v.as_str()
-                    .unwrap_or("")
-                    .split(|c: char| c == ',' || c.is_whitespace())
-                    .filter_map(|t| t.parse::<f64>().ok())
-                    .map(Toml::Float)
-                    .collect(),
-            ),
+            // Lists in sd-scripts (nargs="*"), read as the engine reads them (one path per
+            // line; numbers separated by commas, a malformed one refused by name).
+            ("base_weights" | "base_weights_multiplier", _) => {
+                let lists = TrainConfig::read_fields(&active).map_err(|e| vec![FieldError { field: e.field, message: e.message }])?;
+                match key {
+                    "base_weights" => Toml::Array(lists.base_weights.iter().map(|p| Toml::String(p.display().to_string())).collect()),
+                    _ if lists.base_weights.is_empty() => continue,
+                    _ => Toml::Array(lists.base_weights_multiplier.into_iter().map(Toml::Float).collect()),
+                }
+            }
             ("max_token_length", v) if v.as_str() == Some("75") => continue,
             ("max_token_length", v) => Toml::Integer(v.as_str().and_then(|s| s.parse().ok()).unwrap_or(75)),
             ("sample_prompts", v) => {
                 sample_prompts = v.as_str().map(|s| format!("{}\n", s.trim_end()));
                 Toml::String(prompts_file.to_string())
             }
-            (_, serde_json::Value::Bool(b)) => Toml::Boolean(*b),
-            (_, serde_json::Value::String(s)) => Toml::String(s.clone()),
-            (_, serde_json::Value::Number(n)) if matches!(field.kind, Kind::Integer) => Toml::Integer(n.as_i64().unwrap_or_default()),
-            (_, serde_json::Value::Number(n)) => Toml::Float(n.as_f64().unwrap_or_default()),
-            _ => continue,
+            (_, v) => match plain_toml(&field.kind, v) {
+                Some(t) => t,
+                None => continue,
+            },
         };
         put(section, name, toml_value);
     }

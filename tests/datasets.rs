@@ -470,6 +470,12 @@ async fn tagging_is_a_queued_job() {
     }
     let (s, _) = json_req(&app, "POST", "/api/datasets/nope/tag", Some(json!({"model_dir": models.join("wd14")}))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // The page's forms name a typo instead of failing silently.
+    let form = |uri: &str, body: String| Request::post(uri).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded").body(Body::from(body)).unwrap();
+    let (_, html) = send(&app, form("/ui/datasets/set/tag", format!("model_dir={}&general_threshold=0,35&character_threshold=0.85", models.join("wd14").display()))).await;
+    assert!(html.contains("note bad") && html.contains("General ≥: &#34;0,35&#34; is not a number"), "{html}");
+    let (_, html) = send(&app, form("/ui/datasets/set/subsets", "name=cat&repeats=ten".into())).await;
+    assert!(html.contains("note bad") && html.contains("repeats"), "{html}");
     let (_, list) = json_req(&app, "GET", "/api/jobs", None).await;
     assert_eq!(list["jobs"], json!([]), "nothing queued by a refused request");
 

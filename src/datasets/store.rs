@@ -143,24 +143,8 @@ pub fn temp_name(prefix: &str) -> String {
     format!(".{prefix}-{}-{}.part", std::process::id(), b.iter().map(|x| format!("{x:02x}")).collect::<String>())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// reader sees the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent folder"))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+/// Writes a file through a temporary file and a rename (the engine's: its tagger writes captions too).
+pub use loft_worker::data::write_atomic;
 
 impl Datasets {
     pub fn new(root: PathBuf, limits: UploadLimits) -> std::io::Result<Self> {
@@ -216,7 +200,7 @@ impl Datasets {
             for e in entries {
                 let p = e.path();
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') || name == "datasets" || name == "cache" {
+                if name.starts_with('.') || matches!(name.as_str(), "datasets" | "cache" | "jobs" | "tmp") {
                     continue;
                 }
                 if p.is_dir() && depth > 0 {
@@ -353,13 +337,14 @@ impl Datasets {
 
     /// The subset uploads go to when none is named: the first one, or `1_NAME` made for them.
     pub fn default_subset(&self, name: &str) -> Result<String> {
-        let d = self.get(name)?;
-        match d.subsets.first() {
-            Some(s) => Ok(s.folder.clone()),
+        match subset_folders(&self.dataset_dir(name)?).into_iter().next() {
+            Some((folder, _)) => Ok(folder),
             None => self.create_subset(name, name, 1),
         }
     }
 
+    /// Every dataset with its counts. Cheap (names and file sizes only, no image is opened): the
+    /// form's dataset picker calls it on every render of the Dataset tab.
     pub fn list(&self) -> Result<Vec<DatasetSummary>> {
         let mut out = vec![];
         let entries = std::fs::read_dir(&self.root).map_err(|e| io_error("reading the datasets folder", e))?;
@@ -368,32 +353,60 @@ impl Datasets {
             if name.starts_with('.') || !entry.path().is_dir() || check_name("dataset", &name).is_err() {
                 continue;
             }
-            let Ok(d) = self.get(&name) else { continue };
-            let images = d.subsets.iter().map(|s| s.images.len()).sum();
-            let bytes = d.subsets.iter().flat_map(|s| &s.images).map(|i| i.bytes).sum();
-            out.push(DatasetSummary { name, subsets: d.subsets.len(), images, bytes });
+            let Ok(dir) = self.dataset_dir(&name) else { continue };
+            let folders = subset_folders(&dir);
+            let (mut images, mut bytes) = (0, 0);
+            for (_, path) in &folders {
+                for (_, size) in image_files(path) {
+                    images += 1;
+                    bytes += size;
+                }
+            }
+            out.push(DatasetSummary { name, subsets: folders.len(), images, bytes });
         }
         out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
         Ok(out)
     }
 
-    /// A dataset's subsets (the `N_class` folders sd-scripts reads) and their images.
+    /// A dataset's subsets (the `N_class` folders sd-scripts reads) and their images, with the
+    /// sizes from their headers and their captions.
     pub fn get(&self, name: &str) -> Result<Dataset> {
         let dir = self.dataset_dir(name)?;
-        let mut subsets = vec![];
-        let entries = std::fs::read_dir(&dir).map_err(|e| io_error(format!("reading dataset {name:?}"), e))?;
-        for entry in entries.flatten() {
-            let folder = entry.file_name().to_string_lossy().into_owned();
-            let Some((repeats, class_tokens)) = parse_subset_folder(&folder) else { continue };
-            if !entry.path().is_dir() {
-                continue;
-            }
-            let images = list_images(&entry.path());
-            subsets.push(Subset { folder, repeats, class_tokens, images });
-        }
-        subsets.sort_by(|a, b| a.folder.cmp(&b.folder));
+        let subsets = subset_folders(&dir)
+            .into_iter()
+            .map(|(folder, path)| {
+                let (repeats, class_tokens) = parse_subset_folder(&folder).expect("a subset folder");
+                Subset { images: list_images(&path), folder, repeats, class_tokens }
+            })
+            .collect();
         Ok(Dataset { name: name.to_string(), path: dir, subsets })
     }
+}
+
+/// A dataset's `N_class` folders (name, path), sorted.
+fn subset_folders(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(folder, path)| parse_subset_folder(folder).is_some() && path.is_dir())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The image files of a folder (name, size in bytes), sorted; dot-files left out.
+fn image_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| is_image(&e.path()) && e.path().is_file() && !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+        .collect();
+    out.sort();
+    out
 }
 
 impl Dataset {
@@ -409,23 +422,17 @@ impl Dataset {
 
 /// The images of one folder with their sizes (read from the headers) and captions.
 fn list_images(dir: &Path) -> Vec<ImageEntry> {
-    let mut out = vec![];
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if file.starts_with('.') || !is_image(&path) || !path.is_file() {
-            continue;
-        }
-        let (width, height) = image::ImageReader::open(&path)
-            .ok()
-            .and_then(|r| r.with_guessed_format().ok())
-            .and_then(|r| r.into_dimensions().ok())
-            .unwrap_or((0, 0));
-        let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
-        let caption = std::fs::read_to_string(path.with_extension("txt")).ok();
-        out.push(ImageEntry { file, width, height, bytes, caption });
-    }
-    out.sort_by(|a, b| a.file.cmp(&b.file));
-    out
+    image_files(dir)
+        .into_iter()
+        .map(|(file, bytes)| {
+            let path = dir.join(&file);
+            let (width, height) = image::ImageReader::open(&path)
+                .ok()
+                .and_then(|r| r.with_guessed_format().ok())
+                .and_then(|r| r.into_dimensions().ok())
+                .unwrap_or((0, 0));
+            let caption = std::fs::read_to_string(path.with_extension("txt")).ok();
+            ImageEntry { file, width, height, bytes, caption }
+        })
+        .collect()
 }

@@ -165,15 +165,17 @@ impl Jobs {
         Ok(id)
     }
 
-    /// Path fields are stored absolute, so a worker started from another folder reads the same files.
+    /// Path fields are stored absolute, so a worker started from another folder reads the same
+    /// files (`base_weights` holds one path per line).
     fn absolute_paths(&self, mut config: Config) -> Config {
-        for field in self.registry.fields().filter(|f| f.kind == Kind::Path) {
+        let absolute = |p: &str| match std::path::absolute(p.trim()) {
+            Ok(abs) if !p.trim().is_empty() => abs.to_string_lossy().into_owned(),
+            _ => p.to_string(),
+        };
+        for field in self.registry.fields().filter(|f| f.kind == Kind::Path || f.key == "base_weights") {
             if let Some(Value::String(p)) = config.get(&field.key) {
-                if !p.trim().is_empty() && Path::new(p.trim()).is_relative() {
-                    if let Ok(abs) = std::path::absolute(p.trim()) {
-                        config.insert(field.key.clone(), Value::String(abs.to_string_lossy().into_owned()));
-                    }
-                }
+                let fixed = if field.kind == Kind::Path { absolute(p) } else { p.lines().map(absolute).collect::<Vec<_>>().join("\n") };
+                config.insert(field.key.clone(), Value::String(fixed));
             }
         }
         config

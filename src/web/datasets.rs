@@ -214,14 +214,14 @@ async fn api_tags(State(state): State<AppState>, Path(name): Path<String>) -> Re
     }
 }
 
-/// Checks a tagging request and queues it; the job's id, or the response naming the problem.
-async fn queue_tagging(state: &AppState, name: String, req: TagRequest) -> Result<i64, Response> {
-    let job = blocking(&state.datasets, move |d| TagJob::from_request(d, &name, &req)).await.map_err(dataset_error)?;
+/// Checks a tagging request and queues it: the job's id, or what is wrong.
+async fn queue_tagging(state: &AppState, name: String, req: TagRequest) -> Result<i64, DatasetError> {
+    let job = blocking(&state.datasets, move |d| TagJob::from_request(d, &name, &req)).await?;
     let jobs = state.jobs.clone();
     tokio::task::spawn_blocking(move || jobs.enqueue_tag(&job))
         .await
         .expect("a database task does not panic")
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("the tagging job could not be queued: {e}")))
+        .map_err(|e| DatasetError::Io(format!("the tagging job could not be queued: {e}")))
 }
 
 /// `POST /api/datasets/{name}/tag`: queues WD14 tagging of the dataset; answers with the job's id.
@@ -232,15 +232,16 @@ async fn api_tag(State(state): State<AppState>, Path(name): Path<String>, body: 
     };
     match queue_tagging(&state, name, req).await {
         Ok(id) => (StatusCode::CREATED, [(header::LOCATION, format!("/api/jobs/{id}"))], Json(json!({ "id": id }))).into_response(),
-        Err(r) => r,
+        Err(e) => dataset_error(e),
     }
 }
 
+/// The form's values as typed (numbers checked here, so a typo gets a message, not a silent 422).
 #[derive(Deserialize)]
 struct TagForm {
     model_dir: String,
-    general_threshold: f64,
-    character_threshold: f64,
+    general_threshold: String,
+    character_threshold: String,
     #[serde(default)]
     exclude: String,
     #[serde(default)]
@@ -250,10 +251,15 @@ struct TagForm {
 }
 
 async fn ui_tag(State(state): State<AppState>, Path(name): Path<String>, Form(form): Form<TagForm>) -> Response {
+    let number = |field: &str, v: &str| v.trim().parse::<f64>().map_err(|_| format!("{field}: {v:?} is not a number"));
+    let (general_threshold, character_threshold) = match (number("General ≥", &form.general_threshold), number("Character ≥", &form.character_threshold)) {
+        (Ok(g), Ok(c)) => (g, c),
+        (Err(e), _) | (_, Err(e)) => return render(&Note { ok: false, message: e }),
+    };
     let req = TagRequest {
         model_dir: PathBuf::from(form.model_dir.trim()),
-        general_threshold: form.general_threshold,
-        character_threshold: form.character_threshold,
+        general_threshold,
+        character_threshold,
         exclude: form.exclude.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
         trigger: form.trigger,
         mode: if form.mode.is_empty() { "write".into() } else { form.mode },
@@ -261,18 +267,10 @@ async fn ui_tag(State(state): State<AppState>, Path(name): Path<String>, Form(fo
     match queue_tagging(&state, name, req).await {
         // The job's page shows its progress bar and log.
         Ok(id) => ([("HX-Redirect", format!("/jobs/{id}"))], "").into_response(),
-        Err(r) => {
-            let body = to_text(r).await;
-            render(&Note { ok: false, message: body })
-        }
+        Err(e) => render(&Note { ok: false, message: e.to_string() }),
     }
 }
 
-/// The `error` text of a JSON error response.
-async fn to_text(r: Response) -> String {
-    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap_or_default();
-    serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned())
-}
 
 // ---------------------------------------------------------------- upload
 
@@ -717,11 +715,14 @@ async fn ui_captions(State(state): State<AppState>, Path(name): Path<String>, Fo
 #[derive(Deserialize)]
 struct SubsetForm {
     name: String,
-    repeats: u32,
+    repeats: String,
 }
 
 async fn ui_create_subset(State(state): State<AppState>, Path(name): Path<String>, Form(form): Form<SubsetForm>) -> Response {
-    match blocking(&state.datasets, move |d| d.create_subset(&name, form.name.trim(), form.repeats)).await {
+    let Ok(repeats) = form.repeats.trim().parse::<u32>() else {
+        return render(&Note { ok: false, message: format!("repeats: {:?} is not a whole number", form.repeats) });
+    };
+    match blocking(&state.datasets, move |d| d.create_subset(&name, form.name.trim(), repeats)).await {
         Ok(_) => ([("HX-Refresh", "true")], "").into_response(),
         Err(e) => render(&Note { ok: false, message: e.to_string() }),
     }

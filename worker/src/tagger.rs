@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 
+use crate::data::write_atomic;
 use crate::train::{CancelToken, EventSink, TrainEvent, TrainOutcome};
 
 /// Tag names whose underscores are part of the face, kept as they are (SmilingWolf's list).
@@ -371,11 +372,6 @@ pub fn tag_folder(dir: &Path, model_dir: &Path, opts: &TagOptions, resume: bool,
     Ok(TrainOutcome { final_step: step, network_file: None, cancelled: false })
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
 
 #[cfg(test)]
 mod tests {

@@ -204,14 +204,34 @@ pub fn is_complete(format: image::ImageFormat, bytes: &[u8]) -> bool {
     }
 }
 
-/// Reads and decodes an image file in full, as training will: `Err` names why it cannot be
-/// trained on (unreadable, truncated, undecodable).
+/// Whether an image file looks trainable without decoding it (the pre-flight runs over whole
+/// datasets before every queueing): its header names an image format and its size, and its end
+/// marker is there (see [`is_complete`]). Reads the first bytes and the last few KiB only; damage
+/// inside a file with a sound header and end shows at training (uploads are decoded in full).
 pub fn check_readable(path: &Path) -> Result<(u32, u32), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot be read: {e}"))?;
-    let format = image::guess_format(&bytes).map_err(|_| "is not an image".to_string())?;
-    if !is_complete(format, &bytes) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot be read: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("cannot be read: {e}"))?.len();
+    let mut head = vec![0u8; len.min(64) as usize];
+    file.read_exact(&mut head).map_err(|e| format!("cannot be read: {e}"))?;
+    let format = image::guess_format(&head).map_err(|_| "is not an image".to_string())?;
+    // The end marker, read from the tail (JPEG writers may pad it with zeros); WebP's RIFF
+    // length is checked against the file's length.
+    let complete = if format == image::ImageFormat::WebP {
+        head.len() >= 12 && u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as u64 + 8 <= len
+    } else {
+        let tail_len = len.min(4096);
+        let mut tail = vec![0u8; tail_len as usize];
+        file.seek(SeekFrom::End(-(tail_len as i64))).and_then(|_| file.read_exact(&mut tail)).map_err(|e| format!("cannot be read: {e}"))?;
+        is_complete(format, &tail)
+    };
+    if !complete {
         return Err("is truncated or damaged (its end marker is missing)".into());
     }
-    let image = image::load_from_memory_with_format(&bytes, format).map_err(|e| format!("cannot be decoded: {e}"))?;
-    Ok((image.width(), image.height()))
+    image::ImageReader::open(path)
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .into_dimensions()
+        .map_err(|e| format!("its header cannot be read: {e}"))
 }
