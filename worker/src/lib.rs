@@ -1,6 +1,7 @@
 pub mod data;
 pub mod device;
 pub mod grad_checkpoint;
+pub mod kernels;
 pub mod linalg;
 pub mod lora_file;
 pub mod models;

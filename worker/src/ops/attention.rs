@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Ten
 use rayon::prelude::*;
 
 use super::graph::{attach, Backward};
+use crate::kernels::{self, attention::AttentionShape};
 use crate::profile::{self, Kind};
 
 /// Queries per block: bounds the size of a score block with [`KEY_BLOCK`].
@@ -52,6 +53,9 @@ impl AttentionChoice {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     if super::reference_ops() {
         return crate::models::layers::plain_attention(q, k, v, heads, None);
+    }
+    if kernels::use_kernels(q) && (q.device().is_cpu() || AttentionShape::of(q, k, heads)?.has_kernel()) {
+        return kernel_attention(q, k, v, heads);
     }
     let span = profile::span(Kind::AttentionForward);
     let (b, nq, inner) = q.dims3()?;
@@ -121,6 +125,41 @@ fn forward_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tens
     }
     let (m, l, acc) = state.expect("at least one key");
     Ok((acc.broadcast_div(&l)?, (m + l.log()?)?))
+}
+
+/// Attention through worker/kernels/attention.cu (on a CUDA tensor with a compiled head size;
+/// the kernel op's reference elsewhere): no score map in memory, forward or backward.
+fn kernel_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let span = profile::span(Kind::AttentionForward);
+    let (out, lse) = kernels::attention::forward(&q.detach(), &k.to_dtype(q.dtype())?.detach(), &v.to_dtype(q.dtype())?.detach(), heads)?;
+    drop(span);
+    attach(&[q, k, v], out.clone(), KernelAttentionBackward { heads, out, lse })
+}
+
+struct KernelAttentionBackward {
+    heads: usize,
+    /// The output (B, Nq, H·d) in q's dtype and log-sum-exp (B, Nq, H) in f32.
+    out: Tensor,
+    lse: Tensor,
+}
+
+impl Backward for KernelAttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention-kernel"
+    }
+
+    fn profile_kind(&self) -> Kind {
+        Kind::AttentionBackward
+    }
+
+    fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (q, k, v) = (args[0], args[1], args[2]);
+        let dtype = q.dtype();
+        let (dq, dk, dv) = kernels::attention::backward(q, &k.to_dtype(dtype)?, &v.to_dtype(dtype)?, &self.out, &self.lse, grad, self.heads)?;
+        let dk = dk.to_dtype(k.dtype())?;
+        let dv = dv.to_dtype(v.dtype())?;
+        Ok(vec![needs[0].then_some(dq), needs[1].then_some(dk), needs[2].then_some(dv)])
+    }
 }
 
 struct AttentionBackward {

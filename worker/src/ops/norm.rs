@@ -11,6 +11,7 @@
 use candle_core::{Result, Tensor, D};
 
 use super::graph::{attach, Backward};
+use crate::kernels::{self, norm::{NormShape, NormStats}};
 use crate::profile::{self, Kind};
 
 /// GroupNorm over `(B, C, …)`: statistics per (sample, group), then a per-channel affine.
@@ -82,6 +83,9 @@ fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> Resul
     if super::reference_ops() {
         return reference(x, weight, bias, kind);
     }
+    if kernels::use_kernels(x) {
+        return kernel_norm(x, weight, bias, kind);
+    }
     let out = reference(&x.detach(), &weight.detach(), bias.map(|b| b.detach()).as_ref(), kind)?;
     match bias {
         Some(b) => attach(&[x, weight, b], out, NormBackward(kind)),
@@ -96,6 +100,49 @@ fn reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> 
     match bias {
         Some(b) => y.broadcast_add(&kind.per_channel(b, x)?),
         None => Ok(y),
+    }
+}
+
+/// The norm through worker/kernels/norm.cu (on a CUDA tensor; the kernel op's reference
+/// elsewhere): the forward keeps only each row's mean and 1/std.
+fn kernel_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> Result<Tensor> {
+    let shape = match kind {
+        Norm::Group { groups, .. } => NormShape::group(x.dims(), groups)?,
+        Norm::Layer { .. } => NormShape::layer(x.dims())?,
+    };
+    let bias_detached = bias.map(|b| b.detach());
+    let (y, stats) = kernels::norm::forward(&x.detach().contiguous()?, &weight.detach(), bias_detached.as_ref(), shape, kind.eps(), false)?;
+    let backward = KernelNormBackward { shape, stats };
+    match bias {
+        Some(b) => attach(&[x, weight, b], y, backward),
+        None => attach(&[x, weight], y, backward),
+    }
+}
+
+struct KernelNormBackward {
+    shape: NormShape,
+    stats: NormStats,
+}
+
+impl Backward for KernelNormBackward {
+    fn name(&self) -> &'static str {
+        "norm-kernel"
+    }
+
+    fn profile_kind(&self) -> Kind {
+        Kind::NormBackward
+    }
+
+    fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, weight, bias) = (args[0], args[1], args.get(2).copied());
+        let need_bias = needs.get(2) == Some(&true);
+        let grads = kernels::norm::backward(&x.contiguous()?, weight, bias, &self.stats, &grad.contiguous()?, self.shape, false, [needs[0], needs[1], need_bias])?;
+        let dw = grads.dgamma.map(|g| g.to_dtype(weight.dtype())).transpose()?;
+        let db = match (grads.dbeta, bias) {
+            (Some(g), Some(b)) => Some(g.to_dtype(b.dtype())?),
+            _ => None,
+        };
+        Ok(vec![grads.dx, dw, db])
     }
 }
 

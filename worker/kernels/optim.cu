@@ -1,0 +1,167 @@
+// Multi-tensor optimizer steps: one launch updates every trained tensor (instead of several
+// kernels per tensor), and one launch gathers every gradient's sum of squares and whether any
+// element is not finite (for gradient clipping and fp16 loss scaling).
+//
+// The host lists the tensors: `ptrs` holds each tensor's buffers' device addresses
+// (PTRS_PER_TENSOR per tensor), `numel` their sizes, and `chunks` the work split, two entries
+// per block: (tensor index, first element); a block covers `chunk_len` elements of one tensor
+// (65536 on a GPU; the tests use short chunks to cross many boundaries).
+// Per-tensor scalars (different learning rates per group, different step counts per tensor)
+// are in `scalars` (SCALARS_PER_TENSOR per tensor). Parameters, gradients and states are f32.
+//
+// AdamW (torch.optim.AdamW, the order of Loft's host loop, optim/adamw.rs), per element:
+//   p ← p·(1 − lr·wd);  m ← torch_lerp(m, g, 1 − β1);  v ← v·β2 + (1 − β2)·g·g;
+//   v̂ ← max(v̂, v) if amsgrad else v;  p ← p − (lr/bc1)·m / (√v̂/√bc2 + ε)
+// Lion (lion_pytorch, optim/lion.rs):
+//   p ← p·(1 − lr·wd);  p ← p − lr·sign(m·β1 + (1 − β1)·g);  m ← m·β2 + (1 − β2)·g
+// Before either, g ← g·grad_scale when a scale is given (1/loss scale × the clipping
+// coefficient, computed on the device), and nothing changes when `skip` is set (a non-finite
+// gradient under fp16 loss scaling: the step is skipped, as GradScaler skips it).
+#include "common.cuh"
+
+namespace {
+
+constexpr int THREADS = 256;
+
+// torch.lerp's two formulas (the one that is exact at each end).
+__device__ __forceinline__ float torch_lerp(float start, float end, float weight) {
+  return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+__device__ __forceinline__ float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+struct Chunk {
+  int tensor;
+  long long begin, end;
+};
+
+__device__ __forceinline__ Chunk chunk_of(const long long* chunks, const long long* numel, long long chunk_len) {
+  int tensor = (int)chunks[2 * blockIdx.x];
+  long long begin = chunks[2 * blockIdx.x + 1];
+  long long end = begin + chunk_len < numel[tensor] ? begin + chunk_len : numel[tensor];
+  return Chunk{tensor, begin, end};
+}
+
+__device__ __forceinline__ float grad_multiplier(const float* grad_scale) { return grad_scale ? *grad_scale : 1.0f; }
+
+}  // namespace
+
+// Σg² per tensor (f64, atomically added into `sumsq[tensor]`, which starts at zero) and a flag
+// set when any element is NaN or infinite. ptrs: one per tensor (the gradient).
+template <class T>
+__device__ void grad_stats(const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len,
+                           double* sumsq, unsigned* nonfinite) {
+  __shared__ double partial[THREADS / 32];
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const T* g = reinterpret_cast<const T*>(ptrs[c.tensor]);
+  double sum = 0.0;
+  int bad = 0;
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float x = loft::to_f32(g[i]);
+    bad |= !isfinite(x);
+    sum += (double)x * (double)x;
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  bad = __any_sync(0xffffffffu, bad);
+  if (threadIdx.x % 32 == 0) {
+    partial[threadIdx.x / 32] = sum;
+    if (bad) atomicOr(nonfinite, 1u);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
+    atomicAdd(&sumsq[c.tensor], total);
+  }
+}
+
+// ptrs per tensor: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad).
+// scalars per tensor: 1 − lr·wd, lr/bc1, √bc2.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_multi_adamw_f32(const unsigned long long* ptrs, const float* scalars, const long long* numel,
+                         const long long* chunks, long long chunk_len, float w1, float b2, float w2, float eps, int decay_on,
+                         const float* grad_scale, const unsigned* skip) {
+  if (skip && *skip) return;
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + 5 * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  float* m = reinterpret_cast<float*>(tp[2]);
+  float* v = reinterpret_cast<float*>(tp[3]);
+  float* vmax = reinterpret_cast<float*>(tp[4]);
+  const float decay = scalars[3 * c.tensor], step_size = scalars[3 * c.tensor + 1], bc2_sqrt = scalars[3 * c.tensor + 2];
+  const float gs = grad_multiplier(grad_scale);
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float gi = grad_scale ? g[i] * gs : g[i];
+    float pi = p[i];
+    if (decay_on) pi *= decay;
+    float mi = torch_lerp(m[i], gi, w1);
+    float vi = v[i] * b2 + w2 * gi * gi;
+    float vv = vi;
+    if (vmax) {
+      vv = fmaxf(vmax[i], vi);
+      vmax[i] = vv;
+    }
+    float denom = sqrtf(vv) / bc2_sqrt + eps;
+    pi += -step_size * (mi / denom);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+// ptrs per tensor: param, grad, exp_avg. scalars per tensor: 1 − lr·wd, −lr.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_multi_lion_f32(const unsigned long long* ptrs, const float* scalars, const long long* numel,
+                        const long long* chunks, long long chunk_len, float b1, float w1, float b2, float w2, const float* grad_scale,
+                        const unsigned* skip) {
+  if (skip && *skip) return;
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + 3 * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  float* m = reinterpret_cast<float*>(tp[2]);
+  const float decay = scalars[2 * c.tensor], neg_lr = scalars[2 * c.tensor + 1];
+  const float gs = grad_multiplier(grad_scale);
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float gi = grad_scale ? g[i] * gs : g[i];
+    float pi = p[i] * decay;
+    float update = sign_of(m[i] * b1 + w1 * gi);
+    pi += neg_lr * update;
+    p[i] = pi;
+    m[i] = m[i] * b2 + w2 * gi;
+  }
+}
+
+#define LOFT_GRAD_STATS(T, SUFFIX)                                                                                   \
+  extern "C" __global__ void __launch_bounds__(THREADS) loft_multi_grad_stats_##SUFFIX(                             \
+      const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,              \
+      unsigned* nonfinite) {                                                                                         \
+    grad_stats<T>(ptrs, numel, chunks, chunk_len, sumsq, nonfinite);                                                            \
+  }
+LOFT_GRAD_STATS(float, f32)
+LOFT_GRAD_STATS(__half, f16)
+LOFT_GRAD_STATS(__nv_bfloat16, bf16)
+
+#ifdef LOFT_CPU_EMULATION
+LOFT_EMU_ENTRY(loft_multi_adamw_f32,
+               (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks, long long chunk_len,
+                float w1, float b2, float w2, float eps, int decay_on, const float* grad_scale, const unsigned* skip),
+               (ptrs, scalars, numel, chunks, chunk_len, w1, b2, w2, eps, decay_on, grad_scale, skip))
+LOFT_EMU_ENTRY(loft_multi_lion_f32,
+               (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks, long long chunk_len,
+                float b1, float w1, float b2, float w2, const float* grad_scale, const unsigned* skip),
+               (ptrs, scalars, numel, chunks, chunk_len, b1, w1, b2, w2, grad_scale, skip))
+LOFT_EMU_ENTRY(loft_multi_grad_stats_f32,
+               (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
+                unsigned* nonfinite),
+               (ptrs, numel, chunks, chunk_len, sumsq, nonfinite))
+LOFT_EMU_ENTRY(loft_multi_grad_stats_f16,
+               (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
+                unsigned* nonfinite),
+               (ptrs, numel, chunks, chunk_len, sumsq, nonfinite))
+LOFT_EMU_ENTRY(loft_multi_grad_stats_bf16,
+               (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
+                unsigned* nonfinite),
+               (ptrs, numel, chunks, chunk_len, sumsq, nonfinite))
+#endif

@@ -1,0 +1,274 @@
+//! Multi-tensor optimizer steps and gradient statistics: the kernels of worker/kernels/optim.cu.
+//!
+//! The references are the optimizers' own host loops (optim/adamw.rs, optim/lion.rs) and
+//! `optim::clip_grad_norm`'s sums; worker/tests/kernels.rs runs both on the same numbers.
+
+use super::emulation::Dim3;
+
+/// Elements per block on a GPU.
+pub const CHUNK: usize = 65536;
+/// Threads per block (optim.cu's THREADS).
+const THREADS: u32 = 256;
+
+/// The work split of a launch: (tensor index, first element) per block, flattened.
+pub fn chunk_table(numel: &[usize], chunk_len: usize) -> Vec<i64> {
+    let mut out = vec![];
+    for (t, &n) in numel.iter().enumerate() {
+        let mut start = 0;
+        while start < n {
+            out.push(t as i64);
+            out.push(start as i64);
+            start += chunk_len;
+        }
+    }
+    out
+}
+
+/// AdamW's hyper-parameters shared by every tensor of a launch.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWHyper {
+    /// 1 − β1 (lerp weight), β2, 1 − β2, ε, whether weight decay applies.
+    pub w1: f32,
+    pub b2: f32,
+    pub w2: f32,
+    pub eps: f32,
+    pub decay_on: bool,
+}
+
+/// AdamW's per-tensor scalars: 1 − lr·wd, lr/bc1, √bc2.
+pub type AdamWScalars = [f32; 3];
+
+/// Lion's shared hyper-parameters: β1, 1 − β1, β2, 1 − β2.
+#[derive(Clone, Copy, Debug)]
+pub struct LionHyper {
+    pub b1: f32,
+    pub w1: f32,
+    pub b2: f32,
+    pub w2: f32,
+}
+
+/// Lion's per-tensor scalars: 1 − lr·wd, −lr.
+pub type LionScalars = [f32; 2];
+
+/// One AdamW tensor on the host (tests): parameter, gradient, exp_avg, exp_avg_sq and
+/// max_exp_avg_sq (empty without amsgrad).
+pub struct HostAdamW<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    pub max_exp_avg_sq: Option<&'a mut [f32]>,
+    pub scalars: AdamWScalars,
+}
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_multi_adamw_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, w1: f32, b2: f32, w2: f32, eps: f32, decay_on: i32, grad_scale: *const f32, skip: *const u32);
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_multi_lion_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, b1: f32, w1: f32, b2: f32, w2: f32, grad_scale: *const f32, skip: *const u32);
+    fn emu_loft_multi_grad_stats_f32(grid: Dim3, block: Dim3, ptrs: *const u64, numel: *const i64, chunks: *const i64, chunk_len: i64, sumsq: *mut f64, nonfinite: *mut u32);
+}
+
+fn opt_ptr<T>(v: Option<&T>) -> *const T {
+    v.map_or(std::ptr::null(), |v| v as *const T)
+}
+
+/// Runs the multi-tensor AdamW kernel under the CPU emulation (tests), in place.
+pub fn emulated_adamw(tensors: &mut [HostAdamW], hyper: AdamWHyper, grad_scale: Option<f32>, skip: Option<u32>, chunk_len: usize) {
+    let mut ptrs = vec![];
+    let mut scalars = vec![];
+    let mut numel = vec![];
+    for t in tensors.iter_mut() {
+        ptrs.extend([t.param.as_mut_ptr() as u64, t.grad.as_ptr() as u64, t.exp_avg.as_mut_ptr() as u64, t.exp_avg_sq.as_mut_ptr() as u64, t.max_exp_avg_sq.as_mut().map_or(0, |m| m.as_mut_ptr() as u64)]);
+        scalars.extend(t.scalars);
+        numel.push(t.param.len() as i64);
+    }
+    let chunks = chunk_table(&numel.iter().map(|&n| n as usize).collect::<Vec<_>>(), chunk_len);
+    unsafe {
+        emu_loft_multi_adamw_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.w1, hyper.b2, hyper.w2, hyper.eps, hyper.decay_on as i32, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
+    }
+}
+
+/// Runs the multi-tensor Lion kernel under the CPU emulation (tests), in place:
+/// `(param, grad, exp_avg, scalars)` per tensor.
+pub fn emulated_lion(tensors: &mut [(&mut [f32], &[f32], &mut [f32], LionScalars)], hyper: LionHyper, grad_scale: Option<f32>, skip: Option<u32>, chunk_len: usize) {
+    let mut ptrs = vec![];
+    let mut scalars = vec![];
+    let mut numel = vec![];
+    for (p, g, m, s) in tensors.iter_mut() {
+        ptrs.extend([p.as_mut_ptr() as u64, g.as_ptr() as u64, m.as_mut_ptr() as u64]);
+        scalars.extend(*s);
+        numel.push(p.len() as i64);
+    }
+    let chunks = chunk_table(&numel.iter().map(|&n| n as usize).collect::<Vec<_>>(), chunk_len);
+    unsafe {
+        emu_loft_multi_lion_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.b1, hyper.w1, hyper.b2, hyper.w2, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
+    }
+}
+
+/// Runs the gradient-statistics kernel under the CPU emulation (tests): Σg² per tensor and
+/// whether any element is not finite.
+pub fn emulated_grad_stats(grads: &[&[f32]], chunk_len: usize) -> (Vec<f64>, bool) {
+    let ptrs: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
+    let numel: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
+    let chunks = chunk_table(&grads.iter().map(|g| g.len()).collect::<Vec<_>>(), chunk_len);
+    let mut sumsq = vec![0f64; grads.len()];
+    let mut nonfinite = 0u32;
+    if !chunks.is_empty() {
+        unsafe { emu_loft_multi_grad_stats_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, sumsq.as_mut_ptr(), &mut nonfinite) };
+    }
+    (sumsq, nonfinite != 0)
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::{adamw_step, grad_stats, lion_step, DeviceAdamW, DeviceLion};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::kernels::cuda::{device, launch, ptr, suffix, Arg, OPTIM_PTX};
+    use candle_core::{bail, DType, Result, Tensor};
+
+    /// One AdamW tensor on the device, every buffer f32 and contiguous; the parameter is a
+    /// Var's own storage and is updated in place (as `Var::set` would).
+    pub(crate) struct DeviceAdamW<'a> {
+        pub param: &'a Tensor,
+        pub grad: &'a Tensor,
+        pub exp_avg: &'a Tensor,
+        pub exp_avg_sq: &'a Tensor,
+        pub max_exp_avg_sq: Option<&'a Tensor>,
+        pub scalars: AdamWScalars,
+    }
+
+    /// One Lion tensor on the device (as [`DeviceAdamW`]).
+    pub(crate) struct DeviceLion<'a> {
+        pub param: &'a Tensor,
+        pub grad: &'a Tensor,
+        pub exp_avg: &'a Tensor,
+        pub scalars: LionScalars,
+    }
+
+    fn f32_buffer(t: &Tensor) -> Result<i64> {
+        if t.dtype() != DType::F32 || !t.is_contiguous() {
+            bail!("multi-tensor optimizer: a {:?} {:?} buffer (f32 and contiguous expected)", t.dtype(), t.dims());
+        }
+        Ok(ptr(t)? as i64)
+    }
+
+    fn upload<T: candle_core::WithDType>(v: Vec<T>, like: &Tensor) -> Result<Tensor> {
+        let n = v.len();
+        Tensor::from_vec(v, n, like.device())
+    }
+
+    fn optional(t: Option<&Tensor>) -> Result<u64> {
+        t.map(ptr).transpose().map(|p| p.unwrap_or(0))
+    }
+
+    /// One launch of the multi-tensor AdamW step over `tensors`.
+    pub(crate) fn adamw_step(tensors: &[DeviceAdamW], hyper: AdamWHyper, grad_scale: Option<&Tensor>, skip: Option<&Tensor>) -> Result<()> {
+        let Some(first) = tensors.first() else { return Ok(()) };
+        let dev = device(first.param)?;
+        let (mut ptrs, mut scalars, mut numel) = (vec![], vec![], vec![]);
+        for t in tensors {
+            ptrs.extend([f32_buffer(t.param)?, f32_buffer(t.grad)?, f32_buffer(t.exp_avg)?, f32_buffer(t.exp_avg_sq)?, t.max_exp_avg_sq.map(f32_buffer).transpose()?.unwrap_or(0)]);
+            scalars.extend(t.scalars);
+            numel.push(t.param.elem_count());
+        }
+        let chunks = chunk_table(&numel, CHUNK);
+        let blocks = (chunks.len() / 2) as u32;
+        let (ptrs, scalars) = (upload(ptrs, first.param)?, upload(scalars, first.param)?);
+        let (numel, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), first.param)?, upload(chunks, first.param)?);
+        launch(
+            &dev,
+            "loft_optim",
+            OPTIM_PTX,
+            "loft_multi_adamw_f32",
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            &[
+                Arg::Ptr(ptr(&ptrs)?),
+                Arg::Ptr(ptr(&scalars)?),
+                Arg::Ptr(ptr(&numel)?),
+                Arg::Ptr(ptr(&chunks)?),
+                Arg::I64(CHUNK as i64),
+                Arg::F32(hyper.w1),
+                Arg::F32(hyper.b2),
+                Arg::F32(hyper.w2),
+                Arg::F32(hyper.eps),
+                Arg::I32(hyper.decay_on as i32),
+                Arg::Ptr(optional(grad_scale)?),
+                Arg::Ptr(optional(skip)?),
+            ],
+        )
+    }
+
+    /// One launch of the multi-tensor Lion step over `tensors`.
+    pub(crate) fn lion_step(tensors: &[DeviceLion], hyper: LionHyper, grad_scale: Option<&Tensor>, skip: Option<&Tensor>) -> Result<()> {
+        let Some(first) = tensors.first() else { return Ok(()) };
+        let dev = device(first.param)?;
+        let (mut ptrs, mut scalars, mut numel) = (vec![], vec![], vec![]);
+        for t in tensors {
+            ptrs.extend([f32_buffer(t.param)?, f32_buffer(t.grad)?, f32_buffer(t.exp_avg)?]);
+            scalars.extend(t.scalars);
+            numel.push(t.param.elem_count());
+        }
+        let chunks = chunk_table(&numel, CHUNK);
+        let blocks = (chunks.len() / 2) as u32;
+        let (ptrs, scalars) = (upload(ptrs, first.param)?, upload(scalars, first.param)?);
+        let (numel, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), first.param)?, upload(chunks, first.param)?);
+        launch(
+            &dev,
+            "loft_optim",
+            OPTIM_PTX,
+            "loft_multi_lion_f32",
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            &[
+                Arg::Ptr(ptr(&ptrs)?),
+                Arg::Ptr(ptr(&scalars)?),
+                Arg::Ptr(ptr(&numel)?),
+                Arg::Ptr(ptr(&chunks)?),
+                Arg::I64(CHUNK as i64),
+                Arg::F32(hyper.b1),
+                Arg::F32(hyper.w1),
+                Arg::F32(hyper.b2),
+                Arg::F32(hyper.w2),
+                Arg::Ptr(optional(grad_scale)?),
+                Arg::Ptr(optional(skip)?),
+            ],
+        )
+    }
+
+    /// Σg² per gradient (f64) and whether any element is not finite, in one launch and one
+    /// read-back. The gradients share a dtype and are contiguous.
+    pub(crate) fn grad_stats(grads: &[Tensor]) -> Result<(Vec<f64>, bool)> {
+        let Some(first) = grads.first() else { return Ok((vec![], false)) };
+        let dev = device(first)?;
+        let mut ptrs = vec![];
+        for g in grads {
+            if g.dtype() != first.dtype() || !g.is_contiguous() {
+                bail!("gradient statistics: mixed dtypes or a non-contiguous gradient");
+            }
+            ptrs.push(ptr(g)? as i64);
+        }
+        let numel: Vec<usize> = grads.iter().map(|g| g.elem_count()).collect();
+        let chunks = chunk_table(&numel, CHUNK);
+        let blocks = (chunks.len() / 2) as u32;
+        let sumsq = Tensor::zeros(grads.len(), DType::F64, first.device())?;
+        let nonfinite = Tensor::zeros(1, DType::U32, first.device())?;
+        if blocks > 0 {
+            let ptrs = upload(ptrs, first)?;
+            let (numel, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), first)?, upload(chunks, first)?);
+            launch(
+                &dev,
+                "loft_optim",
+                OPTIM_PTX,
+                &format!("loft_multi_grad_stats_{}", suffix(first.dtype())?),
+                (blocks, 1, 1),
+                (THREADS, 1, 1),
+                &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&numel)?), Arg::Ptr(ptr(&chunks)?), Arg::I64(CHUNK as i64), Arg::Ptr(ptr(&sumsq)?), Arg::Ptr(ptr(&nonfinite)?)],
+            )?;
+        }
+        Ok((sumsq.to_vec1()?, nonfinite.to_vec1::<u32>()?[0] != 0))
+    }
+}
