@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel files the GPU build compiles to PTX (emulation.cpp includes each of them too).
-const KERNELS: &[&str] = &["norm", "attention", "optim"];
+const KERNELS: &[&str] = &["norm", "attention", "optim", "lowrank", "cayley"];
 
 fn main() {
     let dir = PathBuf::from("kernels");

@@ -6,6 +6,8 @@
 #include "norm.cu"
 #include "attention.cu"
 #include "optim.cu"
+#include "lowrank.cu"
+#include "cayley.cu"
 
 extern "C" void loft_emu_set_reverse_order(bool reverse) { loft_emu::reverse_order = reverse; }
 extern "C" uint16_t loft_emu_f32_to_f16(float f) { return loft_emu::f32_to_f16_bits(f); }

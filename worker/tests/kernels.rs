@@ -336,3 +336,195 @@ fn the_attention_reference_equals_the_engines_candle_attention() {
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------------
+// Multi-tensor optimizer steps and gradient statistics.
+
+use loft_worker::kernels::optim as multi;
+use loft_worker::optim::{AdamW, AdamWConfig, Lion, LionConfig, Optimizer, ParamGroup};
+
+/// Tensor sizes that straddle the (short, test-sized) chunks: 1, under one chunk, several.
+const OPT_SIZES: [usize; 4] = [1, 37, 300, 1000];
+const OPT_CHUNK: usize = 128;
+
+fn host_params(seed: u64) -> Vec<Vec<f32>> {
+    OPT_SIZES.iter().enumerate().map(|(i, &n)| random(n, seed + i as u64, 1.0, 0.0)).collect()
+}
+
+fn grad_store(vars: &[candle_core::Var], grads: &[Vec<f32>]) -> candle_core::backprop::GradStore {
+    use candle_core::Tensor;
+    // A GradStore holding exactly these gradients: the backward of Σ vᵢ·gᵢ.
+    let mut total: Option<Tensor> = None;
+    for (v, g) in vars.iter().zip(grads) {
+        let g = Tensor::from_vec(g.clone(), g.len(), &candle_core::Device::Cpu).unwrap();
+        let term = (v.as_tensor() * &g).unwrap().sum_all().unwrap();
+        total = Some(match total {
+            Some(t) => (t + term).unwrap(),
+            None => term,
+        });
+    }
+    total.unwrap().backward().unwrap()
+}
+
+/// Three steps of the optimizer's host loop and of the kernel on the same numbers, with two
+/// learning-rate groups, a tensor that misses a step (its step count lags), a gradient scale.
+fn run_optimizer_pair(kind: &str) {
+    use candle_core::{Device, Var};
+    let params = host_params(50);
+    let vars: Vec<Var> = params.iter().map(|p| Var::from_vec(p.clone(), p.len(), &Device::Cpu).unwrap()).collect();
+    let named = |range: std::ops::Range<usize>| range.map(|i| (format!("t{i}"), vars[i].clone())).collect::<Vec<_>>();
+    let groups = vec![ParamGroup::new("unet", 1e-2, named(0..2)), ParamGroup::new("te", 3e-3, named(2..4))];
+    let (betas, eps, wd) = ((0.9, 0.99), 1e-8, 0.05);
+    let mut reference: Box<dyn Optimizer> = match kind {
+        "AdamW" => Box::new(AdamW::new(groups, AdamWConfig { betas, eps, weight_decay: wd, amsgrad: true }).unwrap()),
+        _ => Box::new(Lion::new(groups, LionConfig { betas, weight_decay: wd }).unwrap()),
+    };
+    let lrs = [1e-2, 1e-2, 3e-3, 3e-3];
+    let mut kp = params.clone();
+    let mut m: Vec<Vec<f32>> = OPT_SIZES.iter().map(|&n| vec![0.0; n]).collect();
+    let mut v = m.clone();
+    let mut vmax = m.clone();
+    let mut steps = [0f64; 4];
+    for step in 0..3u64 {
+        let lr_scale = 1.0 - 0.25 * step as f64;
+        // Tensor 1 has no gradient at the second step.
+        let active: Vec<usize> = (0..4).filter(|&i| !(step == 1 && i == 1)).collect();
+        let grads: Vec<Vec<f32>> = OPT_SIZES.iter().enumerate().map(|(i, &n)| random(n, 100 + 10 * step + i as u64, 0.5, 0.0)).collect();
+        let scale = 0.75f32; // the clipping coefficient × 1/loss scale, applied by the kernel
+        let scaled: Vec<Vec<f32>> = grads.iter().map(|g| g.iter().map(|&x| x * scale).collect()).collect();
+        let active_vars: Vec<Var> = active.iter().map(|&i| vars[i].clone()).collect();
+        let active_grads: Vec<Vec<f32>> = active.iter().map(|&i| scaled[i].clone()).collect();
+        reference.step(&grad_store(&active_vars, &active_grads), lr_scale).unwrap();
+
+        match kind {
+            "AdamW" => {
+                let mut tensors = vec![];
+                let (mut kp_it, mut m_it, mut v_it, mut vm_it) = (kp.iter_mut(), m.iter_mut(), v.iter_mut(), vmax.iter_mut());
+                for i in 0..4 {
+                    let (p, mm, vv, vm) = (kp_it.next().unwrap(), m_it.next().unwrap(), v_it.next().unwrap(), vm_it.next().unwrap());
+                    if !active.contains(&i) {
+                        continue;
+                    }
+                    steps[i] += 1.0;
+                    let scalars = multi::adamw_scalars(lrs[i] * lr_scale, wd, betas, steps[i]);
+                    tensors.push(multi::HostAdamW { param: p, grad: &grads[i], exp_avg: mm, exp_avg_sq: vv, max_exp_avg_sq: Some(vm), scalars });
+                }
+                multi::emulated_adamw(&mut tensors, multi::AdamWHyper::new(betas, eps, wd), Some(scale), None, OPT_CHUNK);
+            }
+            _ => {
+                let mut tensors = vec![];
+                for (i, (p, mm)) in kp.iter_mut().zip(m.iter_mut()).enumerate() {
+                    if active.contains(&i) {
+                        tensors.push((p.as_mut_slice(), grads[i].as_slice(), mm.as_mut_slice(), multi::lion_scalars(lrs[i] * lr_scale, wd)));
+                    }
+                }
+                multi::emulated_lion(&mut tensors, multi::LionHyper::new(betas), Some(scale), None, OPT_CHUNK);
+            }
+        }
+    }
+    for (i, var) in vars.iter().enumerate() {
+        let want = var.as_tensor().to_vec1::<f32>().unwrap();
+        // The kernel's order of operations is the host loop's: equal to the bit.
+        assert_eq!(kp[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{kind}: tensor {i} after 3 steps");
+    }
+}
+
+#[test]
+fn the_multi_tensor_adamw_step_equals_the_host_loop_to_the_bit() {
+    run_optimizer_pair("AdamW");
+}
+
+#[test]
+fn the_multi_tensor_lion_step_equals_the_host_loop_to_the_bit() {
+    run_optimizer_pair("Lion");
+}
+
+#[test]
+fn a_skipped_step_changes_nothing() {
+    let mut p = random(300, 60, 1.0, 0.0);
+    let before = p.clone();
+    let g = vec![f32::NAN; 300];
+    let (mut m, mut v) = (vec![0f32; 300], vec![0f32; 300]);
+    let mut tensors = vec![multi::HostAdamW { param: &mut p, grad: &g, exp_avg: &mut m, exp_avg_sq: &mut v, max_exp_avg_sq: None, scalars: multi::adamw_scalars(1e-3, 0.01, (0.9, 0.999), 1.0) }];
+    multi::emulated_adamw(&mut tensors, multi::AdamWHyper::new((0.9, 0.999), 1e-8, 0.01), None, Some(1), OPT_CHUNK);
+    assert_eq!(p, before);
+    assert!(m.iter().chain(&v).all(|&x| x == 0.0));
+}
+
+#[test]
+fn gradient_statistics_sum_every_tensor_and_flag_non_finite_values() {
+    let grads = host_params(70);
+    let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+    let (sumsq, nonfinite) = multi::emulated_grad_stats(&refs, OPT_CHUNK);
+    assert!(!nonfinite);
+    for (i, g) in grads.iter().enumerate() {
+        let want: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
+        assert!((sumsq[i] - want).abs() <= 1e-12 * want.max(1.0), "tensor {i}: Σg² {} vs {want}", sumsq[i]);
+    }
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut g = grads[3].clone();
+        g[777] = bad;
+        let (_, nonfinite) = multi::emulated_grad_stats(&[&grads[0], &g], OPT_CHUNK);
+        assert!(nonfinite, "{bad} not flagged");
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// LoHa / LoKr rebuilds, the Cayley transform.
+
+use loft_worker::kernels::{cayley, lowrank};
+
+#[test]
+fn loha_and_lokr_kernels_equal_the_reference() {
+    // A conv-shaped LoHa weight (8 × 3·3·3) and LoKr factors for a (4·5) × (3·6) weight.
+    let n = 8 * 27;
+    let (w, p1, p2, g) = (random(n, 80, 1.0, 0.0), random(n, 81, 0.5, 0.0), random(n, 82, 0.5, 0.0), random(n, 83, 1.0, 0.0));
+    let (out, d1, d2) = lowrank::emulated_loha(&w, &p1, &p2, &g, 0.75);
+    assert_close("loha merge", &out, &lowrank::reference_loha_merge(&w, &p1, &p2, 0.75), 0.0, 0.0);
+    let (r1, r2) = lowrank::reference_loha_grad(&g, &p1, &p2, 0.75);
+    assert_close("loha dP1", &d1, &r1, 0.0, 0.0);
+    assert_close("loha dP2", &d2, &r2, 0.0, 0.0);
+
+    let s = lowrank::KronShape { a: 4, b: 3, c: 5, e: 6 };
+    let n = 4 * 3 * 5 * 6;
+    let (w, w1, w2, g) = (random(n, 84, 1.0, 0.0), random(12, 85, 1.0, 0.0), random(30, 86, 1.0, 0.0), random(n, 87, 1.0, 0.0));
+    let (out, d1, d2) = lowrank::emulated_lokr(&w, &w1, &w2, &g, s, 0.5);
+    assert_close("lokr merge", &out, &lowrank::reference_lokr_merge(&w, &w1, &w2, s, 0.5), 0.0, 0.0);
+    let (r1, r2) = lowrank::reference_lokr_grad(&g, &w1, &w2, s, 0.5);
+    assert_close("lokr dw1", &d1, &r1, 1e-5, 1e-5);
+    assert_close("lokr dw2", &d2, &r2, 1e-5, 1e-5);
+}
+
+#[test]
+fn the_cayley_kernel_equals_the_reference_in_either_thread_order() {
+    for (n, b) in [(3usize, 4usize), (2, 17), (1, 40)] {
+        let blocks = random(n * b * b, 90 + b as u64, 0.3, 0.0);
+        // Q = B − Bᵀ per matrix.
+        let mut q = vec![0f32; n * b * b];
+        for m in 0..n {
+            for r in 0..b {
+                for c in 0..b {
+                    q[(m * b + r) * b + c] = blocks[(m * b + r) * b + c] - blocks[(m * b + c) * b + r];
+                }
+            }
+        }
+        let (r_ref, inv_ref) = cayley::reference(&q.iter().map(|&x| x as f64).collect::<Vec<_>>(), n, b);
+        both_orders(|order| {
+            let (r, inv) = cayley::emulated(&q, n, b);
+            for (what, got, want) in [("R", &r, &r_ref), ("(I − Q)⁻¹", &inv, &inv_ref)] {
+                for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((g - w).abs() <= 1e-12, "cayley {n}×{b}×{b} {order}: {what}[{i}] {g} vs {w}");
+                }
+            }
+        });
+        // R is orthogonal.
+        for m in 0..n {
+            for i in 0..b {
+                for j in 0..b {
+                    let dot: f64 = (0..b).map(|k| r_ref[(m * b + k) * b + i] * r_ref[(m * b + k) * b + j]).sum();
+                    assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9, "RᵀR ≠ I");
+                }
+            }
+        }
+    }
+}

@@ -11,6 +11,8 @@ use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 
 pub(crate) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 pub(crate) const OPTIM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+pub(crate) const LOWRANK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lowrank.ptx"));
+pub(crate) const CAYLEY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cayley.ptx"));
 pub(crate) const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// One kernel argument.

@@ -12,8 +12,10 @@
 //! turns them off, and the engine then runs its candle-op formulation everywhere.
 
 pub mod attention;
+pub mod cayley;
 pub mod emulation;
 pub mod norm;
+pub mod lowrank;
 pub mod optim;
 
 #[cfg(feature = "cuda")]

@@ -35,8 +35,22 @@ pub struct AdamWHyper {
     pub decay_on: bool,
 }
 
+impl AdamWHyper {
+    /// From torch's hyper-parameters, rounded to f32 as the host loop rounds them.
+    pub fn new(betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+        Self { w1: (1.0 - betas.0) as f32, b2: betas.1 as f32, w2: (1.0 - betas.1) as f32, eps: eps as f32, decay_on: weight_decay != 0.0 }
+    }
+}
+
 /// AdamW's per-tensor scalars: 1 − lr·wd, lr/bc1, √bc2.
 pub type AdamWScalars = [f32; 3];
+
+/// A tensor's AdamW scalars at its `step` (1 for the first), as the host loop computes them.
+pub fn adamw_scalars(lr: f64, weight_decay: f64, betas: (f64, f64), step: f64) -> AdamWScalars {
+    let bc1 = 1.0 - betas.0.powf(step);
+    let bc2 = 1.0 - betas.1.powf(step);
+    [(1.0 - lr * weight_decay) as f32, (lr / bc1) as f32, bc2.sqrt() as f32]
+}
 
 /// Lion's shared hyper-parameters: β1, 1 − β1, β2, 1 − β2.
 #[derive(Clone, Copy, Debug)]
@@ -47,8 +61,18 @@ pub struct LionHyper {
     pub w2: f32,
 }
 
+impl LionHyper {
+    pub fn new(betas: (f64, f64)) -> Self {
+        Self { b1: betas.0 as f32, w1: (1.0 - betas.0) as f32, b2: betas.1 as f32, w2: (1.0 - betas.1) as f32 }
+    }
+}
+
 /// Lion's per-tensor scalars: 1 − lr·wd, −lr.
 pub type LionScalars = [f32; 2];
+
+pub fn lion_scalars(lr: f64, weight_decay: f64) -> LionScalars {
+    [(1.0 - lr * weight_decay) as f32, -lr as f32]
+}
 
 /// One AdamW tensor on the host (tests): parameter, gradient, exp_avg, exp_avg_sq and
 /// max_exp_avg_sq (empty without amsgrad).

@@ -363,6 +363,11 @@ pub(crate) fn batched_inverse(a: &Tensor) -> Result<Tensor> {
 /// Cayley transform `R = (I + Q)(I − Q)⁻¹` of a batch of skew-symmetric `Q (n, b, b)`,
 /// computed in f64 (LyCORIS computes it in fp32) and returned in `Q`'s dtype.
 pub(crate) fn cayley(q: &Tensor) -> Result<Tensor> {
+    // The batched kernel (worker/kernels/cayley.cu) where it runs: blocks up to 256, and on a
+    // GPU not in f64 (which stays on this exact f64 path).
+    if crate::kernels::use_kernels(q) && q.dim(1)? <= 256 && (q.device().is_cpu() || q.dtype() != DType::F64) {
+        return super::fused::cayley(q);
+    }
     let dtype = q.dtype();
     let (n, b, _) = q.dims3()?;
     let q64 = q.to_dtype(DType::F64)?;
@@ -510,6 +515,11 @@ impl Ctx {
 
     /// A rank-dropout keep-mask of length `n` (with `rank_dropout_scale`, divided by its
     /// mean), or `None` when rank dropout is off or not training.
+    /// Whether rank dropout masks ΔW's rows at this call.
+    pub fn rank_dropout_active(&self, train: bool) -> bool {
+        train && self.drops.rank_dropout > 0.0
+    }
+
     pub fn rank_mask(&self, n: usize, train: bool) -> Result<Option<Tensor>> {
         if !train || self.drops.rank_dropout <= 0.0 {
             return Ok(None);
@@ -683,6 +693,11 @@ pub(crate) trait LowRankDelta: Send + Sync {
 
     fn params(&self) -> Vec<(String, Var)>;
     fn state(&self, ctx: &Ctx) -> Result<Vec<(String, Tensor)>>;
+
+    /// `W + m·ΔW` as one fused kernel op (LoHa, LoKr) where one applies; `None` otherwise.
+    fn fused_merge(&self, _ctx: &Ctx, _w: &Tensor, _train: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// An additive adapter: rebuild mode computes W′ = W + m·ΔW (or DoRA's W′) and runs the base
@@ -696,6 +711,11 @@ pub(crate) struct LowRankAdapter<S: LowRankDelta> {
 impl<S: LowRankDelta> LowRankAdapter<S> {
     fn merged(&self, train: bool) -> Result<Tensor> {
         let w = self.ctx.weight_p()?;
+        if self.dora.is_none() && crate::kernels::use_kernels(&w) {
+            if let Some(merged) = self.src.fused_merge(&self.ctx, &w, train)? {
+                return Ok(merged);
+            }
+        }
         let delta = self.src.delta(&self.ctx, train)?;
         match &self.dora {
             Some(dora) => dora.apply(&(w + delta)?, self.ctx.multiplier),

@@ -142,6 +142,19 @@ impl LowRankDelta for LohaDelta {
         times_scalar(&w, &self.scalar)
     }
 
+    fn fused_merge(&self, ctx: &Ctx, w: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        // The plain form only: Tucker, use_scalar and rank dropout keep the candle ops.
+        if self.t.is_some() || self.scalar.is_some() || ctx.rank_dropout_active(train) || w.track_op() {
+            return Ok(None);
+        }
+        let p1 = self.w1a.as_tensor().matmul(self.w1b.as_tensor())?;
+        let p2 = self.w2a.as_tensor().matmul(self.w2b.as_tensor())?;
+        if p1.dtype() != w.dtype() {
+            return Ok(None);
+        }
+        Ok(Some(super::fused::loha_merge(w, &p1, &p2, self.scale * ctx.multiplier)?))
+    }
+
     fn params(&self) -> Vec<(String, Var)> {
         let mut v = vec![
             ("hada_w1_a".to_string(), self.w1a.clone()),

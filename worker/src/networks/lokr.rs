@@ -185,6 +185,26 @@ impl LowRankDelta for LokrDelta {
         times_scalar(&w, &self.scalar)
     }
 
+    fn fused_merge(&self, ctx: &Ctx, w: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        // The plain form only: Tucker, use_scalar and rank dropout keep the candle ops.
+        if self.scalar.is_some() || ctx.rank_dropout_active(train) || w.track_op() {
+            return Ok(None);
+        }
+        let w1 = match &self.w1 {
+            W1::Full(w) => w.as_tensor().clone(),
+            W1::Decomposed { a, b } => a.as_tensor().matmul(b.as_tensor())?,
+        };
+        let w2 = match &self.w2 {
+            W2::Full(w) => w.as_tensor().clone(),
+            W2::Decomposed { a, b } => a.as_tensor().matmul(b.as_tensor())?, // (c, d·kk)
+            W2::Tucker { .. } => return Ok(None),
+        };
+        if w1.dtype() != w.dtype() || w2.dtype() != w.dtype() {
+            return Ok(None);
+        }
+        Ok(Some(super::fused::lokr_merge(w, &w1, &w2, self.scale * ctx.multiplier)?))
+    }
+
     fn params(&self) -> Vec<(String, Var)> {
         let mut v: Vec<(String, Var)> = Vec::new();
         match &self.w1 {

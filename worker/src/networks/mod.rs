@@ -38,6 +38,7 @@ pub mod diag_oft;
 pub mod dylora;
 pub mod factorization;
 pub mod full;
+mod fused;
 pub mod glora;
 pub mod glora_ex;
 pub mod ia3;

@@ -26,7 +26,7 @@ use candle_core::Tensor;
 
 pub use activation::{gelu_erf, silu};
 pub use attention::attention;
-pub(crate) use graph::copy_of;
+pub(crate) use graph::{attach, copy_of, Backward};
 pub use conv::conv2d;
 pub use linear::linear;
 pub use norm::{group_norm, layer_norm};

@@ -97,29 +97,7 @@ impl AdamW {
     ) -> Result<()> {
         let (beta1, beta2) = cfg.betas;
         let wd = cfg.weight_decay;
-        let amsgrad = cfg.amsgrad;
-        if !device_state.contains_key(name) {
-            // First step, or the first after a resume (whose state was loaded to the host).
-            let st = match host_state.remove(name) {
-                Some(h) => DeviceState {
-                    step: h.step,
-                    exp_avg: to_device_like(&h.exp_avg, var)?,
-                    exp_avg_sq: to_device_like(&h.exp_avg_sq, var)?,
-                    max_exp_avg_sq: if amsgrad { Some(to_device_like(&h.max_exp_avg_sq, var)?) } else { None },
-                },
-                None => {
-                    let zeros = g.zeros_like()?;
-                    DeviceState {
-                        step: 0.0,
-                        exp_avg: zeros.clone(),
-                        exp_avg_sq: zeros.clone(),
-                        max_exp_avg_sq: amsgrad.then_some(zeros),
-                    }
-                }
-            };
-            device_state.insert(name.to_string(), st);
-        }
-        let st = device_state.get_mut(name).expect("inserted above");
+        let st = Self::device_state_of(cfg, host_state, device_state, name, var, &g)?;
         st.step += 1.0;
         let mut p = var.as_tensor().detach().to_dtype(state_dtype(var))?;
         if wd != 0.0 {
@@ -142,6 +120,65 @@ impl AdamW {
         var.set(&p.to_dtype(var.dtype())?)
     }
 
+    /// A tensor's device state, made on its first step (or its first after a resume, whose
+    /// state was loaded to the host).
+    fn device_state_of<'a>(cfg: &AdamWConfig, host_state: &mut HashMap<String, State>, device_state: &'a mut HashMap<String, DeviceState>, name: &str, var: &candle_core::Var, g: &Tensor) -> Result<&'a mut DeviceState> {
+        let amsgrad = cfg.amsgrad;
+        if !device_state.contains_key(name) {
+            // First step, or the first after a resume (whose state was loaded to the host).
+            let st = match host_state.remove(name) {
+                Some(h) => DeviceState {
+                    step: h.step,
+                    exp_avg: to_device_like(&h.exp_avg, var)?,
+                    exp_avg_sq: to_device_like(&h.exp_avg_sq, var)?,
+                    max_exp_avg_sq: if amsgrad { Some(to_device_like(&h.max_exp_avg_sq, var)?) } else { None },
+                },
+                None => {
+                    // Separate buffers: the multi-tensor kernel updates them in place.
+                    DeviceState {
+                        step: 0.0,
+                        exp_avg: g.zeros_like()?,
+                        exp_avg_sq: g.zeros_like()?,
+                        max_exp_avg_sq: if amsgrad { Some(g.zeros_like()?) } else { None },
+                    }
+                }
+            };
+            device_state.insert(name.to_string(), st);
+        }
+        Ok(device_state.get_mut(name).expect("inserted above"))
+    }
+
+    /// Every tensor in one launch of the multi-tensor kernel (worker/kernels/optim.cu) when all
+    /// of them are f32 CUDA tensors and the kernels are on; `Ok(false)` otherwise.
+    #[cfg(feature = "cuda")]
+    fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
+        use crate::kernels::optim as multi;
+        let every = || self.groups.iter().flat_map(|g| g.params.iter());
+        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+            return Ok(false);
+        }
+        let mut work = vec![]; // (name, var, gradient, scalars)
+        for group in &self.groups {
+            let lr = group.lr * lr_scale;
+            for (name, var) in &group.params {
+                let Some(g) = grad_tensor(grads, name, var)? else { continue };
+                let st = Self::device_state_of(&self.cfg, &mut self.state, &mut self.device_state, name, var, &g)?;
+                st.step += 1.0;
+                let scalars = multi::adamw_scalars(lr, self.cfg.weight_decay, self.cfg.betas, st.step);
+                work.push((name, var, g.contiguous()?, scalars));
+            }
+        }
+        let tensors: Vec<multi::DeviceAdamW> = work
+            .iter()
+            .map(|(name, var, g, scalars)| {
+                let st = &self.device_state[name.as_str()];
+                multi::DeviceAdamW { param: var.as_tensor(), grad: g, exp_avg: &st.exp_avg, exp_avg_sq: &st.exp_avg_sq, max_exp_avg_sq: st.max_exp_avg_sq.as_ref(), scalars: *scalars }
+            })
+            .collect();
+        multi::adamw_step(&tensors, multi::AdamWHyper::new(self.cfg.betas, self.cfg.eps, self.cfg.weight_decay), None, None)?;
+        Ok(true)
+    }
+
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
     }
@@ -157,6 +194,10 @@ impl Optimizer for AdamW {
     }
 
     fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.step_multi_tensor(grads, lr_scale)? {
+            return Ok(());
+        }
         let (beta1, beta2) = self.cfg.betas;
         let wd = self.cfg.weight_decay;
         for group in &self.groups {

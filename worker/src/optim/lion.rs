@@ -66,6 +66,40 @@ impl Lion {
     }
 }
 
+impl Lion {
+    /// Every tensor in one launch of the multi-tensor kernel (worker/kernels/optim.cu) when all
+    /// of them are f32 CUDA tensors and the kernels are on; `Ok(false)` otherwise.
+    #[cfg(feature = "cuda")]
+    fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
+        use crate::kernels::optim as multi;
+        let every = || self.groups.iter().flat_map(|g| g.params.iter());
+        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+            return Ok(false);
+        }
+        let mut work = vec![]; // (name, var, gradient, scalars)
+        for group in &self.groups {
+            let scalars = multi::lion_scalars(group.lr * lr_scale, self.cfg.weight_decay);
+            for (name, var) in &group.params {
+                let Some(g) = grad_tensor(grads, name, var)? else { continue };
+                if !self.device_exp_avg.contains_key(name) {
+                    let m = match self.exp_avg.remove(name) {
+                        Some(host) => to_device_like(&host, var)?,
+                        None => g.zeros_like()?,
+                    };
+                    self.device_exp_avg.insert(name.clone(), m);
+                }
+                work.push((name, var, g.contiguous()?, scalars));
+            }
+        }
+        let tensors: Vec<multi::DeviceLion> = work
+            .iter()
+            .map(|(name, var, g, scalars)| multi::DeviceLion { param: var.as_tensor(), grad: g, exp_avg: &self.device_exp_avg[name.as_str()], scalars: *scalars })
+            .collect();
+        multi::lion_step(&tensors, multi::LionHyper::new(self.cfg.betas), None, None)?;
+        Ok(true)
+    }
+}
+
 #[inline]
 fn sgn(x: f32) -> f32 {
     if x > 0.0 {
@@ -87,6 +121,10 @@ impl Optimizer for Lion {
     }
 
     fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.step_multi_tensor(grads, lr_scale)? {
+            return Ok(());
+        }
         let (beta1, beta2) = self.cfg.betas;
         for group in &self.groups {
             let lr = group.lr * lr_scale;

@@ -490,13 +490,17 @@ impl StateIn<'_> {
 pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     // Each tensor's Σg² on its device (in f64, as the norm was always summed), all read back
     // in one transfer: no per-tensor round-trip to the host.
-    let mut sums = vec![];
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
+    let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v.as_tensor())).collect();
+    let sums: Vec<f64> = match grad_sums_by_kernel(&present)? {
+        Some(sums) => sums,
+        None => {
+            let mut sums = vec![];
+            for g in &present {
+                sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
+            }
+            if sums.is_empty() { vec![] } else { Tensor::stack(&sums, 0)?.to_vec1()? }
         }
-    }
-    let sums: Vec<f64> = if sums.is_empty() { vec![] } else { Tensor::stack(&sums, 0)?.to_vec1()? };
+    };
     let mut sq = 0f64;
     for s in sums {
         // Per-tensor norm in f32 as torch stores it, then the norm of the norms.
@@ -514,6 +518,20 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
         }
     }
     Ok(total)
+}
+
+/// Σg² of every gradient in one launch of worker/kernels/optim.cu's statistics kernel (CUDA
+/// gradients of one dtype, kernels on); `None` where that does not apply.
+fn grad_sums_by_kernel(grads: &[&Tensor]) -> Result<Option<Vec<f64>>> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = grads.first() {
+        if first.device().is_cuda() && crate::kernels::use_kernels(first) && grads.iter().all(|g| g.dtype() == first.dtype()) {
+            let contiguous: Vec<Tensor> = grads.iter().map(|g| g.contiguous()).collect::<Result<_>>()?;
+            return Ok(Some(crate::kernels::optim::grad_stats(&contiguous)?.0));
+        }
+    }
+    let _ = grads;
+    Ok(None)
 }
 
 // ------------------------------------------------------------------------------------ accumulation
