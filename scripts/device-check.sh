@@ -53,6 +53,13 @@ say "== 1. ops and models on CUDA against the CPU"
 timeout 120 "$bin" bench check-device --device cuda 2>&1 | tee -a "$log"
 check_rc=${PIPESTATUS[0]}
 
+# 1b. The hand-written kernels (worker/kernels) against their CPU references, every dtype,
+# outputs pre-filled with NaN; then their speeds beside the card's copy bandwidth.
+say ""
+say "== 1b. kernels on CUDA against their CPU references, and their speeds"
+timeout 240 "$bin" bench kernels --device cuda 2>&1 | tee -a "$log" "$out/kernels-table.md"
+kernels_rc=${PIPESTATUS[0]}
+
 # 2. Benchmarks. Peak VRAM from nvidia-smi sampled every 100 ms while each run is alive (the
 # same measure for both engines), less the memory in use before it started.
 peak_of() { # command...: runs it, prints the peak MiB used above the baseline to fd 3
@@ -96,6 +103,8 @@ bench() { # label model resolution batch
 }
 
 bench sd15-512-bs1 sd15-synthetic 512 1
+# The same step with the hand-written kernels off (candle's ops everywhere): their end-to-end effect.
+LOFT_KERNELS=off bench sd15-512-bs1-kernels-off sd15-synthetic 512 1
 bench sd15-512-bs4 sd15-synthetic 512 4
 bench sdxl-1024-bs1 sdxl-synthetic 1024 1
 
@@ -117,6 +126,6 @@ bench sdxl-1024-bs1 sdxl-synthetic 1024 1
     echo "| $label | $ls | $lm | ${ts:--} | ${tm:--} | $ratio | $mratio | $anchor |"
   done
   echo ""
-  echo "device check exit status: $check_rc"
+  echo "device check exit status: $check_rc; kernel check exit status: $kernels_rc"
 } > "$table"
 cat "$table" | tee -a "$log"

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+pub mod kernels;
 pub mod queue;
 pub mod train;
 
@@ -32,6 +33,13 @@ pub enum BenchCommand {
         #[arg(long, default_value = "tests/fixtures/models")]
         fixtures: PathBuf,
     },
+    /// Loft's hand-written kernels on a device against their CPU references (every dtype,
+    /// outputs pre-filled with NaN), then their speeds beside the card's copy bandwidth.
+    Kernels {
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 /// `loft bench …`.
@@ -40,5 +48,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Queue { jobs, python } => queue::run(jobs.max(1), python),
         BenchCommand::Train(args) => train::run_bench(args),
         BenchCommand::CheckDevice { device, fixtures } => train::check_device(&device, &fixtures),
+        BenchCommand::Kernels { device } => kernels::run(&device),
     }
 }

@@ -142,6 +142,7 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// `softmax(q·kᵀ/√d)·v` per head and each query's log-sum-exp: the kernel on a CUDA tensor
 /// (head sizes in [`HEAD_SIZES`]), the reference elsewhere. q, k, v share a dtype.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
+    super::count_op_call();
     let s = AttentionShape::of(q, k, heads)?;
     s.check(q.elem_count(), k.elem_count())?;
     #[cfg(feature = "cuda")]
@@ -214,8 +215,8 @@ mod cuda {
     pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: AttentionShape) -> Result<(Tensor, Tensor)> {
         let dev = device(q)?;
         let (q, k, v) = (q.contiguous()?, k.to_dtype(q.dtype())?.contiguous()?, v.to_dtype(q.dtype())?.contiguous()?);
-        let out = Tensor::zeros(q.shape(), q.dtype(), q.device())?;
-        let lse = Tensor::zeros((s.batch, s.nq, s.heads), DType::F32, q.device())?;
+        let out = crate::kernels::output(q.shape(), q.dtype(), q.device())?;
+        let lse = crate::kernels::output((s.batch, s.nq, s.heads), DType::F32, q.device())?;
         let (grid, block) = s.forward_geometry();
         launch(
             &dev,
@@ -235,12 +236,12 @@ mod cuda {
         let sfx = suffix(dtype)?;
         let (q, k, v) = (q.contiguous()?, k.to_dtype(dtype)?.contiguous()?, v.to_dtype(dtype)?.contiguous()?);
         let (out, dout, lse) = (out.to_dtype(dtype)?.contiguous()?, dout.to_dtype(dtype)?.contiguous()?, lse.contiguous()?);
-        let rowdot = Tensor::zeros((s.batch, s.nq, s.heads), DType::F32, q.device())?;
+        let rowdot = crate::kernels::output((s.batch, s.nq, s.heads), DType::F32, q.device())?;
         let (grid, block) = s.rowdot_geometry();
         launch(&dev, "loft_attention", ATTENTION_PTX, &format!("loft_attention_rowdot_{sfx}"), dims(grid), dims(block), &[Arg::Ptr(ptr(&out)?), Arg::Ptr(ptr(&dout)?), Arg::Ptr(ptr(&rowdot)?), Arg::I64(s.rows_q() as i64), Arg::I32(s.d as i32)])?;
-        let dq = Tensor::zeros(q.shape(), DType::F32, q.device())?;
-        let dk = Tensor::zeros(k.shape(), dtype, q.device())?;
-        let dv = Tensor::zeros(v.shape(), dtype, q.device())?;
+        let dq = Tensor::zeros(q.shape(), DType::F32, q.device())?; // accumulated: zeros
+        let dk = crate::kernels::output(k.shape(), dtype, q.device())?;
+        let dv = crate::kernels::output(v.shape(), dtype, q.device())?;
         let (grid, block) = s.backward_geometry();
         launch(
             &dev,

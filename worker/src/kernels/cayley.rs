@@ -47,6 +47,7 @@ pub fn reference(q: &[f64], n: usize, b: usize) -> (Vec<f64>, Vec<f64>) {
 /// `(R, (I − Q)⁻¹)` for `q (n, b, b)`, both f64 `(n, b, b)`: the kernel on a CUDA tensor
 /// (f32/f16/bf16, b ≤ 256), the reference elsewhere.
 pub fn forward(q: &Tensor) -> Result<(Tensor, Tensor)> {
+    super::count_op_call();
     let (n, b, b2) = q.dims3()?;
     if b != b2 || b == 0 || b > 256 {
         bail!("cayley: {:?} is not a batch of square matrices of size 1..=256", q.dims());
@@ -106,7 +107,7 @@ mod cuda {
     pub(super) fn forward(q: &Tensor, n: usize, b: usize) -> Result<(Tensor, Tensor)> {
         let dev = device(q)?;
         let q = q.contiguous()?;
-        let work = Tensor::zeros((n, b, 3 * b), DType::F64, q.device())?;
+        let work = crate::kernels::output((n, b, 3 * b), DType::F64, q.device())?;
         launch(&dev, "loft_cayley", CAYLEY_PTX, &format!("loft_cayley_{}", suffix(q.dtype())?), (n as u32, 1, 1), (256, 1, 1), &[Arg::Ptr(ptr(&q)?), Arg::Ptr(ptr(&work)?), Arg::I32(b as i32)])?;
         Ok((work.narrow(2, b, b)?.contiguous()?, work.narrow(2, 2 * b, b)?.contiguous()?))
     }

@@ -82,6 +82,7 @@ fn same_dtype(ts: &[&Tensor]) -> Result<()> {
 
 /// `W + α·P1⊙P2` in W's dtype and shape (P1, P2 with W's element count).
 pub fn loha_merge(w: &Tensor, p1: &Tensor, p2: &Tensor, alpha: f64) -> Result<Tensor> {
+    super::count_op_call();
     if p1.elem_count() != w.elem_count() || p2.elem_count() != w.elem_count() {
         bail!("loha merge: {:?}, {:?} and {:?} differ in size", w.dims(), p1.dims(), p2.dims());
     }
@@ -119,6 +120,7 @@ fn kron_shape(w: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<KronShape> {
 
 /// `W + α·kron(w1, w2)` in W's dtype and shape (w2 of any rank, read as c × rest).
 pub fn lokr_merge(w: &Tensor, w1: &Tensor, w2: &Tensor, alpha: f64) -> Result<Tensor> {
+    super::count_op_call();
     same_dtype(&[w, w1, w2])?;
     let s = kron_shape(w, w1, w2)?;
     #[cfg(feature = "cuda")]
@@ -197,7 +199,7 @@ mod cuda {
     pub(super) fn loha_merge(w: &Tensor, p1: &Tensor, p2: &Tensor, alpha: f64) -> Result<Tensor> {
         let dev = device(w)?;
         let (w, p1, p2) = (w.contiguous()?, p1.contiguous()?, p2.contiguous()?);
-        let out = Tensor::zeros(w.shape(), w.dtype(), w.device())?;
+        let out = crate::kernels::output(w.shape(), w.dtype(), w.device())?;
         let n = w.elem_count();
         let (grid, block) = elementwise(n);
         launch(&dev, "loft_lowrank", LOWRANK_PTX, &format!("loft_loha_merge_{}", suffix(w.dtype())?), dims(grid), dims(block), &[Arg::Ptr(ptr(&w)?), Arg::Ptr(ptr(&p1)?), Arg::Ptr(ptr(&p2)?), Arg::Ptr(ptr(&out)?), Arg::I64(n as i64), Arg::F32(alpha as f32)])?;
@@ -207,8 +209,8 @@ mod cuda {
     pub(super) fn loha_grad(g: &Tensor, p1: &Tensor, p2: &Tensor, alpha: f64) -> Result<(Tensor, Tensor)> {
         let dev = device(g)?;
         let (g, p1, p2) = (g.contiguous()?, p1.contiguous()?, p2.contiguous()?);
-        let d1 = Tensor::zeros(p1.shape(), p1.dtype(), p1.device())?;
-        let d2 = Tensor::zeros(p2.shape(), p2.dtype(), p2.device())?;
+        let d1 = crate::kernels::output(p1.shape(), p1.dtype(), p1.device())?;
+        let d2 = crate::kernels::output(p2.shape(), p2.dtype(), p2.device())?;
         let n = g.elem_count();
         let (grid, block) = elementwise(n);
         launch(&dev, "loft_lowrank", LOWRANK_PTX, &format!("loft_loha_grad_{}", suffix(g.dtype())?), dims(grid), dims(block), &[Arg::Ptr(ptr(&g)?), Arg::Ptr(ptr(&p1)?), Arg::Ptr(ptr(&p2)?), Arg::Ptr(ptr(&d1)?), Arg::Ptr(ptr(&d2)?), Arg::I64(n as i64), Arg::F32(alpha as f32)])?;
@@ -222,7 +224,7 @@ mod cuda {
     pub(super) fn lokr_merge(w: &Tensor, w1: &Tensor, w2: &Tensor, s: KronShape, alpha: f64) -> Result<Tensor> {
         let dev = device(w)?;
         let (w, w1, w2) = (w.contiguous()?, w1.contiguous()?, w2.contiguous()?);
-        let out = Tensor::zeros(w.shape(), w.dtype(), w.device())?;
+        let out = crate::kernels::output(w.shape(), w.dtype(), w.device())?;
         let (grid, block) = elementwise(s.numel());
         let mut args = vec![Arg::Ptr(ptr(&w)?), Arg::Ptr(ptr(&w1)?), Arg::Ptr(ptr(&w2)?), Arg::Ptr(ptr(&out)?)];
         args.extend(kron_args(s));
@@ -235,8 +237,8 @@ mod cuda {
         let dev = device(g)?;
         let sfx = suffix(g.dtype())?;
         let (g, w1c, w2c) = (g.contiguous()?, w1.contiguous()?, w2.contiguous()?);
-        let d1 = Tensor::zeros(s.a * s.b, DType::F32, g.device())?;
-        let d2 = Tensor::zeros(s.c * s.e, DType::F32, g.device())?;
+        let d1 = crate::kernels::output(s.a * s.b, DType::F32, g.device())?;
+        let d2 = crate::kernels::output(s.c * s.e, DType::F32, g.device())?;
         let mut args = vec![Arg::Ptr(ptr(&g)?), Arg::Ptr(ptr(&w2c)?), Arg::Ptr(ptr(&d1)?)];
         args.extend(kron_args(s));
         args.push(Arg::F32(alpha as f32));

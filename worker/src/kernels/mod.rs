@@ -22,8 +22,39 @@ pub mod optim;
 pub(crate) mod cuda;
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Result, Shape, Tensor};
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+static OP_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times a kernel op's forward has run in this process (on any device): lets a test
+/// tell that a run really went through the kernel ops.
+pub fn op_calls() -> usize {
+    OP_CALLS.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_op_call() {
+    OP_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Makes the kernel ops fill their output buffers with NaN before each launch (the device
+/// check: an element a kernel never writes then shows), instead of zeros.
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed)
+}
+
+/// A kernel's output buffer: zeros, or NaN under [`set_poison_outputs`]. (Buffers a kernel
+/// accumulates into are made with `Tensor::zeros` instead.)
+#[allow(dead_code)] // used by the CUDA launches only
+pub(crate) fn output(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    if POISON_OUTPUTS.load(Ordering::Relaxed) {
+        Tensor::full(f32::NAN, shape, device)?.to_dtype(dtype)
+    } else {
+        Tensor::zeros(shape, dtype, device)
+    }
+}
 
 thread_local! {
     static OVERRIDE: Cell<Option<bool>> = const { Cell::new(None) };

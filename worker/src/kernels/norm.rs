@@ -145,6 +145,7 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// `y = [silu](norm(x)·γ + β)` and the statistics; x contiguous in `s`'s layout; γ and β of
 /// any float dtype (cast to x's). On a CUDA tensor the kernel, elsewhere the reference.
 pub fn forward(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, s: NormShape, eps: f64, silu: bool) -> Result<(Tensor, NormStats)> {
+    super::count_op_call();
     s.check(x.elem_count())?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
@@ -252,9 +253,9 @@ mod cuda {
         let x = x.contiguous()?;
         let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
         let beta = beta.map(|b| b.to_dtype(x.dtype())?.contiguous()).transpose()?;
-        let y = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
-        let mean = Tensor::zeros(s.rows, DType::F32, x.device())?;
-        let rstd = Tensor::zeros(s.rows, DType::F32, x.device())?;
+        let y = crate::kernels::output(x.shape(), x.dtype(), x.device())?;
+        let mean = crate::kernels::output(s.rows, DType::F32, x.device())?;
+        let rstd = crate::kernels::output(s.rows, DType::F32, x.device())?;
         let (grid, block, _, _) = geometry(s, silu);
         let name = format!("loft_norm{}_fwd_{}", if silu { "_silu" } else { "" }, suffix(x.dtype())?);
         let beta_ptr = beta.as_ref().map(ptr).transpose()?.unwrap_or(0);
@@ -283,7 +284,7 @@ mod cuda {
         let (grid, block, agrid, ablock) = geometry(s, silu);
         let act = if silu { "_silu" } else { "" };
         let dx = if needs[0] {
-            let dx = Tensor::zeros(x.shape(), x.dtype(), x.device())?;
+            let dx = crate::kernels::output(x.shape(), x.dtype(), x.device())?;
             launch(
                 &dev,
                 "loft_norm",
@@ -298,8 +299,8 @@ mod cuda {
             None
         };
         let (dgamma, dbeta) = if needs[1] || needs[2] {
-            let dgamma = Tensor::zeros(s.channels(), DType::F32, x.device())?;
-            let dbeta = Tensor::zeros(s.channels(), DType::F32, x.device())?;
+            let dgamma = crate::kernels::output(s.channels(), DType::F32, x.device())?;
+            let dbeta = crate::kernels::output(s.channels(), DType::F32, x.device())?;
             if column_affine(s, silu) {
                 launch(
                     &dev,

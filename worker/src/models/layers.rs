@@ -114,13 +114,29 @@ impl Layer {
         }
         forward_in_dtype(&base, x)
     }
+
+    /// `activation(act, self.forward(x))`, with a GroupNorm followed by SiLU as one fused
+    /// kernel op where the kernels run (no adapter on the norm).
+    pub fn forward_then(&self, x: &Tensor, act: &str) -> Result<Tensor> {
+        let base = self.base.read().unwrap_or_else(|e| e.into_inner());
+        if let (None, LayerKind::GroupNorm { groups, eps, .. }, "silu" | "swish") = (self.hook(), &base.kind, act) {
+            if crate::kernels::use_kernels(x) && x.dtype() != DType::F64 {
+                let weight = base.weight.to_dtype(x.dtype())?;
+                let bias = base.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+                return crate::ops::group_norm_silu(x, *groups, &weight, bias.as_ref(), *eps);
+            }
+        }
+        drop(base);
+        activation(act, &self.forward(x)?)
+    }
 }
 
 /// A frozen layer's output for `x`. Weights stored in another dtype than `x` (f16 weights
 /// computed in f32, to halve a model's memory) are cast for this call only; norms compute their
 /// statistics in f32 when `x` is f16/bf16.
 pub fn forward_in_dtype(base: &BaseLayer, x: &Tensor) -> Result<Tensor> {
-    if base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
+    // (The norm kernels take f16/bf16 as they are, with f32 statistics.)
+    if base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 && !crate::kernels::use_kernels(x) {
         return forward_in_dtype(base, &x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
     if base.weight.dtype() != x.dtype() && x.dtype().is_float() {

@@ -56,13 +56,13 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = activation(&self.act, &self.norm1.forward(x)?)?;
+        let mut h = self.norm1.forward_then(x, &self.act)?;
         h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&activation(&self.act, t)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        h = activation(&self.act, &self.norm2.forward(&h)?)?;
+        h = self.norm2.forward_then(&h, &self.act)?;
         h = self.conv2.forward(&h)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
@@ -509,7 +509,7 @@ impl UNet2DConditionModel {
                 x = u.forward(&upsample_nearest(&x, oh, ow)?)?;
             }
         }
-        x = activation("silu", &self.conv_norm_out.forward(&x)?)?;
+        x = self.conv_norm_out.forward_then(&x, "silu")?;
         self.conv_out.forward(&x)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::config::{read_json, VaeConfig};
-use super::layers::{activation, upsample_nearest, Builder, Layer};
+use super::layers::{upsample_nearest, Builder, Layer};
 use super::unet::ResnetBlock2D;
 use super::{var_builder, ModelLayers};
 
@@ -207,7 +207,7 @@ impl AutoencoderKL {
             }
         }
         h = e.mid.forward(&h)?;
-        h = e.conv_out.forward(&activation(&e.act, &e.conv_norm_out.forward(&h)?)?)?;
+        h = e.conv_out.forward(&e.conv_norm_out.forward_then(&h, &e.act)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -238,7 +238,7 @@ impl AutoencoderKL {
                 h = s.forward(&upsample_nearest(&h, 2 * hh, 2 * ww)?)?;
             }
         }
-        d.conv_out.forward(&activation(&d.act, &d.conv_norm_out.forward(&h)?)?)
+        d.conv_out.forward(&d.conv_norm_out.forward_then(&h, &d.act)?)
     }
 
     /// `scaling_factor` (0.18215 for SD1.x/2.x, 0.13025 for SDXL).

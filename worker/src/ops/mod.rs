@@ -29,7 +29,7 @@ pub use attention::attention;
 pub(crate) use graph::{attach, copy_of, Backward};
 pub use conv::conv2d;
 pub use linear::linear;
-pub use norm::{group_norm, layer_norm};
+pub use norm::{group_norm, group_norm_silu, layer_norm};
 
 thread_local! {
     static REFERENCE_OPS: Cell<bool> = const { Cell::new(false) };

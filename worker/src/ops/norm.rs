@@ -19,6 +19,16 @@ pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: Option<&Tens
     norm(x, weight, bias, Norm::Group { groups, eps })
 }
 
+/// `silu(group_norm(x))`, the pair that opens every resnet: one fused kernel op where the
+/// kernels run (forward and backward keep only the statistics), the two ops elsewhere.
+pub fn group_norm_silu(x: &Tensor, groups: usize, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if !super::reference_ops() && kernels::use_kernels(x) {
+        let _span = profile::span(Kind::NormForward);
+        return kernel_norm(x, weight, bias, Norm::Group { groups, eps }, true);
+    }
+    super::silu(&group_norm(x, groups, weight, bias, eps)?)
+}
+
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     norm(x, weight, bias, Norm::Layer { eps })
@@ -84,7 +94,7 @@ fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> Resul
         return reference(x, weight, bias, kind);
     }
     if kernels::use_kernels(x) {
-        return kernel_norm(x, weight, bias, kind);
+        return kernel_norm(x, weight, bias, kind, false);
     }
     let out = reference(&x.detach(), &weight.detach(), bias.map(|b| b.detach()).as_ref(), kind)?;
     match bias {
@@ -105,14 +115,14 @@ fn reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> 
 
 /// The norm through worker/kernels/norm.cu (on a CUDA tensor; the kernel op's reference
 /// elsewhere): the forward keeps only each row's mean and 1/std.
-fn kernel_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -> Result<Tensor> {
+fn kernel_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm, silu: bool) -> Result<Tensor> {
     let shape = match kind {
         Norm::Group { groups, .. } => NormShape::group(x.dims(), groups)?,
         Norm::Layer { .. } => NormShape::layer(x.dims())?,
     };
     let bias_detached = bias.map(|b| b.detach());
-    let (y, stats) = kernels::norm::forward(&x.detach().contiguous()?, &weight.detach(), bias_detached.as_ref(), shape, kind.eps(), false)?;
-    let backward = KernelNormBackward { shape, stats };
+    let (y, stats) = kernels::norm::forward(&x.detach().contiguous()?, &weight.detach(), bias_detached.as_ref(), shape, kind.eps(), silu)?;
+    let backward = KernelNormBackward { shape, stats, silu };
     match bias {
         Some(b) => attach(&[x, weight, b], y, backward),
         None => attach(&[x, weight], y, backward),
@@ -122,6 +132,8 @@ fn kernel_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Norm) -
 struct KernelNormBackward {
     shape: NormShape,
     stats: NormStats,
+    /// A SiLU follows the affine (its derivative is applied first).
+    silu: bool,
 }
 
 impl Backward for KernelNormBackward {
@@ -136,7 +148,7 @@ impl Backward for KernelNormBackward {
     fn backward(&self, args: &[&Tensor], needs: &[bool], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, weight, bias) = (args[0], args[1], args.get(2).copied());
         let need_bias = needs.get(2) == Some(&true);
-        let grads = kernels::norm::backward(&x.contiguous()?, weight, bias, &self.stats, &grad.contiguous()?, self.shape, false, [needs[0], needs[1], need_bias])?;
+        let grads = kernels::norm::backward(&x.contiguous()?, weight, bias, &self.stats, &grad.contiguous()?, self.shape, self.silu, [needs[0], needs[1], need_bias])?;
         let dw = grads.dgamma.map(|g| g.to_dtype(weight.dtype())).transpose()?;
         let db = match (grads.dbeta, bias) {
             (Some(g), Some(b)) => Some(g.to_dtype(b.dtype())?),
