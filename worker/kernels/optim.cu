@@ -133,6 +133,90 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// Prodigy (prodigyopt 1.1.2, the order of optim/prodigy.rs), two launches a step with the
+// d estimate computed on the host between them from per-tensor sums.
+// Pass 1, per element (g ← g + wd·p first with coupled weight decay):
+//   m ← m·β1 + d(1 − β1)·g (β1 > 0);  v ← v·β2 + d²(1 − β2)·g·g;
+//   every slice_p-th element j = i/slice_p:  dot += g·(p0_j − p),  s_j ← s_j·β3 + α·g,  |s| sum;
+// `dots` and `abs_sums` (f64, per tensor, zero at the start) receive the sums.
+// ptrs per tensor: param, grad, p0, s, exp_avg (0 without β1), exp_avg_sq.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_prodigy_pass1_f32(const unsigned long long* ptrs, const long long* numel, const long long* chunks,
+                           long long chunk_len, int slice_p, float coupled_wd, float b1, float a1, float b2, float a2,
+                           float alpha, float b3, double* dots, double* abs_sums) {
+  __shared__ double partial_dot[THREADS / 32];
+  __shared__ double partial_abs[THREADS / 32];
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + 6 * c.tensor;
+  const float* p = reinterpret_cast<const float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  const float* p0 = reinterpret_cast<const float*>(tp[2]);
+  float* s = reinterpret_cast<float*>(tp[3]);
+  float* m = reinterpret_cast<float*>(tp[4]);
+  float* v = reinterpret_cast<float*>(tp[5]);
+  double dot = 0.0, abs_sum = 0.0;
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float gi = g[i];
+    if (coupled_wd != 0.0f) gi += coupled_wd * p[i];
+    if (m) m[i] = m[i] * b1 + a1 * gi;
+    v[i] = v[i] * b2 + a2 * gi * gi;
+    if (i % slice_p == 0) {
+      long long j = i / slice_p;
+      dot += (double)gi * (double)(p0[j] - p[i]);
+      float sj = s[j] * b3 + alpha * gi;
+      s[j] = sj;
+      abs_sum += (double)fabsf(sj);
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    abs_sum += __shfl_xor_sync(0xffffffffu, abs_sum, offset);
+  }
+  if (threadIdx.x % 32 == 0) {
+    partial_dot[threadIdx.x / 32] = dot;
+    partial_abs[threadIdx.x / 32] = abs_sum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total_dot = 0.0, total_abs = 0.0;
+    for (int w = 0; w < THREADS / 32; w++) {
+      total_dot += partial_dot[w];
+      total_abs += partial_abs[w];
+    }
+    atomicAdd(&dots[c.tensor], total_dot);
+    atomicAdd(&abs_sums[c.tensor], total_abs);
+  }
+}
+
+// Pass 2, per element, with the new d in ε·d and the old d in dlr:
+//   p ← p + (−wd·dlr)·p (decoupled);  p ← p − dlr·m/(√v + ε·d)  (β1 > 0)
+//   or p ← p − dlr·d·g/(√v + ε·d)  (β1 = 0, g with the coupled decay as in pass 1).
+// ptrs per tensor: param, grad, exp_avg (0 without β1), exp_avg_sq.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_prodigy_pass2_f32(const unsigned long long* ptrs, const long long* numel, const long long* chunks,
+                           long long chunk_len, float coupled_wd, float decoupled_decay, float eps_d, float neg_dlr,
+                           float neg_dlr_d) {
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + 4 * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  const float* m = reinterpret_cast<const float*>(tp[2]);
+  const float* v = reinterpret_cast<const float*>(tp[3]);
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float pi = p[i];
+    float denom = sqrtf(v[i]) + eps_d;
+    if (decoupled_decay != 0.0f) pi += decoupled_decay * pi;
+    if (m) {
+      pi += neg_dlr * (m[i] / denom);
+    } else {
+      float gi = g[i];
+      if (coupled_wd != 0.0f) gi += coupled_wd * p[i];
+      pi += neg_dlr_d * (gi / denom);
+    }
+    p[i] = pi;
+  }
+}
+
 #define LOFT_GRAD_STATS(T, SUFFIX)                                                                                   \
   extern "C" __global__ void __launch_bounds__(THREADS) loft_multi_grad_stats_##SUFFIX(                             \
       const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,              \
@@ -152,6 +236,15 @@ LOFT_EMU_ENTRY(loft_multi_lion_f32,
                (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks, long long chunk_len,
                 float b1, float w1, float b2, float w2, const float* grad_scale, const unsigned* skip),
                (ptrs, scalars, numel, chunks, chunk_len, b1, w1, b2, w2, grad_scale, skip))
+LOFT_EMU_ENTRY(loft_prodigy_pass1_f32,
+               (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len,
+                int slice_p, float coupled_wd, float b1, float a1, float b2, float a2, float alpha, float b3,
+                double* dots, double* abs_sums),
+               (ptrs, numel, chunks, chunk_len, slice_p, coupled_wd, b1, a1, b2, a2, alpha, b3, dots, abs_sums))
+LOFT_EMU_ENTRY(loft_prodigy_pass2_f32,
+               (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len,
+                float coupled_wd, float decoupled_decay, float eps_d, float neg_dlr, float neg_dlr_d),
+               (ptrs, numel, chunks, chunk_len, coupled_wd, decoupled_decay, eps_d, neg_dlr, neg_dlr_d))
 LOFT_EMU_ENTRY(loft_multi_grad_stats_f32,
                (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
                 unsigned* nonfinite),

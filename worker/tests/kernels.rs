@@ -563,3 +563,61 @@ fn the_training_loop_through_the_kernel_ops_equals_the_candle_loop() {
         }
     }
 }
+
+/// Three Prodigy steps: the host loop against the two kernel passes, with the d update between
+/// them written out here as prodigyopt does it (slice_p 2, decoupled weight decay).
+#[test]
+fn the_multi_tensor_prodigy_passes_equal_the_host_loop() {
+    use candle_core::{Device, Var};
+    use loft_worker::optim::{Prodigy, ProdigyConfig};
+    let params = host_params(120);
+    let vars: Vec<Var> = params.iter().map(|p| Var::from_vec(p.clone(), p.len(), &Device::Cpu).unwrap()).collect();
+    // d0 large enough that three steps move the parameters well beyond the tolerance.
+    let cfg = ProdigyConfig { weight_decay: 0.01, slice_p: 2, d0: 1e-2, ..ProdigyConfig::default() };
+    let group = ParamGroup::new("unet", 1.0, vars.iter().enumerate().map(|(i, v)| (format!("t{i}"), v.clone())).collect());
+    let mut reference = Prodigy::new(vec![group], cfg.clone()).unwrap();
+
+    let (beta1, beta2) = cfg.betas;
+    let beta3 = beta2.sqrt();
+    let (d0, mut d, mut d_max, mut d_numerator) = (cfg.d0, cfg.d0, cfg.d0, 0.0f64);
+    let mut kp = params.clone();
+    let p0: Vec<Vec<f32>> = params.iter().map(|p| p.iter().step_by(2).copied().collect()).collect();
+    let mut s: Vec<Vec<f32>> = p0.iter().map(|p| vec![0.0; p.len()]).collect();
+    let mut m: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+    let mut v = m.clone();
+    for step in 0..3u64 {
+        let lr = 1.0 - 0.25 * step as f64;
+        let grads: Vec<Vec<f32>> = OPT_SIZES.iter().enumerate().map(|(i, &n)| random(n, 130 + 10 * step + i as u64, 0.5, 0.0)).collect();
+        reference.step(&grad_store(&vars, &grads), lr).unwrap();
+
+        let dlr = d * lr;
+        d_numerator *= beta3;
+        let pass1 = multi::ProdigyPass1 { coupled_wd: 0.0, b1: beta1 as f32, a1: (d * (1.0 - beta1)) as f32, b2: beta2 as f32, a2: (d * d * (1.0 - beta2)) as f32, alpha: ((d / d0) * dlr) as f32, b3: beta3 as f32 };
+        let mut tensors: Vec<multi::HostProdigy> = kp
+            .iter_mut()
+            .zip(&grads)
+            .zip(&p0)
+            .zip(s.iter_mut())
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .map(|(((((p, g), p0), s), m), v)| multi::HostProdigy { param: p, grad: g, p0, s, exp_avg: Some(m), exp_avg_sq: v })
+            .collect();
+        let (dots, abs_sums) = multi::emulated_prodigy_pass1(&mut tensors, 2, pass1, OPT_CHUNK);
+        let delta: f64 = dots.iter().map(|&x| (d / d0) * dlr * (x as f32 as f64)).sum();
+        let denom: f64 = abs_sums.iter().map(|&x| x as f32 as f64).sum();
+        d_numerator += delta;
+        let d_hat = d_numerator / denom;
+        let mut d_new = if d == d0 { d.max(d_hat) } else { d };
+        d_max = d_max.max(d_hat);
+        d_new = d_max.min(d_new * f64::INFINITY);
+        let pass2 = multi::ProdigyPass2 { coupled_wd: 0.0, decoupled_decay: (-0.01 * dlr) as f32, eps_d: (d_new * cfg.eps) as f32, neg_dlr: -dlr as f32, neg_dlr_d: (-dlr * d_new) as f32 };
+        multi::emulated_prodigy_pass2(&mut tensors, pass2, OPT_CHUNK);
+        d = d_new;
+    }
+    for (i, var) in vars.iter().enumerate() {
+        let want = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert_close(&format!("Prodigy tensor {i} after 3 steps"), &kp[i], &want, 1e-6, 1e-5);
+        let moved = kp[i].iter().zip(&params[i]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(moved > 1e-3, "tensor {i} moved only {moved}");
+    }
+}

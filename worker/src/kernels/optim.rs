@@ -85,7 +85,46 @@ pub struct HostAdamW<'a> {
     pub scalars: AdamWScalars,
 }
 
+/// Prodigy's pass-1 scalars (optim/prodigy.rs computes them): coupled weight decay (0 when
+/// decoupled), β1, d(1 − β1), β2, d²(1 − β2), α (s's step), β3.
+#[derive(Clone, Copy, Debug)]
+pub struct ProdigyPass1 {
+    pub coupled_wd: f32,
+    pub b1: f32,
+    pub a1: f32,
+    pub b2: f32,
+    pub a2: f32,
+    pub alpha: f32,
+    pub b3: f32,
+}
+
+/// Prodigy's pass-2 scalars: coupled weight decay, −wd·dlr (decoupled, else 0), ε·d_new,
+/// −dlr, −dlr·d_new.
+#[derive(Clone, Copy, Debug)]
+pub struct ProdigyPass2 {
+    pub coupled_wd: f32,
+    pub decoupled_decay: f32,
+    pub eps_d: f32,
+    pub neg_dlr: f32,
+    pub neg_dlr_d: f32,
+}
+
+/// One Prodigy tensor on the host (tests): param, grad, p0 and s (every slice_p-th element),
+/// exp_avg (empty without β1), exp_avg_sq.
+pub struct HostProdigy<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub p0: &'a [f32],
+    pub s: &'a mut [f32],
+    pub exp_avg: Option<&'a mut [f32]>,
+    pub exp_avg_sq: &'a mut [f32],
+}
+
 extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_prodigy_pass1_f32(grid: Dim3, block: Dim3, ptrs: *const u64, numel: *const i64, chunks: *const i64, chunk_len: i64, slice_p: i32, coupled_wd: f32, b1: f32, a1: f32, b2: f32, a2: f32, alpha: f32, b3: f32, dots: *mut f64, abs_sums: *mut f64);
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_prodigy_pass2_f32(grid: Dim3, block: Dim3, ptrs: *const u64, numel: *const i64, chunks: *const i64, chunk_len: i64, coupled_wd: f32, decoupled_decay: f32, eps_d: f32, neg_dlr: f32, neg_dlr_d: f32);
     #[allow(clippy::too_many_arguments)]
     fn emu_loft_multi_adamw_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, w1: f32, b2: f32, w2: f32, eps: f32, decay_on: i32, grad_scale: *const f32, skip: *const u32);
     #[allow(clippy::too_many_arguments)]
@@ -144,8 +183,40 @@ pub fn emulated_grad_stats(grads: &[&[f32]], chunk_len: usize) -> (Vec<f64>, boo
     (sumsq, nonfinite != 0)
 }
 
+/// Prodigy's pass 1 under the CPU emulation (tests), in place: per-tensor (dot, |s| sum).
+pub fn emulated_prodigy_pass1(tensors: &mut [HostProdigy], slice_p: usize, k: ProdigyPass1, chunk_len: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut ptrs = vec![];
+    let mut numel = vec![];
+    for t in tensors.iter_mut() {
+        ptrs.extend([t.param.as_ptr() as u64, t.grad.as_ptr() as u64, t.p0.as_ptr() as u64, t.s.as_mut_ptr() as u64, t.exp_avg.as_mut().map_or(0, |m| m.as_mut_ptr() as u64), t.exp_avg_sq.as_mut_ptr() as u64]);
+        numel.push(t.param.len());
+    }
+    let chunks = chunk_table(&numel, chunk_len);
+    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (mut dots, mut abs_sums) = (vec![0f64; tensors.len()], vec![0f64; tensors.len()]);
+    unsafe {
+        emu_loft_prodigy_pass1_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, slice_p as i32, k.coupled_wd, k.b1, k.a1, k.b2, k.a2, k.alpha, k.b3, dots.as_mut_ptr(), abs_sums.as_mut_ptr())
+    };
+    (dots, abs_sums)
+}
+
+/// Prodigy's pass 2 under the CPU emulation (tests), in place.
+pub fn emulated_prodigy_pass2(tensors: &mut [HostProdigy], k: ProdigyPass2, chunk_len: usize) {
+    let mut ptrs = vec![];
+    let mut numel = vec![];
+    for t in tensors.iter_mut() {
+        ptrs.extend([t.param.as_mut_ptr() as u64, t.grad.as_ptr() as u64, t.exp_avg.as_mut().map_or(0, |m| m.as_mut_ptr() as u64), t.exp_avg_sq.as_mut_ptr() as u64]);
+        numel.push(t.param.len());
+    }
+    let chunks = chunk_table(&numel, chunk_len);
+    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    unsafe {
+        emu_loft_prodigy_pass2_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, k.coupled_wd, k.decoupled_decay, k.eps_d, k.neg_dlr, k.neg_dlr_d)
+    }
+}
+
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{adamw_step, grad_stats, lion_step, DeviceAdamW, DeviceLion};
+pub(crate) use cuda::{adamw_step, grad_stats, lion_step, prodigy_pass1, prodigy_pass2, DeviceAdamW, DeviceLion, DeviceProdigy};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -260,6 +331,82 @@ mod cuda {
                 Arg::Ptr(optional(grad_scale)?),
                 Arg::Ptr(optional(skip)?),
             ],
+        )
+    }
+
+    /// One Prodigy tensor on the device (f32, contiguous; the parameter updated in place).
+    pub(crate) struct DeviceProdigy<'a> {
+        pub param: &'a Tensor,
+        pub grad: &'a Tensor,
+        pub p0: &'a Tensor,
+        pub s: &'a Tensor,
+        pub exp_avg: Option<&'a Tensor>,
+        pub exp_avg_sq: &'a Tensor,
+    }
+
+    fn launch_tables(first: &Tensor, ptrs: Vec<i64>, numel: &[usize]) -> Result<(Tensor, Tensor, Tensor, u32)> {
+        let chunks = chunk_table(numel, CHUNK);
+        let blocks = (chunks.len() / 2) as u32;
+        Ok((upload(ptrs, first)?, upload(numel.iter().map(|&n| n as i64).collect(), first)?, upload(chunks, first)?, blocks))
+    }
+
+    /// Prodigy's pass 1 in one launch: per-tensor (dot, |s| sum), read back once.
+    pub(crate) fn prodigy_pass1(tensors: &[DeviceProdigy], slice_p: usize, k: ProdigyPass1) -> Result<(Vec<f64>, Vec<f64>)> {
+        let Some(first) = tensors.first() else { return Ok((vec![], vec![])) };
+        let dev = device(first.param)?;
+        let mut ptrs = vec![];
+        for t in tensors {
+            ptrs.extend([f32_buffer(t.param)?, f32_buffer(t.grad)?, f32_buffer(t.p0)?, f32_buffer(t.s)?, t.exp_avg.map(f32_buffer).transpose()?.unwrap_or(0), f32_buffer(t.exp_avg_sq)?]);
+        }
+        let numel: Vec<usize> = tensors.iter().map(|t| t.param.elem_count()).collect();
+        let (ptrs, numel, chunks, blocks) = launch_tables(first.param, ptrs, &numel)?;
+        let dots = Tensor::zeros(tensors.len(), DType::F64, first.param.device())?;
+        let abs_sums = Tensor::zeros(tensors.len(), DType::F64, first.param.device())?;
+        launch(
+            &dev,
+            "loft_optim",
+            OPTIM_PTX,
+            "loft_prodigy_pass1_f32",
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            &[
+                Arg::Ptr(ptr(&ptrs)?),
+                Arg::Ptr(ptr(&numel)?),
+                Arg::Ptr(ptr(&chunks)?),
+                Arg::I64(CHUNK as i64),
+                Arg::I32(slice_p as i32),
+                Arg::F32(k.coupled_wd),
+                Arg::F32(k.b1),
+                Arg::F32(k.a1),
+                Arg::F32(k.b2),
+                Arg::F32(k.a2),
+                Arg::F32(k.alpha),
+                Arg::F32(k.b3),
+                Arg::Ptr(ptr(&dots)?),
+                Arg::Ptr(ptr(&abs_sums)?),
+            ],
+        )?;
+        Ok((dots.to_vec1()?, abs_sums.to_vec1()?))
+    }
+
+    /// Prodigy's pass 2 in one launch.
+    pub(crate) fn prodigy_pass2(tensors: &[DeviceProdigy], k: ProdigyPass2) -> Result<()> {
+        let Some(first) = tensors.first() else { return Ok(()) };
+        let dev = device(first.param)?;
+        let mut ptrs = vec![];
+        for t in tensors {
+            ptrs.extend([f32_buffer(t.param)?, f32_buffer(t.grad)?, t.exp_avg.map(f32_buffer).transpose()?.unwrap_or(0), f32_buffer(t.exp_avg_sq)?]);
+        }
+        let numel: Vec<usize> = tensors.iter().map(|t| t.param.elem_count()).collect();
+        let (ptrs, numel, chunks, blocks) = launch_tables(first.param, ptrs, &numel)?;
+        launch(
+            &dev,
+            "loft_optim",
+            OPTIM_PTX,
+            "loft_prodigy_pass2_f32",
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&numel)?), Arg::Ptr(ptr(&chunks)?), Arg::I64(CHUNK as i64), Arg::F32(k.coupled_wd), Arg::F32(k.decoupled_decay), Arg::F32(k.eps_d), Arg::F32(k.neg_dlr), Arg::F32(k.neg_dlr_d)],
         )
     }
 

@@ -85,6 +85,16 @@ struct State {
     exp_avg_sq: Vec<f32>,
 }
 
+/// [`State`] on the device (the multi-tensor kernels' path), flat f32 tensors.
+#[allow(dead_code)] // built by the cuda feature's path only
+struct DeviceState {
+    step: f64,
+    s: Tensor,
+    p0: Tensor,
+    exp_avg: Option<Tensor>,
+    exp_avg_sq: Tensor,
+}
+
 pub struct Prodigy {
     groups: Vec<ParamGroup>,
     cfg: ProdigyConfig,
@@ -94,6 +104,7 @@ pub struct Prodigy {
     d_hat: f64,
     k: f64,
     state: HashMap<String, State>,
+    device_state: HashMap<String, DeviceState>,
 }
 
 impl Prodigy {
@@ -115,12 +126,155 @@ impl Prodigy {
             d_hat: d0,
             k: 0.0,
             state: HashMap::new(),
+            device_state: HashMap::new(),
         })
     }
 
     /// The current step-size estimate d.
     pub fn d(&self) -> f64 {
         self.d
+    }
+}
+
+impl Prodigy {
+    /// The D-adaptation between the passes: d̂ = d_coef·Σnumerator/Σ|s|, d grows to it (capped
+    /// by growth_rate). False when Σ|s| is 0: prodigyopt then returns before any update.
+    fn adapt_d(&mut self, d_numerator: f64, delta_numerator: f64, d_denom: f64, lr: f64) -> bool {
+        if d_denom == 0.0 {
+            return false;
+        }
+        let c = &self.cfg;
+        let (d, d0) = (self.d, c.d0);
+        let mut d_new = d;
+        let mut d_max = self.d_max;
+        let global_numerator = d_numerator + delta_numerator;
+        let mut d_hat = d;
+        if lr > 0.0 {
+            d_hat = c.d_coef * global_numerator / d_denom;
+            if d_new == d0 {
+                d_new = d_new.max(d_hat);
+            }
+            d_max = d_max.max(d_hat);
+            d_new = d_max.min(d_new * c.growth_rate);
+        }
+        self.d_numerator = global_numerator;
+        self.d = d_new;
+        self.d_max = d_max;
+        self.d_hat = d_hat;
+        true
+    }
+
+    /// Every tensor in two launches of the multi-tensor kernels (worker/kernels/optim.cu,
+    /// pass 1 → the d update here → pass 2) when all of them are f32 CUDA tensors and the kernels
+    /// are on; `Ok(false)` otherwise. The same arithmetic as the host loop in [`Optimizer::step`].
+    #[cfg(feature = "cuda")]
+    fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
+        use crate::kernels::optim as multi;
+        use candle_core::DType;
+        let every = || self.groups.iter().flat_map(|g| g.params.iter());
+        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+            return Ok(false);
+        }
+        let c = self.cfg.clone();
+        let (beta1, beta2) = c.betas;
+        let beta3 = c.beta3.unwrap_or_else(|| beta2.sqrt());
+        let (k, d, d0) = (self.k, self.d, c.d0);
+        let lr = self.groups.iter().map(|g| g.lr * lr_scale).fold(0.0, f64::max);
+        let bias_correction = if c.use_bias_correction { (1.0 - beta2.powf(k + 1.0)).sqrt() / (1.0 - beta1.powf(k + 1.0)) } else { 1.0 };
+        let dlr = d * lr * bias_correction;
+        let d_numerator = self.d_numerator * beta3;
+        let mut work = vec![]; // (name, var, gradient)
+        for group in &self.groups {
+            let group_lr = group.lr * lr_scale;
+            if group_lr != lr && group_lr != 0.0 {
+                bail!("Prodigy: all parameter groups must share one learning rate (or have 0); group {:?} has {} and another {}", group.name, group_lr, lr);
+            }
+            if group_lr == 0.0 {
+                continue;
+            }
+            for (name, var) in &group.params {
+                let Some(g) = super::grad_tensor(grads, name, var)? else { continue };
+                if !self.device_state.contains_key(name) {
+                    let st = match self.state.remove(name) {
+                        Some(h) => {
+                            let (ns, n) = (h.s.len(), h.exp_avg_sq.len());
+                            DeviceState {
+                                step: h.step,
+                                s: Tensor::from_vec(h.s, ns, var.device())?,
+                                p0: Tensor::from_vec(h.p0, ns, var.device())?,
+                                exp_avg: if h.exp_avg.is_empty() { None } else { Some(Tensor::from_vec(h.exp_avg, n, var.device())?) },
+                                exp_avg_sq: Tensor::from_vec(h.exp_avg_sq, n, var.device())?,
+                            }
+                        }
+                        None => {
+                            let flat = var.as_tensor().detach().flatten_all()?;
+                            let n = flat.elem_count();
+                            let p0 = if c.slice_p == 1 {
+                                flat.copy()?
+                            } else {
+                                let idx: Vec<u32> = (0..n as u32).step_by(c.slice_p).collect();
+                                let idx = Tensor::new(idx.as_slice(), var.device())?;
+                                flat.index_select(&idx, 0)?
+                            };
+                            DeviceState {
+                                step: 0.0,
+                                s: Tensor::zeros(p0.elem_count(), DType::F32, var.device())?,
+                                p0,
+                                exp_avg: if beta1 > 0.0 { Some(Tensor::zeros(n, DType::F32, var.device())?) } else { None },
+                                exp_avg_sq: Tensor::zeros(n, DType::F32, var.device())?,
+                            }
+                        }
+                    };
+                    self.device_state.insert(name.clone(), st);
+                }
+                work.push((name.clone(), var.clone(), g.contiguous()?));
+            }
+        }
+        let wd = c.weight_decay;
+        let coupled_wd = if wd != 0.0 && !c.decouple { wd as f32 } else { 0.0 };
+        // The kernels' view of every tensor's buffers (rebuilt for each pass: `adapt_d` needs
+        // `self` in between).
+        macro_rules! device_tensors {
+            () => {
+                work.iter()
+                    .map(|(name, var, g)| {
+                        let st = &self.device_state[name];
+                        multi::DeviceProdigy { param: var.as_tensor(), grad: g, p0: &st.p0, s: &st.s, exp_avg: st.exp_avg.as_ref(), exp_avg_sq: &st.exp_avg_sq }
+                    })
+                    .collect::<Vec<_>>()
+            };
+        }
+        let pass1 = multi::ProdigyPass1 {
+            coupled_wd,
+            b1: beta1 as f32,
+            a1: (d * (1.0 - beta1)) as f32,
+            b2: beta2 as f32,
+            a2: (d * d * (1.0 - beta2)) as f32,
+            alpha: if c.safeguard_warmup { (d / d0) * d } else { (d / d0) * dlr } as f32,
+            b3: beta3 as f32,
+        };
+        let (dots, abs_sums) = multi::prodigy_pass1(&device_tensors!(), c.slice_p, pass1)?;
+        let delta_numerator: f64 = dots.iter().map(|&dot| (d / d0) * dlr * (dot as f32 as f64)).sum();
+        let d_denom: f64 = abs_sums.iter().map(|&a| a as f32 as f64).sum();
+        if !self.adapt_d(d_numerator, delta_numerator, d_denom, lr) {
+            return Ok(true);
+        }
+        let d_new = self.d;
+        for (name, _, _) in &work {
+            if let Some(st) = self.device_state.get_mut(name) {
+                st.step += 1.0;
+            }
+        }
+        let pass2 = multi::ProdigyPass2 {
+            coupled_wd,
+            decoupled_decay: if wd != 0.0 && c.decouple { (-wd * dlr) as f32 } else { 0.0 },
+            eps_d: (d_new * c.eps) as f32,
+            neg_dlr: -dlr as f32,
+            neg_dlr_d: (-dlr * d_new) as f32,
+        };
+        multi::prodigy_pass2(&device_tensors!(), pass2)?;
+        self.k = k + 1.0;
+        Ok(true)
     }
 }
 
@@ -141,7 +295,11 @@ impl Optimizer for Prodigy {
     }
 
     fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
-        let c = &self.cfg;
+        #[cfg(feature = "cuda")]
+        if self.step_multi_tensor(grads, lr_scale)? {
+            return Ok(());
+        }
+        let c = self.cfg.clone();
         let (beta1, beta2) = c.betas;
         let beta3 = c.beta3.unwrap_or_else(|| beta2.sqrt());
         let k = self.k;
@@ -237,25 +395,10 @@ impl Optimizer for Prodigy {
             }
         }
 
-        if d_denom == 0.0 {
+        if !self.adapt_d(d_numerator, delta_numerator, d_denom, lr) {
             return Ok(()); // prodigyopt returns before any update (and before k += 1)
         }
-        let mut d_new = d;
-        let mut d_max = self.d_max;
-        let global_numerator = d_numerator + delta_numerator;
-        let mut d_hat = d;
-        if lr > 0.0 {
-            d_hat = c.d_coef * global_numerator / d_denom;
-            if d_new == d0 {
-                d_new = d_new.max(d_hat);
-            }
-            d_max = d_max.max(d_hat);
-            d_new = d_max.min(d_new * c.growth_rate);
-        }
-        self.d_numerator = global_numerator;
-        self.d = d_new;
-        self.d_max = d_max;
-        self.d_hat = d_hat;
+        let d_new = self.d;
 
         // Pass 2: the update, with the new d in the denominator and the old d in dlr.
         let eps_d = (d_new * c.eps) as f32;
@@ -292,6 +435,16 @@ impl Optimizer for Prodigy {
         out.scalar("d_hat", self.d_hat)?;
         out.scalar("k", self.k)?;
         for (name, _) in all_params(&self.groups) {
+            if let Some(st) = self.device_state.get(name) {
+                out.param_scalar(name, "step", st.step)?;
+                out.buf(name, "s", &read(&st.s)?)?;
+                out.buf(name, "p0", &read(&st.p0)?)?;
+                if let Some(m) = &st.exp_avg {
+                    out.buf(name, "exp_avg", &read(m)?)?;
+                }
+                out.buf(name, "exp_avg_sq", &read(&st.exp_avg_sq)?)?;
+                continue;
+            }
             let Some(st) = self.state.get(name) else { continue };
             out.param_scalar(name, "step", st.step)?;
             out.buf(name, "s", &st.s)?;
@@ -326,6 +479,7 @@ impl Optimizer for Prodigy {
         (self.d, self.d_max, self.d_numerator, self.d_hat, self.k) =
             (d, d_max, d_numerator, d_hat, k);
         self.state = new;
+        self.device_state.clear();
         Ok(())
     }
 }
