@@ -217,6 +217,102 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// AdamW8bit (bitsandbytes 0.50's blockwise 8-bit Adam, the order of optim/adamw8bit.rs).
+// One block of 256 threads per quantization block of 256 elements: dequantise m and v
+// (code[q]·absmax), step them and the parameter, then requantise each with its new absmax
+// through the codebook's 65536-entry nearest-code table:
+//   m ← m·β1 + (1 − β1)·g;  v ← v·β2 + (1 − β2)·g·g;  p ← p·(1 − lr·wd) (wd > 0);
+//   p ← p + (−lr/bc1)·m / (√v/√bc2 + ε).
+// ptrs per tensor: param, grad, m codes (u8), m absmax, v codes (u8), v absmax.
+// scalars per tensor: 1 − lr·wd, −lr/bc1, √bc2.
+__device__ __forceinline__ unsigned char nearest_code(const unsigned char* lut, float normed) {
+  float x = fminf(fmaxf(normed, -1.0f), 1.0f);
+  if (x != x) return lut[0];  // NaN (Rust's `as usize` of NaN is 0)
+  return lut[(int)((x + 1.0f) * 0.5f * 65535.0f + 0.5f)];
+}
+
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = 0.0f;
+  for (int w = 0; w < (int)(blockDim.x / 32); w++) m = fmaxf(m, partial[w]);
+  __syncthreads();
+  return m;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adamw8bit_blocks_f32(const unsigned long long* ptrs, const float* scalars, const long long* numel,
+                              const long long* chunks, const float* signed_code, const float* unsigned_code,
+                              const unsigned char* signed_lut, const unsigned char* unsigned_lut, float b1, float w1,
+                              float b2, float w2, float eps, int decay_on) {
+  Chunk c = chunk_of(chunks, numel, THREADS);
+  const unsigned long long* tp = ptrs + 6 * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  unsigned char* mq = reinterpret_cast<unsigned char*>(tp[2]);
+  float* mabs = reinterpret_cast<float*>(tp[3]);
+  unsigned char* vq = reinterpret_cast<unsigned char*>(tp[4]);
+  float* vabs = reinterpret_cast<float*>(tp[5]);
+  const float decay = scalars[3 * c.tensor], step_size = scalars[3 * c.tensor + 1], c2 = scalars[3 * c.tensor + 2];
+  const long long blk = c.begin / THREADS;
+  const long long i = c.begin + threadIdx.x;
+  const bool valid = i < c.end;
+  float mf = 0.0f, vf = 0.0f;
+  if (valid) {
+    mf = signed_code[mq[i]] * mabs[blk];
+    vf = unsigned_code[vq[i]] * vabs[blk];
+    float gi = g[i];
+    mf = mf * b1 + w1 * gi;
+    vf = vf * b2 + w2 * gi * gi;
+    float denom = sqrtf(vf) / c2 + eps;
+    float pi = p[i];
+    if (decay_on) pi *= decay;
+    pi += (step_size * mf) / denom;
+    p[i] = pi;
+  }
+  // Every thread has read the old absmax before block_max's first barrier.
+  float amax_m = block_max(fabsf(mf));
+  float amax_v = block_max(fabsf(vf));
+  if (threadIdx.x == 0) {
+    mabs[blk] = amax_m;
+    vabs[blk] = amax_v;
+  }
+  if (valid) {
+    mq[i] = amax_m == 0.0f ? 0 : nearest_code(signed_lut, mf * (1.0f / amax_m));
+    vq[i] = amax_v == 0.0f ? 0 : nearest_code(unsigned_lut, vf * (1.0f / amax_v));
+  }
+}
+
+// AdamW8bit's 32-bit moments (tensors under min_8bit_size; bitsandbytes' 32-bit kernel):
+//   m ← m·β1 + (1 − β1)·g;  v ← v·β2 + (1 − β2)·g·g;  p ← p·(1 − lr·wd) (wd > 0);
+//   p ← p + (−lr·√bc2/bc1)·(m / (√v + ε·√bc2)).
+// ptrs per tensor: param, grad, m, v. scalars per tensor: 1 − lr·wd, −lr·√bc2/bc1, ε·√bc2.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adamw8bit_full_f32(const unsigned long long* ptrs, const float* scalars, const long long* numel,
+                            const long long* chunks, long long chunk_len, float b1, float w1, float b2, float w2,
+                            int decay_on) {
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + 4 * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  float* m = reinterpret_cast<float*>(tp[2]);
+  float* v = reinterpret_cast<float*>(tp[3]);
+  const float decay = scalars[3 * c.tensor], step_size = scalars[3 * c.tensor + 1], eps_c2 = scalars[3 * c.tensor + 2];
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float gi = g[i];
+    float mi = m[i] * b1 + w1 * gi;
+    float vi = v[i] * b2 + w2 * gi * gi;
+    float pi = p[i];
+    if (decay_on) pi *= decay;
+    pi += step_size * (mi / (sqrtf(vi) + eps_c2));
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
 #define LOFT_GRAD_STATS(T, SUFFIX)                                                                                   \
   extern "C" __global__ void __launch_bounds__(THREADS) loft_multi_grad_stats_##SUFFIX(                             \
       const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,              \
@@ -245,6 +341,16 @@ LOFT_EMU_ENTRY(loft_prodigy_pass2_f32,
                (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len,
                 float coupled_wd, float decoupled_decay, float eps_d, float neg_dlr, float neg_dlr_d),
                (ptrs, numel, chunks, chunk_len, coupled_wd, decoupled_decay, eps_d, neg_dlr, neg_dlr_d))
+LOFT_EMU_ENTRY(loft_adamw8bit_blocks_f32,
+               (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks,
+                const float* signed_code, const float* unsigned_code, const unsigned char* signed_lut,
+                const unsigned char* unsigned_lut, float b1, float w1, float b2, float w2, float eps, int decay_on),
+               (ptrs, scalars, numel, chunks, signed_code, unsigned_code, signed_lut, unsigned_lut, b1, w1, b2, w2, eps,
+                decay_on))
+LOFT_EMU_ENTRY(loft_adamw8bit_full_f32,
+               (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks,
+                long long chunk_len, float b1, float w1, float b2, float w2, int decay_on),
+               (ptrs, scalars, numel, chunks, chunk_len, b1, w1, b2, w2, decay_on))
 LOFT_EMU_ENTRY(loft_multi_grad_stats_f32,
                (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
                 unsigned* nonfinite),

@@ -621,3 +621,43 @@ fn the_multi_tensor_prodigy_passes_equal_the_host_loop() {
         assert!(moved > 1e-3, "tensor {i} moved only {moved}");
     }
 }
+
+/// Three AdamW8bit steps: the host loop against the kernels (8-bit blocks for the tensors of at
+/// least min_8bit_size elements, 32-bit moments for the rest), equal to the bit.
+#[test]
+fn the_multi_tensor_adamw8bit_step_equals_the_host_loop_to_the_bit() {
+    use candle_core::{Device, Var};
+    use loft_worker::optim::{AdamW8bit, AdamW8bitConfig};
+    let params = host_params(150);
+    let vars: Vec<Var> = params.iter().map(|p| Var::from_vec(p.clone(), p.len(), &Device::Cpu).unwrap()).collect();
+    let cfg = AdamW8bitConfig { min_8bit_size: 100, weight_decay: 0.05, ..AdamW8bitConfig::default() };
+    let named = |range: std::ops::Range<usize>| range.map(|i| (format!("t{i}"), vars[i].clone())).collect::<Vec<_>>();
+    let groups = vec![ParamGroup::new("unet", 1e-2, named(0..2)), ParamGroup::new("te", 3e-3, named(2..4))];
+    let mut reference = AdamW8bit::new(groups, cfg.clone()).unwrap();
+    let lrs = [1e-2, 1e-2, 3e-3, 3e-3];
+    let mut kp = params.clone();
+    let n8 = |i: usize| OPT_SIZES[i] >= cfg.min_8bit_size;
+    let mut codes: Vec<(Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>)> = OPT_SIZES.iter().map(|&n| (vec![0u8; n], vec![0f32; n.div_ceil(256)], vec![0u8; n], vec![0f32; n.div_ceil(256)])).collect();
+    let mut full: Vec<(Vec<f32>, Vec<f32>)> = OPT_SIZES.iter().map(|&n| (vec![0f32; n], vec![0f32; n])).collect();
+    for step in 0..3u64 {
+        let lr_scale = 1.0 - 0.25 * step as f64;
+        let grads: Vec<Vec<f32>> = OPT_SIZES.iter().enumerate().map(|(i, &n)| random(n, 160 + 10 * step + i as u64, 0.5, 0.0)).collect();
+        reference.step(&grad_store(&vars, &grads), lr_scale).unwrap();
+        let scalars = |i: usize| multi::adamw8bit_scalars(lrs[i] * lr_scale, cfg.weight_decay, cfg.betas, cfg.eps, (step + 1) as f64, n8(i));
+        let mut blocks = vec![];
+        let mut small = vec![];
+        for (i, ((p, (mc, ma, vc, va)), (m, v))) in kp.iter_mut().zip(codes.iter_mut()).zip(full.iter_mut()).enumerate() {
+            if n8(i) {
+                blocks.push(multi::HostAdamW8bit { param: p, grad: &grads[i], m_codes: mc, m_absmax: ma, v_codes: vc, v_absmax: va, scalars: scalars(i) });
+            } else {
+                small.push((p.as_mut_slice(), grads[i].as_slice(), m.as_mut_slice(), v.as_mut_slice(), scalars(i)));
+            }
+        }
+        multi::emulated_adamw8bit_blocks(&mut blocks, cfg.betas, cfg.eps, true);
+        multi::emulated_adamw8bit_full(&mut small, cfg.betas, true, OPT_CHUNK);
+    }
+    for (i, var) in vars.iter().enumerate() {
+        let want = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(kp[i].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "AdamW8bit tensor {i} after 3 steps");
+    }
+}

@@ -85,6 +85,30 @@ pub struct HostAdamW<'a> {
     pub scalars: AdamWScalars,
 }
 
+/// AdamW8bit's per-tensor scalars: 1 − lr·wd, then for 8-bit moments −lr/bc1 and √bc2, for
+/// 32-bit ones −lr·√bc2/bc1 and ε·√bc2 (as optim/adamw8bit.rs computes them).
+pub fn adamw8bit_scalars(lr: f64, weight_decay: f64, betas: (f64, f64), eps: f64, step: f64, bits8: bool) -> [f32; 3] {
+    let correction1 = 1.0 - betas.0.powf(step);
+    let correction2 = (1.0 - betas.1.powf(step)).sqrt();
+    let decay = (1.0 - lr * weight_decay) as f32;
+    if bits8 {
+        [decay, (-lr / correction1) as f32, correction2 as f32]
+    } else {
+        [decay, (-lr * correction2 / correction1) as f32, (eps * correction2) as f32]
+    }
+}
+
+/// One AdamW8bit tensor with 8-bit moments on the host (tests): codes and per-256 absmax.
+pub struct HostAdamW8bit<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub m_codes: &'a mut [u8],
+    pub m_absmax: &'a mut [f32],
+    pub v_codes: &'a mut [u8],
+    pub v_absmax: &'a mut [f32],
+    pub scalars: [f32; 3],
+}
+
 /// Prodigy's pass-1 scalars (optim/prodigy.rs computes them): coupled weight decay (0 when
 /// decoupled), β1, d(1 − β1), β2, d²(1 − β2), α (s's step), β3.
 #[derive(Clone, Copy, Debug)]
@@ -121,6 +145,10 @@ pub struct HostProdigy<'a> {
 }
 
 extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_adamw8bit_blocks_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, signed_code: *const f32, unsigned_code: *const f32, signed_lut: *const u8, unsigned_lut: *const u8, b1: f32, w1: f32, b2: f32, w2: f32, eps: f32, decay_on: i32);
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_adamw8bit_full_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, b1: f32, w1: f32, b2: f32, w2: f32, decay_on: i32);
     #[allow(clippy::too_many_arguments)]
     fn emu_loft_prodigy_pass1_f32(grid: Dim3, block: Dim3, ptrs: *const u64, numel: *const i64, chunks: *const i64, chunk_len: i64, slice_p: i32, coupled_wd: f32, b1: f32, a1: f32, b2: f32, a2: f32, alpha: f32, b3: f32, dots: *mut f64, abs_sums: *mut f64);
     #[allow(clippy::too_many_arguments)]
@@ -183,6 +211,43 @@ pub fn emulated_grad_stats(grads: &[&[f32]], chunk_len: usize) -> (Vec<f64>, boo
     (sumsq, nonfinite != 0)
 }
 
+/// AdamW8bit's 8-bit kernel under the CPU emulation (tests), in place; `betas`, `eps` and
+/// whether weight decay applies as the optimizer has them.
+pub fn emulated_adamw8bit_blocks(tensors: &mut [HostAdamW8bit], betas: (f64, f64), eps: f64, decay_on: bool) {
+    let mut ptrs = vec![];
+    let mut scalars = vec![];
+    let mut numel = vec![];
+    for t in tensors.iter_mut() {
+        ptrs.extend([t.param.as_mut_ptr() as u64, t.grad.as_ptr() as u64, t.m_codes.as_mut_ptr() as u64, t.m_absmax.as_mut_ptr() as u64, t.v_codes.as_mut_ptr() as u64, t.v_absmax.as_mut_ptr() as u64]);
+        scalars.extend(t.scalars);
+        numel.push(t.param.len());
+    }
+    let chunks = chunk_table(&numel, 256);
+    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let ((sc, sl), (uc, ul)) = (crate::optim::adamw8bit::codebook_tables(true), crate::optim::adamw8bit::codebook_tables(false));
+    let h = LionHyper::new(betas); // β1, 1 − β1, β2, 1 − β2 in f32
+    unsafe {
+        emu_loft_adamw8bit_blocks_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), sc.as_ptr(), uc.as_ptr(), sl.as_ptr(), ul.as_ptr(), h.b1, h.w1, h.b2, h.w2, eps as f32, decay_on as i32)
+    }
+}
+
+/// AdamW8bit's 32-bit kernel under the CPU emulation (tests), in place:
+/// `(param, grad, m, v, scalars)` per tensor.
+pub fn emulated_adamw8bit_full(tensors: &mut [(&mut [f32], &[f32], &mut [f32], &mut [f32], [f32; 3])], betas: (f64, f64), decay_on: bool, chunk_len: usize) {
+    let mut ptrs = vec![];
+    let mut scalars = vec![];
+    let mut numel = vec![];
+    for (p, g, m, v, s) in tensors.iter_mut() {
+        ptrs.extend([p.as_mut_ptr() as u64, g.as_ptr() as u64, m.as_mut_ptr() as u64, v.as_mut_ptr() as u64]);
+        scalars.extend(*s);
+        numel.push(p.len());
+    }
+    let chunks = chunk_table(&numel, chunk_len);
+    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let h = LionHyper::new(betas);
+    unsafe { emu_loft_adamw8bit_full_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, h.b1, h.w1, h.b2, h.w2, decay_on as i32) }
+}
+
 /// Prodigy's pass 1 under the CPU emulation (tests), in place: per-tensor (dot, |s| sum).
 pub fn emulated_prodigy_pass1(tensors: &mut [HostProdigy], slice_p: usize, k: ProdigyPass1, chunk_len: usize) -> (Vec<f64>, Vec<f64>) {
     let mut ptrs = vec![];
@@ -216,7 +281,7 @@ pub fn emulated_prodigy_pass2(tensors: &mut [HostProdigy], k: ProdigyPass2, chun
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{adamw_step, grad_stats, lion_step, prodigy_pass1, prodigy_pass2, DeviceAdamW, DeviceLion, DeviceProdigy};
+pub(crate) use cuda::{adamw8bit_step, adamw_step, grad_stats, lion_step, prodigy_pass1, prodigy_pass2, DeviceAdamW, DeviceAdamW8bit, DeviceLion, DeviceProdigy};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -332,6 +397,93 @@ mod cuda {
                 Arg::Ptr(optional(skip)?),
             ],
         )
+    }
+
+    /// One AdamW8bit tensor on the device: 8-bit moments (u8 codes, f32 absmax per 256) or
+    /// 32-bit ones, and its scalars ([`adamw8bit_scalars`]).
+    pub(crate) enum DeviceAdamW8bit<'a> {
+        Bits8 { param: &'a Tensor, grad: &'a Tensor, m_codes: &'a Tensor, m_absmax: &'a Tensor, v_codes: &'a Tensor, v_absmax: &'a Tensor, scalars: [f32; 3] },
+        Full { param: &'a Tensor, grad: &'a Tensor, m: &'a Tensor, v: &'a Tensor, scalars: [f32; 3] },
+    }
+
+    fn u8_buffer(t: &Tensor) -> Result<i64> {
+        if t.dtype() != DType::U8 || !t.is_contiguous() {
+            bail!("AdamW8bit: a {:?} code buffer (u8 and contiguous expected)", t.dtype());
+        }
+        Ok(ptr(t)? as i64)
+    }
+
+    /// The AdamW8bit step: one launch over every 8-bit block, one over the 32-bit tensors.
+    pub(crate) fn adamw8bit_step(tensors: &[DeviceAdamW8bit], betas: (f64, f64), eps: f64, decay_on: bool) -> Result<()> {
+        let h = LionHyper::new(betas);
+        let (mut b_ptrs, mut b_scalars, mut b_numel, mut f_ptrs, mut f_scalars, mut f_numel) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut like = None;
+        for t in tensors {
+            match t {
+                DeviceAdamW8bit::Bits8 { param, grad, m_codes, m_absmax, v_codes, v_absmax, scalars } => {
+                    b_ptrs.extend([f32_buffer(param)?, f32_buffer(grad)?, u8_buffer(m_codes)?, f32_buffer(m_absmax)?, u8_buffer(v_codes)?, f32_buffer(v_absmax)?]);
+                    b_scalars.extend(*scalars);
+                    b_numel.push(param.elem_count());
+                    like = Some(*param);
+                }
+                DeviceAdamW8bit::Full { param, grad, m, v, scalars } => {
+                    f_ptrs.extend([f32_buffer(param)?, f32_buffer(grad)?, f32_buffer(m)?, f32_buffer(v)?]);
+                    f_scalars.extend(*scalars);
+                    f_numel.push(param.elem_count());
+                    like = Some(*param);
+                }
+            }
+        }
+        let Some(like) = like else { return Ok(()) };
+        let dev = device(like)?;
+        if !b_numel.is_empty() {
+            let ((sc, sl), (uc, ul)) = (crate::optim::adamw8bit::codebook_tables(true), crate::optim::adamw8bit::codebook_tables(false));
+            let tables = [upload(sc.to_vec(), like)?, upload(uc.to_vec(), like)?, upload(sl.to_vec(), like)?, upload(ul.to_vec(), like)?];
+            let chunks = chunk_table(&b_numel, THREADS as usize);
+            let blocks = (chunks.len() / 2) as u32;
+            let (ptrs, scalars) = (upload(b_ptrs, like)?, upload(b_scalars, like)?);
+            let (numel, chunks) = (upload(b_numel.iter().map(|&n| n as i64).collect(), like)?, upload(chunks, like)?);
+            launch(
+                &dev,
+                "loft_optim",
+                OPTIM_PTX,
+                "loft_adamw8bit_blocks_f32",
+                (blocks, 1, 1),
+                (THREADS, 1, 1),
+                &[
+                    Arg::Ptr(ptr(&ptrs)?),
+                    Arg::Ptr(ptr(&scalars)?),
+                    Arg::Ptr(ptr(&numel)?),
+                    Arg::Ptr(ptr(&chunks)?),
+                    Arg::Ptr(ptr(&tables[0])?),
+                    Arg::Ptr(ptr(&tables[1])?),
+                    Arg::Ptr(ptr(&tables[2])?),
+                    Arg::Ptr(ptr(&tables[3])?),
+                    Arg::F32(h.b1),
+                    Arg::F32(h.w1),
+                    Arg::F32(h.b2),
+                    Arg::F32(h.w2),
+                    Arg::F32(eps as f32),
+                    Arg::I32(decay_on as i32),
+                ],
+            )?;
+        }
+        if !f_numel.is_empty() {
+            let chunks = chunk_table(&f_numel, CHUNK);
+            let blocks = (chunks.len() / 2) as u32;
+            let (ptrs, scalars) = (upload(f_ptrs, like)?, upload(f_scalars, like)?);
+            let (numel, chunks) = (upload(f_numel.iter().map(|&n| n as i64).collect(), like)?, upload(chunks, like)?);
+            launch(
+                &dev,
+                "loft_optim",
+                OPTIM_PTX,
+                "loft_adamw8bit_full_f32",
+                (blocks, 1, 1),
+                (THREADS, 1, 1),
+                &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&scalars)?), Arg::Ptr(ptr(&numel)?), Arg::Ptr(ptr(&chunks)?), Arg::I64(CHUNK as i64), Arg::F32(h.b1), Arg::F32(h.w1), Arg::F32(h.b2), Arg::F32(h.w2), Arg::I32(decay_on as i32)],
+            )?;
+        }
+        Ok(())
     }
 
     /// One Prodigy tensor on the device (f32, contiguous; the parameter updated in place).

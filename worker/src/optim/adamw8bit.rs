@@ -125,6 +125,13 @@ impl Codebook {
     }
 }
 
+/// A codebook's 256 code values and its 65536-entry nearest-code table (the kernels upload
+/// these; `signed` for the first moment, unsigned for the second).
+pub fn codebook_tables(signed: bool) -> (&'static [f32; 256], &'static [u8]) {
+    let book = if signed { signed_codebook() } else { unsigned_codebook() };
+    (&book.code, &book.lut)
+}
+
 fn signed_codebook() -> &'static Codebook {
     static BOOK: OnceLock<Codebook> = OnceLock::new();
     BOOK.get_or_init(|| Codebook::new(dynamic_map(true)))
@@ -184,17 +191,31 @@ struct State {
     moments: Moments,
 }
 
+/// [`Moments`] on the device (the multi-tensor kernels' path).
+#[allow(dead_code)] // built by the cuda feature's path only
+enum DeviceMoments {
+    Bits8 { m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor },
+    Full { m: Tensor, v: Tensor },
+}
+
+#[allow(dead_code)]
+struct DeviceState {
+    step: f64,
+    moments: DeviceMoments,
+}
+
 pub struct AdamW8bit {
     groups: Vec<ParamGroup>,
     cfg: AdamW8bitConfig,
     state: HashMap<String, State>,
+    device_state: HashMap<String, DeviceState>,
 }
 
 impl AdamW8bit {
     pub fn new(groups: Vec<ParamGroup>, cfg: AdamW8bitConfig) -> Result<Self> {
         check_groups("AdamW8bit", &groups)?;
         check_adam_hyper("AdamW8bit", cfg.betas, cfg.eps, cfg.weight_decay)?;
-        Ok(Self { groups, cfg, state: HashMap::new() })
+        Ok(Self { groups, cfg, state: HashMap::new(), device_state: HashMap::new() })
     }
 
     fn new_moments(&self, n: usize) -> Moments {
@@ -203,6 +224,75 @@ impl AdamW8bit {
         } else {
             Moments::Full { m: vec![0.0; n], v: vec![0.0; n] }
         }
+    }
+}
+
+impl AdamW8bit {
+    /// Every tensor in the multi-tensor kernels (worker/kernels/optim.cu: one launch over the
+    /// 8-bit blocks, one over the 32-bit tensors) when all of them are f32 CUDA tensors and the
+    /// kernels are on; `Ok(false)` otherwise. The same arithmetic as the host loop.
+    #[cfg(feature = "cuda")]
+    fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
+        use crate::kernels::optim as multi;
+        use candle_core::DType;
+        let every = || self.groups.iter().flat_map(|g| g.params.iter());
+        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+            return Ok(false);
+        }
+        let (betas, eps, wd) = (self.cfg.betas, self.cfg.eps, self.cfg.weight_decay);
+        let mut work = vec![]; // (name, var, gradient, scalars)
+        for group in &self.groups {
+            let lr = group.lr * lr_scale;
+            for (name, var) in &group.params {
+                let Some(g) = super::grad_tensor(grads, name, var)? else { continue };
+                if !self.device_state.contains_key(name) {
+                    let n = var.elem_count();
+                    let dev = var.device();
+                    let host = match self.state.remove(name) {
+                        Some(h) => h,
+                        None => State { step: 0.0, moments: self.new_moments(n) },
+                    };
+                    let moments = match host.moments {
+                        Moments::Bits8 { m, v } => {
+                            let blocks = m.absmax.len();
+                            DeviceMoments::Bits8 {
+                                m_codes: Tensor::from_vec(m.codes, n, dev)?,
+                                m_absmax: Tensor::from_vec(m.absmax, blocks, dev)?,
+                                v_codes: Tensor::from_vec(v.codes, n, dev)?,
+                                v_absmax: Tensor::from_vec(v.absmax, blocks, dev)?,
+                            }
+                        }
+                        Moments::Full { m, v } => DeviceMoments::Full { m: Tensor::from_vec(m, n, dev)?, v: Tensor::from_vec(v, n, dev)? },
+                    };
+                    self.device_state.insert(name.clone(), DeviceState { step: host.step, moments });
+                }
+                let st = self.device_state.get_mut(name).expect("inserted above");
+                st.step += 1.0;
+                let bits8 = matches!(st.moments, DeviceMoments::Bits8 { .. });
+                work.push((name, var, g.contiguous()?, multi::adamw8bit_scalars(lr, wd, betas, eps, st.step, bits8)));
+            }
+        }
+        let tensors: Vec<multi::DeviceAdamW8bit> = work
+            .iter()
+            .map(|(name, var, g, scalars)| match &self.device_state[name.as_str()].moments {
+                DeviceMoments::Bits8 { m_codes, m_absmax, v_codes, v_absmax } => multi::DeviceAdamW8bit::Bits8 { param: var.as_tensor(), grad: g, m_codes, m_absmax, v_codes, v_absmax, scalars: *scalars },
+                DeviceMoments::Full { m, v } => multi::DeviceAdamW8bit::Full { param: var.as_tensor(), grad: g, m, v, scalars: *scalars },
+            })
+            .collect();
+        multi::adamw8bit_step(&tensors, betas, eps, wd > 0.0)?;
+        Ok(true)
+    }
+
+    /// A device state read back in the host's form (for `state()`).
+    fn host_state_of(st: &DeviceState) -> Result<State> {
+        let moments = match &st.moments {
+            DeviceMoments::Bits8 { m_codes, m_absmax, v_codes, v_absmax } => Moments::Bits8 {
+                m: Quantized { codes: m_codes.to_vec1()?, absmax: read(m_absmax)? },
+                v: Quantized { codes: v_codes.to_vec1()?, absmax: read(v_absmax)? },
+            },
+            DeviceMoments::Full { m, v } => Moments::Full { m: read(m)?, v: read(v)? },
+        };
+        Ok(State { step: st.step, moments })
     }
 }
 
@@ -216,6 +306,10 @@ impl Optimizer for AdamW8bit {
     }
 
     fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.step_multi_tensor(grads, lr_scale)? {
+            return Ok(());
+        }
         let (beta1, beta2) = self.cfg.betas;
         let (b1, b2) = (beta1 as f32, beta2 as f32);
         let (w1, w2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
@@ -279,7 +373,8 @@ impl Optimizer for AdamW8bit {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
         for (name, _) in all_params(&self.groups) {
-            let Some(st) = self.state.get(name) else { continue };
+            let from_device = self.device_state.get(name).map(Self::host_state_of).transpose()?;
+            let Some(st) = from_device.as_ref().or_else(|| self.state.get(name)) else { continue };
             out.param_scalar(name, "step", st.step)?;
             match &st.moments {
                 Moments::Bits8 { m, v } => {
@@ -312,6 +407,7 @@ impl Optimizer for AdamW8bit {
             Ok(State { step: s.param_scalar(name, "step")?, moments })
         })?;
         self.state = new;
+        self.device_state.clear();
         Ok(())
     }
 }
