@@ -30,15 +30,14 @@ __device__ __forceinline__ Welford welford_combine(Welford a, Welford b) {
 
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-template <class T>
-__device__ __forceinline__ float affine(const T* gamma, const T* beta, int c, float xhat) {
-  float z = xhat * loft::to_f32(gamma[c]);
-  return beta ? z + loft::to_f32(beta[c]) : z;
+__device__ __forceinline__ float affine(const float* gamma, const float* beta, int c, float xhat) {
+  float z = xhat * gamma[c];
+  return beta ? z + beta[c] : z;
 }
 
 // dy, or dy·silu'(z): the gradient at the affine's output.
-template <class T, bool SILU>
-__device__ __forceinline__ float affine_output_grad(float dy, const T* gamma, const T* beta, int c, float xhat) {
+template <bool SILU>
+__device__ __forceinline__ float affine_output_grad(float dy, const float* gamma, const float* beta, int c, float xhat) {
   if (!SILU) return dy;
   float z = affine(gamma, beta, c, xhat);
   float s = sigmoid(z);
@@ -47,7 +46,7 @@ __device__ __forceinline__ float affine_output_grad(float dy, const T* gamma, co
 
 // One block per row.
 template <class T, bool SILU>
-__device__ void norm_forward(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+__device__ void norm_forward(const T* __restrict__ x, const float* __restrict__ gamma, const float* __restrict__ beta,
                              T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int N,
                              int G, int cpg, int inner, float eps) {
   __shared__ Welford partial[32];
@@ -88,7 +87,7 @@ __device__ void norm_forward(const T* __restrict__ x, const T* __restrict__ gamm
 
 // dx: one block per row.
 template <class T, bool SILU>
-__device__ void norm_backward_input(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+__device__ void norm_backward_input(const T* __restrict__ x, const float* __restrict__ gamma, const float* __restrict__ beta,
                                     const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                                     const T* __restrict__ dy, T* __restrict__ dx, int N, int G, int cpg, int inner) {
   const long long row = blockIdx.x;
@@ -101,7 +100,7 @@ __device__ void norm_backward_input(const T* __restrict__ x, const T* __restrict
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     int c = channel0 + i / inner;
     float xhat = (loft::to_f32(xr[i]) - mean) * rstd;
-    float ghat = affine_output_grad<T, SILU>(loft::to_f32(dyr[i]), gamma, beta, c, xhat) * loft::to_f32(gamma[c]);
+    float ghat = affine_output_grad<SILU>(loft::to_f32(dyr[i]), gamma, beta, c, xhat) * gamma[c];
     sum_g += ghat;
     sum_gx += ghat * xhat;
   }
@@ -110,15 +109,15 @@ __device__ void norm_backward_input(const T* __restrict__ x, const T* __restrict
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     int c = channel0 + i / inner;
     float xhat = (loft::to_f32(xr[i]) - mean) * rstd;
-    float ghat = affine_output_grad<T, SILU>(loft::to_f32(dyr[i]), gamma, beta, c, xhat) * loft::to_f32(gamma[c]);
+    float ghat = affine_output_grad<SILU>(loft::to_f32(dyr[i]), gamma, beta, c, xhat) * gamma[c];
     dxr[i] = loft::from_f32<T>(rstd * (ghat - mean_g - xhat * mean_gx));
   }
 }
 
 // GroupNorm's dγ, dβ: one block per channel, over every sample and position of it.
 template <class T, bool SILU>
-__device__ void group_norm_backward_affine(const T* __restrict__ x, const T* __restrict__ gamma,
-                                           const T* __restrict__ beta, const float* __restrict__ mean_in,
+__device__ void group_norm_backward_affine(const T* __restrict__ x, const float* __restrict__ gamma,
+                                           const float* __restrict__ beta, const float* __restrict__ mean_in,
                                            const float* __restrict__ rstd_in, const T* __restrict__ dy,
                                            float* __restrict__ dgamma, float* __restrict__ dbeta, int B, int C, int G,
                                            int inner) {
@@ -131,7 +130,7 @@ __device__ void group_norm_backward_affine(const T* __restrict__ x, const T* __r
     long long idx = ((long long)b * C + c) * inner + s;
     long long row = (long long)b * G + c / cpg;
     float xhat = (loft::to_f32(x[idx]) - mean_in[row]) * rstd_in[row];
-    float g = affine_output_grad<T, SILU>(loft::to_f32(dy[idx]), gamma, beta, c, xhat);
+    float g = affine_output_grad<SILU>(loft::to_f32(dy[idx]), gamma, beta, c, xhat);
     sum_gx += g * xhat;
     sum_g += g;
   }
@@ -179,34 +178,35 @@ __device__ void layer_norm_backward_affine(const T* __restrict__ x, const float*
 
 }  // namespace
 
-// Entry points per dtype and activation. `beta` and `dbeta` may be null (no bias).
+// Entry points per dtype and activation. γ and β are f32 whatever x's dtype; `beta` and `dbeta`
+// may be null (no bias).
 #define LOFT_NORM_KERNELS(T, SUFFIX)                                                                              \
-  extern "C" __global__ void loft_norm_fwd_##SUFFIX(const T* x, const T* gamma, const T* beta, T* y, float* mean,   \
+  extern "C" __global__ void loft_norm_fwd_##SUFFIX(const T* x, const float* gamma, const float* beta, T* y, float* mean,   \
                                                    float* rstd, int N, int G, int cpg, int inner, float eps) {     \
     norm_forward<T, false>(x, gamma, beta, y, mean, rstd, N, G, cpg, inner, eps);                                  \
   }                                                                                                                \
-  extern "C" __global__ void loft_norm_silu_fwd_##SUFFIX(const T* x, const T* gamma, const T* beta, T* y,          \
+  extern "C" __global__ void loft_norm_silu_fwd_##SUFFIX(const T* x, const float* gamma, const float* beta, T* y,          \
                                                         float* mean, float* rstd, int N, int G, int cpg, int inner, \
                                                         float eps) {                                              \
     norm_forward<T, true>(x, gamma, beta, y, mean, rstd, N, G, cpg, inner, eps);                                   \
   }                                                                                                                \
-  extern "C" __global__ void loft_norm_bwd_dx_##SUFFIX(const T* x, const T* gamma, const T* beta, const float* mean, \
+  extern "C" __global__ void loft_norm_bwd_dx_##SUFFIX(const T* x, const float* gamma, const float* beta, const float* mean, \
                                                       const float* rstd, const T* dy, T* dx, int N, int G, int cpg,  \
                                                       int inner) {                                                \
     norm_backward_input<T, false>(x, gamma, beta, mean, rstd, dy, dx, N, G, cpg, inner);                          \
   }                                                                                                                \
-  extern "C" __global__ void loft_norm_silu_bwd_dx_##SUFFIX(const T* x, const T* gamma, const T* beta,             \
+  extern "C" __global__ void loft_norm_silu_bwd_dx_##SUFFIX(const T* x, const float* gamma, const float* beta,             \
                                                            const float* mean, const float* rstd, const T* dy, T* dx, \
                                                            int N, int G, int cpg, int inner) {                    \
     norm_backward_input<T, true>(x, gamma, beta, mean, rstd, dy, dx, N, G, cpg, inner);                           \
   }                                                                                                                \
   extern "C" __global__ void loft_group_norm_bwd_affine_##SUFFIX(                                                  \
-      const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy, float* dgamma, \
+      const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy, float* dgamma, \
       float* dbeta, int B, int C, int G, int inner) {                                                             \
     group_norm_backward_affine<T, false>(x, gamma, beta, mean, rstd, dy, dgamma, dbeta, B, C, G, inner);          \
   }                                                                                                                \
   extern "C" __global__ void loft_group_norm_silu_bwd_affine_##SUFFIX(                                             \
-      const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy, float* dgamma, \
+      const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy, float* dgamma, \
       float* dbeta, int B, int C, int G, int inner) {                                                             \
     group_norm_backward_affine<T, true>(x, gamma, beta, mean, rstd, dy, dgamma, dbeta, B, C, G, inner);           \
   }                                                                                                                \
@@ -223,27 +223,27 @@ LOFT_NORM_KERNELS(__nv_bfloat16, bf16)
 #ifdef LOFT_CPU_EMULATION
 #define LOFT_NORM_EMU(T, SUFFIX)                                                                                     \
   LOFT_EMU_ENTRY(loft_norm_fwd_##SUFFIX,                                                                             \
-                 (const T* x, const T* gamma, const T* beta, T* y, float* mean, float* rstd, int N, int G, int cpg,   \
+                 (const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd, int N, int G, int cpg,   \
                   int inner, float eps),                                                                             \
                  (x, gamma, beta, y, mean, rstd, N, G, cpg, inner, eps))                                             \
   LOFT_EMU_ENTRY(loft_norm_silu_fwd_##SUFFIX,                                                                        \
-                 (const T* x, const T* gamma, const T* beta, T* y, float* mean, float* rstd, int N, int G, int cpg,   \
+                 (const T* x, const float* gamma, const float* beta, T* y, float* mean, float* rstd, int N, int G, int cpg,   \
                   int inner, float eps),                                                                             \
                  (x, gamma, beta, y, mean, rstd, N, G, cpg, inner, eps))                                             \
   LOFT_EMU_ENTRY(loft_norm_bwd_dx_##SUFFIX,                                                                          \
-                 (const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy, T* dx, \
+                 (const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy, T* dx, \
                   int N, int G, int cpg, int inner),                                                                 \
                  (x, gamma, beta, mean, rstd, dy, dx, N, G, cpg, inner))                                             \
   LOFT_EMU_ENTRY(loft_norm_silu_bwd_dx_##SUFFIX,                                                                     \
-                 (const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy, T* dx, \
+                 (const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy, T* dx, \
                   int N, int G, int cpg, int inner),                                                                 \
                  (x, gamma, beta, mean, rstd, dy, dx, N, G, cpg, inner))                                             \
   LOFT_EMU_ENTRY(loft_group_norm_bwd_affine_##SUFFIX,                                                                \
-                 (const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy,       \
+                 (const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy,       \
                   float* dgamma, float* dbeta, int B, int C, int G, int inner),                                      \
                  (x, gamma, beta, mean, rstd, dy, dgamma, dbeta, B, C, G, inner))                                    \
   LOFT_EMU_ENTRY(loft_group_norm_silu_bwd_affine_##SUFFIX,                                                           \
-                 (const T* x, const T* gamma, const T* beta, const float* mean, const float* rstd, const T* dy,       \
+                 (const T* x, const float* gamma, const float* beta, const float* mean, const float* rstd, const T* dy,       \
                   float* dgamma, float* dbeta, int B, int C, int G, int inner),                                      \
                  (x, gamma, beta, mean, rstd, dy, dgamma, dbeta, B, C, G, inner))                                    \
   LOFT_EMU_ENTRY(loft_layer_norm_bwd_affine_##SUFFIX,                                                                \

@@ -55,9 +55,19 @@ impl AttentionShape {
         self.batch * self.nq * self.heads
     }
 
+    fn check_v(&self, k: &Tensor, v: &Tensor) -> Result<()> {
+        if v.dims() != k.dims() {
+            bail!("attention: v {:?} is not shaped like k {:?}", v.dims(), k.dims());
+        }
+        Ok(())
+    }
+
     fn check(&self, q: usize, k: usize) -> Result<()> {
         if q != self.rows_q() * self.d || k != self.batch * self.nk * self.heads * self.d {
             bail!("attention kernels: buffers of {q} and {k} elements do not match {self:?}");
+        }
+        if self.batch * self.heads > 65535 {
+            bail!("attention kernels: {} × {} heads exceed the grid's 65535", self.batch, self.heads);
         }
         if q.max(k) > i32::MAX as usize / 2 {
             bail!("attention kernels: {self:?} is too large for 32-bit indexing of a row");
@@ -144,6 +154,7 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<(Tensor, Tensor)> {
     super::count_op_call();
     let s = AttentionShape::of(q, k, heads)?;
+    s.check_v(k, v)?;
     s.check(q.elem_count(), k.elem_count())?;
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
@@ -156,6 +167,10 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<(Tens
 /// The backward of [`forward`]: `(dq, dk, dv)` in q's dtype.
 pub fn backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let s = AttentionShape::of(q, k, heads)?;
+    s.check_v(k, v)?;
+    if dout.dims() != q.dims() || out.dims() != q.dims() {
+        bail!("attention backward: out {:?} / gradient {:?} for q {:?}", out.dims(), dout.dims(), q.dims());
+    }
     s.check(q.elem_count(), k.elem_count())?;
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
@@ -212,7 +227,15 @@ mod cuda {
         (d.x, d.y, d.z)
     }
 
+    fn head_size(s: &AttentionShape) -> Result<()> {
+        if !s.has_kernel() {
+            bail!("no attention kernel for head size {} (compiled: {:?})", s.d, HEAD_SIZES);
+        }
+        Ok(())
+    }
+
     pub(super) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, s: AttentionShape) -> Result<(Tensor, Tensor)> {
+        head_size(&s)?;
         let dev = device(q)?;
         let (q, k, v) = (q.contiguous()?, k.to_dtype(q.dtype())?.contiguous()?, v.to_dtype(q.dtype())?.contiguous()?);
         let out = crate::kernels::output(q.shape(), q.dtype(), q.device())?;
@@ -231,6 +254,7 @@ mod cuda {
     }
 
     pub(super) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, s: AttentionShape) -> Result<(Tensor, Tensor, Tensor)> {
+        head_size(&s)?;
         let dev = device(q)?;
         let dtype = q.dtype();
         let sfx = suffix(dtype)?;

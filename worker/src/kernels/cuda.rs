@@ -63,6 +63,9 @@ pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
 
 /// Launches `name` from the PTX module `module` on `dev`'s stream.
 pub(crate) fn launch(dev: &CudaDevice, module: &str, ptx: &'static str, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(()); // nothing to do (CUDA refuses an empty grid)
+    }
     let func = dev.get_or_load_custom_func(name, module, ptx)?;
     let mut builder = func.builder();
     for arg in args {

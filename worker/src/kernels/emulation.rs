@@ -93,15 +93,15 @@ pub trait NormKernels: Element {
     /// # Safety
     /// The pointers must cover the shapes the arguments describe.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn norm_fwd(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, y: *mut Self, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
+    unsafe fn norm_fwd(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, y: *mut Self, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
     /// # Safety
     /// As [`NormKernels::norm_fwd`].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn norm_bwd_dx(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, mean: *const f32, rstd: *const f32, dy: *const Self, dx: *mut Self, n: i32, g: i32, cpg: i32, inner: i32);
+    unsafe fn norm_bwd_dx(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const Self, dx: *mut Self, n: i32, g: i32, cpg: i32, inner: i32);
     /// # Safety
     /// As [`NormKernels::norm_fwd`].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group_norm_bwd_affine(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, mean: *const f32, rstd: *const f32, dy: *const Self, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
+    unsafe fn group_norm_bwd_affine(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const Self, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
     /// # Safety
     /// As [`NormKernels::norm_fwd`].
     #[allow(clippy::too_many_arguments)]
@@ -111,22 +111,22 @@ pub trait NormKernels: Element {
 macro_rules! norm_kernels {
     ($ty:ty, $fwd:ident, $silu_fwd:ident, $dx:ident, $silu_dx:ident, $gn:ident, $silu_gn:ident, $ln:ident) => {
         extern "C" {
-            fn $fwd(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, y: *mut $ty, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
-            fn $silu_fwd(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, y: *mut $ty, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
-            fn $dx(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, mean: *const f32, rstd: *const f32, dy: *const $ty, dx: *mut $ty, n: i32, g: i32, cpg: i32, inner: i32);
-            fn $silu_dx(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, mean: *const f32, rstd: *const f32, dy: *const $ty, dx: *mut $ty, n: i32, g: i32, cpg: i32, inner: i32);
-            fn $gn(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, mean: *const f32, rstd: *const f32, dy: *const $ty, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
-            fn $silu_gn(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const $ty, beta: *const $ty, mean: *const f32, rstd: *const f32, dy: *const $ty, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
+            fn $fwd(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, y: *mut $ty, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
+            fn $silu_fwd(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, y: *mut $ty, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32);
+            fn $dx(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const $ty, dx: *mut $ty, n: i32, g: i32, cpg: i32, inner: i32);
+            fn $silu_dx(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const $ty, dx: *mut $ty, n: i32, g: i32, cpg: i32, inner: i32);
+            fn $gn(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const $ty, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
+            fn $silu_gn(grid: Dim3, block: Dim3, x: *const $ty, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const $ty, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32);
             fn $ln(grid: Dim3, block: Dim3, x: *const $ty, mean: *const f32, rstd: *const f32, dy: *const $ty, dgamma: *mut f32, dbeta: *mut f32, r: i32, c: i32);
         }
         impl NormKernels for $ty {
-            unsafe fn norm_fwd(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, y: *mut Self, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32) {
+            unsafe fn norm_fwd(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, y: *mut Self, mean: *mut f32, rstd: *mut f32, n: i32, g: i32, cpg: i32, inner: i32, eps: f32) {
                 if silu { $silu_fwd(grid, block, x, gamma, beta, y, mean, rstd, n, g, cpg, inner, eps) } else { $fwd(grid, block, x, gamma, beta, y, mean, rstd, n, g, cpg, inner, eps) }
             }
-            unsafe fn norm_bwd_dx(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, mean: *const f32, rstd: *const f32, dy: *const Self, dx: *mut Self, n: i32, g: i32, cpg: i32, inner: i32) {
+            unsafe fn norm_bwd_dx(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const Self, dx: *mut Self, n: i32, g: i32, cpg: i32, inner: i32) {
                 if silu { $silu_dx(grid, block, x, gamma, beta, mean, rstd, dy, dx, n, g, cpg, inner) } else { $dx(grid, block, x, gamma, beta, mean, rstd, dy, dx, n, g, cpg, inner) }
             }
-            unsafe fn group_norm_bwd_affine(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const Self, beta: *const Self, mean: *const f32, rstd: *const f32, dy: *const Self, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32) {
+            unsafe fn group_norm_bwd_affine(silu: bool, grid: Dim3, block: Dim3, x: *const Self, gamma: *const f32, beta: *const f32, mean: *const f32, rstd: *const f32, dy: *const Self, dgamma: *mut f32, dbeta: *mut f32, b: i32, c: i32, g: i32, inner: i32) {
                 if silu { $silu_gn(grid, block, x, gamma, beta, mean, rstd, dy, dgamma, dbeta, b, c, g, inner) } else { $gn(grid, block, x, gamma, beta, mean, rstd, dy, dgamma, dbeta, b, c, g, inner) }
             }
             unsafe fn layer_norm_bwd_affine(grid: Dim3, block: Dim3, x: *const Self, mean: *const f32, rstd: *const f32, dy: *const Self, dgamma: *mut f32, dbeta: *mut f32, r: i32, c: i32) {

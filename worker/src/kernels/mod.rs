@@ -78,8 +78,11 @@ pub fn with_kernels<T>(on: bool, f: impl FnOnce() -> T) -> T {
 /// Whether an op on `t` takes its kernel path: a CUDA tensor with the kernels on (the default),
 /// or any tensor inside `with_kernels(true, …)`.
 pub(crate) fn use_kernels(t: &Tensor) -> bool {
-    match OVERRIDE.with(|o| o.get()) {
+    let on = match OVERRIDE.with(|o| o.get()) {
         Some(on) => on,
         None => t.device().is_cuda() && default_on(),
-    }
+    };
+    // The kernels take f32, f16 and bf16; f64 (tests, exact paths) keeps candle's ops on a GPU
+    // (on the CPU the kernel ops' references take any dtype).
+    on && (t.device().is_cpu() || matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
 }

@@ -63,6 +63,13 @@ impl NormShape {
         (self.n.div_ceil(32) * 32).clamp(32, 256) as u32
     }
 
+    fn check_affine(&self, gamma: &Tensor, beta: Option<&Tensor>) -> Result<()> {
+        if gamma.elem_count() != self.channels() || beta.is_some_and(|b| b.elem_count() != self.channels()) {
+            bail!("norm kernels: weight {:?} / bias {:?} for {} channels", gamma.dims(), beta.map(|b| b.dims().to_vec()), self.channels());
+        }
+        Ok(())
+    }
+
     fn check(&self, len: usize) -> Result<()> {
         if self.rows * self.n != len || self.rows * self.n > i32::MAX as usize {
             bail!("norm kernels: {len} elements do not match {self:?} (or exceed 2^31)");
@@ -143,10 +150,11 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// `y = [silu](norm(x)·γ + β)` and the statistics; x contiguous in `s`'s layout; γ and β of
-/// any float dtype (cast to x's). On a CUDA tensor the kernel, elsewhere the reference.
+/// any float dtype (used in f32). On a CUDA tensor the kernel, elsewhere the reference.
 pub fn forward(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, s: NormShape, eps: f64, silu: bool) -> Result<(Tensor, NormStats)> {
     super::count_op_call();
     s.check(x.elem_count())?;
+    s.check_affine(gamma, beta)?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return cuda::forward(x, gamma, beta, s, eps, silu);
@@ -171,6 +179,10 @@ pub struct NormGrads {
 #[allow(clippy::too_many_arguments)]
 pub fn backward(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, stats: &NormStats, dy: &Tensor, s: NormShape, silu: bool, needs: [bool; 3]) -> Result<NormGrads> {
     s.check(x.elem_count())?;
+    s.check_affine(gamma, beta)?;
+    if dy.elem_count() != x.elem_count() {
+        bail!("norm backward: gradient {:?} for input {:?}", dy.dims(), x.dims());
+    }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return cuda::backward(x, gamma, beta, stats, dy, s, silu, needs);
@@ -209,7 +221,7 @@ fn or_null<T>(v: Option<&[T]>) -> *const T {
 
 /// Runs the forward kernel under the CPU emulation (tests): `(y, mean, rstd)`; outputs start
 /// as NaN, so an element the kernel never writes shows.
-pub fn emulated_forward<T: NormKernels>(x: &[T], gamma: &[T], beta: Option<&[T]>, s: NormShape, eps: f32, silu: bool) -> Result<(Vec<T>, Vec<f32>, Vec<f32>)> {
+pub fn emulated_forward<T: NormKernels>(x: &[T], gamma: &[f32], beta: Option<&[f32]>, s: NormShape, eps: f32, silu: bool) -> Result<(Vec<T>, Vec<f32>, Vec<f32>)> {
     s.check(x.len())?;
     let mut y = vec![T::from_f32(f32::NAN); x.len()];
     let (mut mean, mut rstd) = (vec![f32::NAN; s.rows], vec![f32::NAN; s.rows]);
@@ -222,7 +234,7 @@ pub fn emulated_forward<T: NormKernels>(x: &[T], gamma: &[T], beta: Option<&[T]>
 
 /// Runs the backward kernels under the CPU emulation (tests): `(dx, dgamma, dbeta)`.
 #[allow(clippy::too_many_arguments)]
-pub fn emulated_backward<T: NormKernels>(x: &[T], gamma: &[T], beta: Option<&[T]>, mean: &[f32], rstd: &[f32], dy: &[T], s: NormShape, silu: bool) -> Result<(Vec<T>, Vec<f32>, Vec<f32>)> {
+pub fn emulated_backward<T: NormKernels>(x: &[T], gamma: &[f32], beta: Option<&[f32]>, mean: &[f32], rstd: &[f32], dy: &[T], s: NormShape, silu: bool) -> Result<(Vec<T>, Vec<f32>, Vec<f32>)> {
     s.check(x.len())?;
     let mut dx = vec![T::from_f32(f32::NAN); x.len()];
     let (mut dgamma, mut dbeta) = (vec![f32::NAN; s.channels()], vec![f32::NAN; s.channels()]);
@@ -251,8 +263,8 @@ mod cuda {
     pub(super) fn forward(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, s: NormShape, eps: f64, silu: bool) -> Result<(Tensor, NormStats)> {
         let dev = device(x)?;
         let x = x.contiguous()?;
-        let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
-        let beta = beta.map(|b| b.to_dtype(x.dtype())?.contiguous()).transpose()?;
+        let gamma = gamma.to_dtype(DType::F32)?.contiguous()?;
+        let beta = beta.map(|b| b.to_dtype(DType::F32)?.contiguous()).transpose()?;
         let y = crate::kernels::output(x.shape(), x.dtype(), x.device())?;
         let mean = crate::kernels::output(s.rows, DType::F32, x.device())?;
         let rstd = crate::kernels::output(s.rows, DType::F32, x.device())?;
@@ -277,8 +289,8 @@ mod cuda {
         let sfx = suffix(x.dtype())?;
         let x = x.contiguous()?;
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        let gamma = gamma.to_dtype(x.dtype())?.contiguous()?;
-        let beta = beta.map(|b| b.to_dtype(x.dtype())?.contiguous()).transpose()?;
+        let gamma = gamma.to_dtype(DType::F32)?.contiguous()?;
+        let beta = beta.map(|b| b.to_dtype(DType::F32)?.contiguous()).transpose()?;
         let beta_ptr = beta.as_ref().map(ptr).transpose()?.unwrap_or(0);
         let (mean, rstd) = (stats.mean.contiguous()?, stats.rstd.contiguous()?);
         let (grid, block, agrid, ablock) = geometry(s, silu);

@@ -120,10 +120,8 @@ impl Layer {
     pub fn forward_then(&self, x: &Tensor, act: &str) -> Result<Tensor> {
         let base = self.base.read().unwrap_or_else(|e| e.into_inner());
         if let (None, LayerKind::GroupNorm { groups, eps, .. }, "silu" | "swish") = (self.hook(), &base.kind, act) {
-            if crate::kernels::use_kernels(x) && x.dtype() != DType::F64 {
-                let weight = base.weight.to_dtype(x.dtype())?;
-                let bias = base.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
-                return crate::ops::group_norm_silu(x, *groups, &weight, bias.as_ref(), *eps);
+            if crate::kernels::use_kernels(x) {
+                return crate::ops::group_norm_silu(x, *groups, &base.weight, base.bias.as_ref(), *eps);
             }
         }
         drop(base);
@@ -135,8 +133,12 @@ impl Layer {
 /// computed in f32, to halve a model's memory) are cast for this call only; norms compute their
 /// statistics in f32 when `x` is f16/bf16.
 pub fn forward_in_dtype(base: &BaseLayer, x: &Tensor) -> Result<Tensor> {
-    // (The norm kernels take f16/bf16 as they are, with f32 statistics.)
-    if base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 && !crate::kernels::use_kernels(x) {
+    if base.kind.is_norm() && crate::kernels::use_kernels(x) {
+        // The norm kernels take x in f32/f16/bf16 as it is (f32 statistics) and the weight and
+        // bias in f32 whatever their stored dtype.
+        return base.forward(x);
+    }
+    if base.kind.is_norm() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
         return forward_in_dtype(base, &x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
     if base.weight.dtype() != x.dtype() && x.dtype().is_float() {
