@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use loft_worker::candle_core::{DType, Device, Tensor, Var};
 use loft_worker::kernels;
-use loft_worker::optim::{AdamW, AdamWConfig, Lion, LionConfig, Optimizer, ParamGroup};
+use loft_worker::optim::{Adafactor, AdafactorConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, Lion, LionConfig, Optimizer, ParamGroup, Prodigy, ProdigyConfig};
 
 /// Relative tolerance (max |a − b| / max |reference|) per dtype.
 fn tolerance(dtype: DType) -> f64 {
@@ -171,14 +171,18 @@ fn check_lowrank(device: &Device, report: &mut Report) -> Result<()> {
 fn check_optimizers(device: &Device, report: &mut Report) -> Result<()> {
     let shapes: Vec<[usize; 2]> = (0..64).map(|i| if i % 2 == 0 { [16, 320 + 64 * (i % 5)] } else { [768 + 320 * (i % 3), 16] }).collect();
     let initial: Vec<Tensor> = shapes.iter().map(|s| Ok(Tensor::randn(0f32, 0.1, s.as_slice(), &Device::Cpu)?)).collect::<Result<_>>()?;
-    for kind in ["AdamW", "Lion"] {
+    for kind in ["AdamW", "Lion", "AdamW8bit", "Prodigy", "Adafactor"] {
         let make = |dev: &Device| -> Result<(Vec<Var>, Box<dyn Optimizer>)> {
             let vars: Vec<Var> = initial.iter().map(|t| Ok(Var::from_tensor(&t.to_device(dev)?)?)).collect::<Result<_>>()?;
             let params = vars.iter().enumerate().map(|(i, v)| (format!("t{i}"), v.clone())).collect();
             let groups = vec![ParamGroup::new("unet", 1e-3, params)];
             let opt: Box<dyn Optimizer> = match kind {
                 "AdamW" => Box::new(AdamW::new(groups, AdamWConfig::default())?),
-                _ => Box::new(Lion::new(groups, LionConfig { betas: (0.9, 0.99), weight_decay: 0.01 })?),
+                "Lion" => Box::new(Lion::new(groups, LionConfig { betas: (0.9, 0.99), weight_decay: 0.01 })?),
+                // Small enough that most tensors keep 8-bit moments.
+                "AdamW8bit" => Box::new(AdamW8bit::new(groups, AdamW8bitConfig { min_8bit_size: 4096, ..AdamW8bitConfig::default() })?),
+                "Prodigy" => Box::new(Prodigy::new(groups, ProdigyConfig { d0: 1e-3, weight_decay: 0.01, ..ProdigyConfig::default() })?),
+                _ => Box::new(Adafactor::new(groups, AdafactorConfig { beta1: Some(0.9), ..AdafactorConfig::default() })?),
             };
             Ok((vars, opt))
         };
@@ -203,7 +207,10 @@ fn check_optimizers(device: &Device, report: &mut Report) -> Result<()> {
         }
         report.row(&format!("{kind} gradient norm (clip_grad_norm)"), (norms.0 - norms.1).abs() / norms.1, 1e-5);
         let worst = dev_vars.iter().zip(&cpu_vars).map(|(a, b)| rel_diff(a.as_tensor(), b.as_tensor())).collect::<Result<Vec<f64>>>()?.into_iter().fold(0.0, f64::max);
-        report.row(&format!("{kind} multi-tensor step, 64 tensors × 3 steps"), worst, 1e-5);
+        // AdamW8bit's requantisation can land a value on the neighbouring code when the GPU's
+        // fused multiply-adds round differently: its tolerance is one code step's effect.
+        let tol = if kind == "AdamW8bit" { 1e-3 } else { 1e-5 };
+        report.row(&format!("{kind} multi-tensor step, 64 tensors × 3 steps"), worst, tol);
     }
     Ok(())
 }

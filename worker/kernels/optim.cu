@@ -313,6 +313,154 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// Adafactor (transformers' Adafactor, the order of optim/adafactor.rs), four launches a step:
+//   sums:    Σp² per tensor; factored tensors (lead × r × c): Σ_j (g² + ε1) per row and
+//            Σ_i (g² + ε1) per column (f64, atomically added into zeroed buffers);
+//   (the host reads Σp², sets each tensor's lr from its RMS, and β2t = 1 − step^decay_rate)
+//   factors: one block per factored tensor: row ← row·β2t + (1 − β2t)·rowsum/c,
+//            col ← col·β2t + (1 − β2t)·colsum/r, and each lead's row mean;
+//   update:  u = g/√(row_i/rowmean)/√col_j (factored) or v ← v·β2t + (1 − β2t)·(g² + ε1),
+//            u = g/√v; Σu² per tensor;
+//   apply:   u ← u / max(RMS(u)/clip_threshold, 1) · lr;  m ← m·β1 + (1 − β1)·u, u = m (β1);
+//            p ← p + (−wd·lr)·p (wd);  p ← p − u.
+// ptrs per tensor (ADAFACTOR_PTRS): param, grad, row, col, row_sum (f64), col_sum (f64),
+// row_mean, exp_avg_sq, update scratch, exp_avg (0 where unused).
+// dims per tensor: lead, r, c (r = 0: not factored).
+// scalars per tensor: β2t, 1 − β2t, lr, −wd·lr.
+#define ADAFACTOR_PTRS 10
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adafactor_sums_f32(const unsigned long long* ptrs, const long long* dims, const long long* numel,
+                            const long long* chunks, long long chunk_len, float eps1, double* param_sumsq) {
+  __shared__ double partial[THREADS / 32];
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * c.tensor;
+  const float* p = reinterpret_cast<const float*>(tp[0]);
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  double* row_sum = reinterpret_cast<double*>(tp[4]);
+  double* col_sum = reinterpret_cast<double*>(tp[5]);
+  const long long r = dims[3 * c.tensor + 1], cols = dims[3 * c.tensor + 2];
+  double sum = 0.0;
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    sum += (double)p[i] * (double)p[i];
+    if (r > 0) {
+      double sq = (double)(g[i] * g[i] + eps1);
+      long long lead = i / (r * cols), rem = i % (r * cols);
+      atomicAdd(&row_sum[lead * r + rem / cols], sq);
+      atomicAdd(&col_sum[lead * cols + rem % cols], sq);
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
+    atomicAdd(&param_sumsq[c.tensor], total);
+  }
+}
+
+// One block per factored tensor (`tensors` lists their indices).
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adafactor_factors_f32(const unsigned long long* ptrs, const long long* dims, const float* scalars,
+                               const int* tensors) {
+  __shared__ double partial[THREADS / 32];
+  const int t = tensors[blockIdx.x];
+  const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * t;
+  float* row = reinterpret_cast<float*>(tp[2]);
+  float* col = reinterpret_cast<float*>(tp[3]);
+  const double* row_sum = reinterpret_cast<const double*>(tp[4]);
+  const double* col_sum = reinterpret_cast<const double*>(tp[5]);
+  float* row_mean = reinterpret_cast<float*>(tp[6]);
+  const long long lead = dims[3 * t], r = dims[3 * t + 1], cols = dims[3 * t + 2];
+  const float b2 = scalars[4 * t], w2 = scalars[4 * t + 1];
+  for (long long k = threadIdx.x; k < lead * r; k += THREADS) row[k] = row[k] * b2 + w2 * (float)(row_sum[k] / (double)cols);
+  for (long long k = threadIdx.x; k < lead * cols; k += THREADS) col[k] = col[k] * b2 + w2 * (float)(col_sum[k] / (double)r);
+  __syncthreads();
+  for (long long b = 0; b < lead; b++) {
+    double sum = 0.0;
+    for (long long i = threadIdx.x; i < r; i += THREADS) sum += (double)row[b * r + i];
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int w = 0; w < THREADS / 32; w++) total += partial[w];
+      row_mean[b] = (float)(total / (double)r);
+    }
+    __syncthreads();
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adafactor_update_f32(const unsigned long long* ptrs, const long long* dims, const float* scalars,
+                              const long long* numel, const long long* chunks, long long chunk_len, float eps1,
+                              double* update_sumsq) {
+  __shared__ double partial[THREADS / 32];
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * c.tensor;
+  const float* g = reinterpret_cast<const float*>(tp[1]);
+  const float* row = reinterpret_cast<const float*>(tp[2]);
+  const float* col = reinterpret_cast<const float*>(tp[3]);
+  const float* row_mean = reinterpret_cast<const float*>(tp[6]);
+  float* v = reinterpret_cast<float*>(tp[7]);
+  float* u = reinterpret_cast<float*>(tp[8]);
+  const long long r = dims[3 * c.tensor + 1], cols = dims[3 * c.tensor + 2];
+  const float b2 = scalars[4 * c.tensor], w2 = scalars[4 * c.tensor + 1];
+  double sum = 0.0;
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float ui;
+    if (r > 0) {
+      long long lead = i / (r * cols), rem = i % (r * cols);
+      long long ri = rem / cols, cj = rem % cols;
+      float rf = 1.0f / sqrtf(row[lead * r + ri] / row_mean[lead]);
+      float cf = 1.0f / sqrtf(col[lead * cols + cj]);
+      ui = rf * cf * g[i];
+    } else {
+      float vi = v[i] * b2 + w2 * (g[i] * g[i] + eps1);
+      v[i] = vi;
+      ui = (1.0f / sqrtf(vi)) * g[i];
+    }
+    u[i] = ui;
+    sum += (double)ui * (double)ui;
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
+    atomicAdd(&update_sumsq[c.tensor], total);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    loft_adafactor_apply_f32(const unsigned long long* ptrs, const float* scalars, const long long* numel,
+                             const long long* chunks, long long chunk_len, const double* update_sumsq,
+                             float clip_threshold, float b1, float w1, int beta1_on, int decay_on) {
+  Chunk c = chunk_of(chunks, numel, chunk_len);
+  const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * c.tensor;
+  float* p = reinterpret_cast<float*>(tp[0]);
+  const float* u = reinterpret_cast<const float*>(tp[8]);
+  float* m = reinterpret_cast<float*>(tp[9]);
+  const float lr = scalars[4 * c.tensor + 2], decay = scalars[4 * c.tensor + 3];
+  // torch: norm(2) as an f32 tensor / sqrt(numel), as optim/adafactor.rs's rms().
+  const float rms = (float)sqrt(update_sumsq[c.tensor]) / (float)sqrt((double)numel[c.tensor]);
+  const float clip = fmaxf(rms / clip_threshold, 1.0f);
+  for (long long i = c.begin + threadIdx.x; i < c.end; i += THREADS) {
+    float ui = u[i] / clip * lr;
+    if (beta1_on) {
+      float mi = m[i] * b1 + w1 * ui;
+      m[i] = mi;
+      ui = mi;
+    }
+    float pi = p[i];
+    if (decay_on) pi += decay * pi;
+    pi += -ui;
+    p[i] = pi;
+  }
+}
+
 #define LOFT_GRAD_STATS(T, SUFFIX)                                                                                   \
   extern "C" __global__ void __launch_bounds__(THREADS) loft_multi_grad_stats_##SUFFIX(                             \
       const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,              \
@@ -351,6 +499,22 @@ LOFT_EMU_ENTRY(loft_adamw8bit_full_f32,
                (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks,
                 long long chunk_len, float b1, float w1, float b2, float w2, int decay_on),
                (ptrs, scalars, numel, chunks, chunk_len, b1, w1, b2, w2, decay_on))
+LOFT_EMU_ENTRY(loft_adafactor_sums_f32,
+               (const unsigned long long* ptrs, const long long* dims, const long long* numel, const long long* chunks,
+                long long chunk_len, float eps1, double* param_sumsq),
+               (ptrs, dims, numel, chunks, chunk_len, eps1, param_sumsq))
+LOFT_EMU_ENTRY(loft_adafactor_factors_f32,
+               (const unsigned long long* ptrs, const long long* dims, const float* scalars, const int* tensors),
+               (ptrs, dims, scalars, tensors))
+LOFT_EMU_ENTRY(loft_adafactor_update_f32,
+               (const unsigned long long* ptrs, const long long* dims, const float* scalars, const long long* numel,
+                const long long* chunks, long long chunk_len, float eps1, double* update_sumsq),
+               (ptrs, dims, scalars, numel, chunks, chunk_len, eps1, update_sumsq))
+LOFT_EMU_ENTRY(loft_adafactor_apply_f32,
+               (const unsigned long long* ptrs, const float* scalars, const long long* numel, const long long* chunks,
+                long long chunk_len, const double* update_sumsq, float clip_threshold, float b1, float w1,
+                int beta1_on, int decay_on),
+               (ptrs, scalars, numel, chunks, chunk_len, update_sumsq, clip_threshold, b1, w1, beta1_on, decay_on))
 LOFT_EMU_ENTRY(loft_multi_grad_stats_f32,
                (const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len, double* sumsq,
                 unsigned* nonfinite),

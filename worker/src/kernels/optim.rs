@@ -109,6 +109,33 @@ pub struct HostAdamW8bit<'a> {
     pub scalars: [f32; 3],
 }
 
+/// The RMS of a tensor from its Σx² as `optim::adafactor` computes it (torch: an f32 norm
+/// divided by √n).
+pub fn rms_from_sumsq(sumsq: f64, n: usize) -> f64 {
+    (sumsq.sqrt() as f32 / (n as f64).sqrt() as f32) as f64
+}
+
+/// One Adafactor tensor on the host (tests): `dims` (lead, r, c) with r = 0 when not factored;
+/// row/col (factored) or exp_avg_sq (not), exp_avg with β1.
+pub struct HostAdafactor<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub dims: (usize, usize, usize),
+    pub row: &'a mut [f32],
+    pub col: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    pub exp_avg: Option<&'a mut [f32]>,
+}
+
+/// Adafactor's shared settings for a launch: ε1, clip_threshold, β1, whether decay applies.
+#[derive(Clone, Copy, Debug)]
+pub struct AdafactorHyper {
+    pub eps1: f32,
+    pub clip_threshold: f32,
+    pub beta1: Option<f64>,
+    pub decay_on: bool,
+}
+
 /// Prodigy's pass-1 scalars (optim/prodigy.rs computes them): coupled weight decay (0 when
 /// decoupled), β1, d(1 − β1), β2, d²(1 − β2), α (s's step), β3.
 #[derive(Clone, Copy, Debug)]
@@ -145,6 +172,12 @@ pub struct HostProdigy<'a> {
 }
 
 extern "C" {
+    fn emu_loft_adafactor_sums_f32(grid: Dim3, block: Dim3, ptrs: *const u64, dims: *const i64, numel: *const i64, chunks: *const i64, chunk_len: i64, eps1: f32, param_sumsq: *mut f64);
+    fn emu_loft_adafactor_factors_f32(grid: Dim3, block: Dim3, ptrs: *const u64, dims: *const i64, scalars: *const f32, tensors: *const i32);
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_adafactor_update_f32(grid: Dim3, block: Dim3, ptrs: *const u64, dims: *const i64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, eps1: f32, update_sumsq: *mut f64);
+    #[allow(clippy::too_many_arguments)]
+    fn emu_loft_adafactor_apply_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, chunk_len: i64, update_sumsq: *const f64, clip_threshold: f32, b1: f32, w1: f32, beta1_on: i32, decay_on: i32);
     #[allow(clippy::too_many_arguments)]
     fn emu_loft_adamw8bit_blocks_f32(grid: Dim3, block: Dim3, ptrs: *const u64, scalars: *const f32, numel: *const i64, chunks: *const i64, signed_code: *const f32, unsigned_code: *const f32, signed_lut: *const u8, unsigned_lut: *const u8, b1: f32, w1: f32, b2: f32, w2: f32, eps: f32, decay_on: i32);
     #[allow(clippy::too_many_arguments)]
@@ -248,6 +281,55 @@ pub fn emulated_adamw8bit_full(tensors: &mut [(&mut [f32], &[f32], &mut [f32], &
     unsafe { emu_loft_adamw8bit_full_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, h.b1, h.w1, h.b2, h.w2, decay_on as i32) }
 }
 
+/// One Adafactor step under the CPU emulation (tests), the four launches with the host's part
+/// between them: `scalars_of(tensor, param_rms)` gives that tensor's (β2t, lr, −wd·lr).
+pub fn emulated_adafactor_step(tensors: &mut [HostAdafactor], hyper: AdafactorHyper, scalars_of: impl Fn(usize, f64) -> (f64, f64, f32), chunk_len: usize) {
+    let nt = tensors.len();
+    let mut row_sums: Vec<Vec<f64>> = tensors.iter().map(|t| vec![0.0; t.dims.0 * t.dims.1]).collect();
+    let mut col_sums: Vec<Vec<f64>> = tensors.iter().map(|t| vec![0.0; if t.dims.1 > 0 { t.dims.0 * t.dims.2 } else { 0 }]).collect();
+    let mut row_means: Vec<Vec<f32>> = tensors.iter().map(|t| vec![0.0; t.dims.0]).collect();
+    let mut updates: Vec<Vec<f32>> = tensors.iter().map(|t| vec![f32::NAN; t.param.len()]).collect();
+    let mut ptrs = vec![];
+    let mut dims = vec![];
+    let mut numel = vec![];
+    for (i, t) in tensors.iter_mut().enumerate() {
+        ptrs.extend([
+            t.param.as_mut_ptr() as u64,
+            t.grad.as_ptr() as u64,
+            t.row.as_mut_ptr() as u64,
+            t.col.as_mut_ptr() as u64,
+            row_sums[i].as_mut_ptr() as u64,
+            col_sums[i].as_mut_ptr() as u64,
+            row_means[i].as_mut_ptr() as u64,
+            t.exp_avg_sq.as_mut_ptr() as u64,
+            updates[i].as_mut_ptr() as u64,
+            t.exp_avg.as_mut().map_or(0, |m| m.as_mut_ptr() as u64),
+        ]);
+        dims.extend([t.dims.0 as i64, t.dims.1 as i64, t.dims.2 as i64]);
+        numel.push(t.param.len());
+    }
+    let chunks = chunk_table(&numel, chunk_len);
+    let grid = Dim3::x((chunks.len() / 2) as u32);
+    let numel_i: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let mut param_sumsq = vec![0f64; nt];
+    unsafe { emu_loft_adafactor_sums_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), dims.as_ptr(), numel_i.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.eps1, param_sumsq.as_mut_ptr()) };
+    let mut scalars = vec![];
+    for (i, &n) in numel.iter().enumerate() {
+        let (beta2t, lr, decay) = scalars_of(i, rms_from_sumsq(param_sumsq[i], n));
+        scalars.extend([beta2t as f32, (1.0 - beta2t) as f32, lr as f32, decay]);
+    }
+    let factored: Vec<i32> = tensors.iter().enumerate().filter(|(_, t)| t.dims.1 > 0).map(|(i, _)| i as i32).collect();
+    let mut update_sumsq = vec![0f64; nt];
+    let (b1, w1) = hyper.beta1.map_or((0.0, 0.0), |b| (b as f32, (1.0 - b) as f32));
+    unsafe {
+        if !factored.is_empty() {
+            emu_loft_adafactor_factors_f32(Dim3::x(factored.len() as u32), Dim3::x(THREADS), ptrs.as_ptr(), dims.as_ptr(), scalars.as_ptr(), factored.as_ptr());
+        }
+        emu_loft_adafactor_update_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), dims.as_ptr(), scalars.as_ptr(), numel_i.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.eps1, update_sumsq.as_mut_ptr());
+        emu_loft_adafactor_apply_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel_i.as_ptr(), chunks.as_ptr(), chunk_len as i64, update_sumsq.as_ptr(), hyper.clip_threshold, b1, w1, hyper.beta1.is_some() as i32, hyper.decay_on as i32);
+    }
+}
+
 /// Prodigy's pass 1 under the CPU emulation (tests), in place: per-tensor (dot, |s| sum).
 pub fn emulated_prodigy_pass1(tensors: &mut [HostProdigy], slice_p: usize, k: ProdigyPass1, chunk_len: usize) -> (Vec<f64>, Vec<f64>) {
     let mut ptrs = vec![];
@@ -281,7 +363,7 @@ pub fn emulated_prodigy_pass2(tensors: &mut [HostProdigy], k: ProdigyPass2, chun
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{adamw8bit_step, adamw_step, grad_stats, lion_step, prodigy_pass1, prodigy_pass2, DeviceAdamW, DeviceAdamW8bit, DeviceLion, DeviceProdigy};
+pub(crate) use cuda::{adafactor_step, DeviceAdafactor, adamw8bit_step, adamw_step, grad_stats, lion_step, prodigy_pass1, prodigy_pass2, DeviceAdamW, DeviceAdamW8bit, DeviceLion, DeviceProdigy};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -484,6 +566,99 @@ mod cuda {
             )?;
         }
         Ok(())
+    }
+
+    /// One Adafactor tensor on the device (f32, contiguous): `dims` (lead, r, c), r = 0 when
+    /// not factored (row/col, or exp_avg_sq, are then one-element placeholders).
+    pub(crate) struct DeviceAdafactor<'a> {
+        pub param: &'a Tensor,
+        pub grad: &'a Tensor,
+        pub dims: (usize, usize, usize),
+        pub row: &'a Tensor,
+        pub col: &'a Tensor,
+        pub exp_avg_sq: &'a Tensor,
+        pub exp_avg: Option<&'a Tensor>,
+    }
+
+    /// One Adafactor step: four launches, with one read of every tensor's Σp² between the
+    /// first two (`scalars_of(tensor, param_rms)` → (β2t, lr, −wd·lr)). Returns each tensor's lr.
+    pub(crate) fn adafactor_step(tensors: &[DeviceAdafactor], hyper: AdafactorHyper, scalars_of: impl Fn(usize, f64) -> (f64, f64, f32)) -> Result<Vec<f64>> {
+        let Some(first) = tensors.first() else { return Ok(vec![]) };
+        let dev = device(first.param)?;
+        let like = first.param;
+        let mut scratch = vec![]; // row sums, col sums, row means, updates: kept alive to the end
+        let mut ptrs = vec![];
+        let mut dims = vec![];
+        let mut numel = vec![];
+        for t in tensors {
+            let n = t.param.elem_count();
+            let (lead, r, c) = t.dims;
+            let row_sum = Tensor::zeros((lead * r).max(1), DType::F64, like.device())?;
+            let col_sum = Tensor::zeros(if r > 0 { lead * c } else { 1 }, DType::F64, like.device())?;
+            let row_mean = Tensor::zeros(lead.max(1), DType::F32, like.device())?;
+            let update = crate::kernels::output(n, DType::F32, like.device())?;
+            ptrs.extend([
+                f32_buffer(t.param)?,
+                f32_buffer(t.grad)?,
+                f32_buffer(t.row)?,
+                f32_buffer(t.col)?,
+                ptr(&row_sum)? as i64,
+                ptr(&col_sum)? as i64,
+                f32_buffer(&row_mean)?,
+                f32_buffer(t.exp_avg_sq)?,
+                f32_buffer(&update)?,
+                t.exp_avg.map(f32_buffer).transpose()?.unwrap_or(0),
+            ]);
+            scratch.extend([row_sum, col_sum, row_mean, update]);
+            dims.extend([lead as i64, r as i64, c as i64]);
+            numel.push(n);
+        }
+        let chunks = chunk_table(&numel, CHUNK);
+        let blocks = (chunks.len() / 2) as u32;
+        let (ptrs, dims_t) = (upload(ptrs, like)?, upload(dims, like)?);
+        let (numel_t, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), like)?, upload(chunks, like)?);
+        let param_sumsq = Tensor::zeros(tensors.len(), DType::F64, like.device())?;
+        launch(&dev, "loft_optim", OPTIM_PTX, "loft_adafactor_sums_f32", (blocks, 1, 1), (THREADS, 1, 1), &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&dims_t)?), Arg::Ptr(ptr(&numel_t)?), Arg::Ptr(ptr(&chunks)?), Arg::I64(CHUNK as i64), Arg::F32(hyper.eps1), Arg::Ptr(ptr(&param_sumsq)?)])?;
+        let sums: Vec<f64> = param_sumsq.to_vec1()?;
+        let (mut scalars, mut lrs) = (vec![], vec![]);
+        for (i, &n) in numel.iter().enumerate() {
+            let (beta2t, lr, decay) = scalars_of(i, rms_from_sumsq(sums[i], n));
+            scalars.extend([beta2t as f32, (1.0 - beta2t) as f32, lr as f32, decay]);
+            lrs.push(lr);
+        }
+        let scalars = upload(scalars, like)?;
+        let factored: Vec<i32> = tensors.iter().enumerate().filter(|(_, t)| t.dims.1 > 0).map(|(i, _)| i as i32).collect();
+        if !factored.is_empty() {
+            let count = factored.len() as u32;
+            let factored = upload(factored, like)?;
+            launch(&dev, "loft_optim", OPTIM_PTX, "loft_adafactor_factors_f32", (count, 1, 1), (THREADS, 1, 1), &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&dims_t)?), Arg::Ptr(ptr(&scalars)?), Arg::Ptr(ptr(&factored)?)])?;
+        }
+        let update_sumsq = Tensor::zeros(tensors.len(), DType::F64, like.device())?;
+        launch(&dev, "loft_optim", OPTIM_PTX, "loft_adafactor_update_f32", (blocks, 1, 1), (THREADS, 1, 1), &[Arg::Ptr(ptr(&ptrs)?), Arg::Ptr(ptr(&dims_t)?), Arg::Ptr(ptr(&scalars)?), Arg::Ptr(ptr(&numel_t)?), Arg::Ptr(ptr(&chunks)?), Arg::I64(CHUNK as i64), Arg::F32(hyper.eps1), Arg::Ptr(ptr(&update_sumsq)?)])?;
+        let (b1, w1) = hyper.beta1.map_or((0.0, 0.0), |b| (b as f32, (1.0 - b) as f32));
+        launch(
+            &dev,
+            "loft_optim",
+            OPTIM_PTX,
+            "loft_adafactor_apply_f32",
+            (blocks, 1, 1),
+            (THREADS, 1, 1),
+            &[
+                Arg::Ptr(ptr(&ptrs)?),
+                Arg::Ptr(ptr(&scalars)?),
+                Arg::Ptr(ptr(&numel_t)?),
+                Arg::Ptr(ptr(&chunks)?),
+                Arg::I64(CHUNK as i64),
+                Arg::Ptr(ptr(&update_sumsq)?),
+                Arg::F32(hyper.clip_threshold),
+                Arg::F32(b1),
+                Arg::F32(w1),
+                Arg::I32(hyper.beta1.is_some() as i32),
+                Arg::I32(hyper.decay_on as i32),
+            ],
+        )?;
+        drop(scratch);
+        Ok(lrs)
     }
 
     /// One Prodigy tensor on the device (f32, contiguous; the parameter updated in place).

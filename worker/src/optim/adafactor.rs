@@ -72,15 +72,51 @@ struct State {
     exp_avg_sq: Vec<f32>,
 }
 
+/// [`State`] on the device (the multi-tensor kernels' path), flat f32 tensors; `row`/`col`
+/// or `exp_avg_sq` hold one element where unused (the kernels never touch them then).
+#[allow(dead_code)] // built by the cuda feature's path only
+struct DeviceState {
+    step: f64,
+    /// Factored second moments: row and col in use, exp_avg_sq the placeholder.
+    factored: bool,
+    exp_avg: Option<Tensor>,
+    row: Tensor,
+    col: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+
+
 pub struct Adafactor {
     groups: Vec<ParamGroup>,
     cfg: AdafactorConfig,
     state: HashMap<String, State>,
+    device_state: HashMap<String, DeviceState>,
     /// The lr each group used last (for telemetry).
     last_lrs: Vec<f64>,
 }
 
 /// `(lead, rows, cols)` of a factored parameter, or None for < 2 dims.
+impl AdafactorConfig {
+    /// The step's learning rate for a tensor: the group's, or the relative step
+    /// (min(1e-2, 1/√step), with warmup_init 1e-6·step), times max(ε2, RMS(p)) with
+    /// scale_parameter.
+    pub fn step_lr(&self, group_lr: f64, step: f64, param_rms: f64) -> f64 {
+        let mut rel = group_lr;
+        if self.relative_step {
+            let min_step = if self.warmup_init { 1e-6 * step } else { 1e-2 };
+            rel = min_step.min(1.0 / step.sqrt());
+        }
+        let scale = if self.scale_parameter { self.eps.1.max(param_rms) } else { 1.0 };
+        scale * rel
+    }
+
+    /// β2 at `step`: 1 − step^decay_rate.
+    pub fn beta2t(&self, step: f64) -> f64 {
+        1.0 - step.powf(self.decay_rate)
+    }
+}
+
 fn factor_dims(dims: &[usize]) -> Option<(usize, usize, usize)> {
     if dims.len() < 2 {
         return None;
@@ -96,6 +132,104 @@ fn rms(x: &[f32]) -> f64 {
 }
 
 impl Adafactor {
+    /// A device state read back in the host's form (for `state()`).
+    fn host_state_of(st: &DeviceState) -> Result<State> {
+        Ok(State {
+            step: st.step,
+            exp_avg: st.exp_avg.as_ref().map(read).transpose()?.unwrap_or_default(),
+            row: if st.factored { read(&st.row)? } else { Vec::new() },
+            col: if st.factored { read(&st.col)? } else { Vec::new() },
+            exp_avg_sq: if st.factored { Vec::new() } else { read(&st.exp_avg_sq)? },
+        })
+    }
+
+    /// Every tensor in four launches of the multi-tensor kernels (worker/kernels/optim.cu) when
+    /// all of them are f32 CUDA tensors and the kernels are on; `Ok(false)` otherwise. The host
+    /// reads each tensor's Σp² once a step (for its lr) between the first two launches.
+    #[cfg(feature = "cuda")]
+    fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
+        use crate::kernels::optim as multi;
+        use candle_core::DType;
+        let every = || self.groups.iter().flat_map(|g| g.params.iter());
+        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+            return Ok(false);
+        }
+        let beta1 = self.cfg.beta1;
+        let mut work = vec![]; // (group index, name, var, gradient, (lead, r, c))
+        for (gi, group) in self.groups.iter().enumerate() {
+            for (name, var) in &group.params {
+                let Some(g) = super::grad_tensor(grads, name, var)? else { continue };
+                let n = var.elem_count();
+                let fd = factor_dims(var.dims());
+                if !self.device_state.contains_key(name) {
+                    let dev = var.device();
+                    let one = || Tensor::zeros(1, DType::F32, dev);
+                    let st = match self.state.remove(name) {
+                        Some(h) => DeviceState {
+                            step: h.step,
+                            factored: !h.row.is_empty(),
+                            exp_avg: if h.exp_avg.is_empty() { None } else { Some(Tensor::from_vec(h.exp_avg, n, dev)?) },
+                            row: if h.row.is_empty() { one()? } else { Tensor::from_vec(h.row.clone(), h.row.len(), dev)? },
+                            col: if h.col.is_empty() { one()? } else { Tensor::from_vec(h.col.clone(), h.col.len(), dev)? },
+                            exp_avg_sq: if h.exp_avg_sq.is_empty() { one()? } else { Tensor::from_vec(h.exp_avg_sq, n, dev)? },
+                        },
+                        None => match fd {
+                            Some((lead, r, c)) => DeviceState {
+                                step: 0.0,
+                                factored: true,
+                                exp_avg: if beta1.is_some() { Some(Tensor::zeros(n, DType::F32, dev)?) } else { None },
+                                row: Tensor::zeros(lead * r, DType::F32, dev)?,
+                                col: Tensor::zeros(lead * c, DType::F32, dev)?,
+                                exp_avg_sq: one()?,
+                            },
+                            None => DeviceState {
+                                step: 0.0,
+                                factored: false,
+                                exp_avg: if beta1.is_some() { Some(Tensor::zeros(n, DType::F32, dev)?) } else { None },
+                                row: one()?,
+                                col: one()?,
+                                exp_avg_sq: Tensor::zeros(n, DType::F32, dev)?,
+                            },
+                        },
+                    };
+                    self.device_state.insert(name.clone(), st);
+                }
+                let st = self.device_state.get_mut(name).expect("inserted above");
+                st.step += 1.0;
+                work.push((gi, name.clone(), var.clone(), g.contiguous()?, fd.unwrap_or((1, 0, 0))));
+            }
+        }
+        if work.is_empty() {
+            return Ok(true);
+        }
+        let buffers: Vec<multi::DeviceAdafactor> = work
+            .iter()
+            .map(|(_, name, var, g, dims)| {
+                let st = &self.device_state[name];
+                multi::DeviceAdafactor { param: var.as_tensor(), grad: g, dims: *dims, row: &st.row, col: &st.col, exp_avg_sq: &st.exp_avg_sq, exp_avg: st.exp_avg.as_ref() }
+            })
+            .collect();
+        let hyper = multi::AdafactorHyper { eps1: self.cfg.eps.0 as f32, clip_threshold: self.cfg.clip_threshold as f32, beta1, decay_on: self.cfg.weight_decay != 0.0 };
+        let cfg = self.cfg.clone();
+        let mut lrs = vec![None; self.groups.len()];
+        let scalars_of = |i: usize, param_rms: f64| {
+            let (gi, name, ..) = &work[i];
+            let step = self.device_state[name].step;
+            let lr = cfg.step_lr(self.groups[*gi].lr * lr_scale, step, param_rms);
+            (cfg.beta2t(step), lr, (-cfg.weight_decay * lr) as f32)
+        };
+        let used = multi::adafactor_step(&buffers, hyper, scalars_of)?;
+        for (i, lr) in used.into_iter().enumerate() {
+            lrs[work[i].0] = Some(lr);
+        }
+        for (gi, lr) in lrs.into_iter().enumerate() {
+            if let Some(lr) = lr {
+                self.last_lrs[gi] = lr;
+            }
+        }
+        Ok(true)
+    }
+
     pub fn new(groups: Vec<ParamGroup>, cfg: AdafactorConfig) -> Result<Self> {
         check_groups("Adafactor", &groups)?;
         if cfg.warmup_init && !cfg.relative_step {
@@ -106,6 +240,7 @@ impl Adafactor {
             groups,
             cfg,
             state: HashMap::new(),
+            device_state: HashMap::new(),
             last_lrs: vec![0.0; n],
         })
     }
@@ -129,6 +264,10 @@ impl Optimizer for Adafactor {
     }
 
     fn step(&mut self, grads: &GradStore, lr_scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.step_multi_tensor(grads, lr_scale)? {
+            return Ok(());
+        }
         for gi in 0..self.groups.len() {
             let group_lr = self.groups[gi].lr * lr_scale;
             for pi in 0..self.groups[gi].params.len() {
@@ -167,22 +306,9 @@ impl Optimizer for Adafactor {
                 st.step += 1.0;
                 let step = st.step;
                 let param_rms = rms(&p);
-                let lr = {
-                    let c = &self.cfg;
-                    let mut rel = group_lr;
-                    if c.relative_step {
-                        let min_step = if c.warmup_init { 1e-6 * step } else { 1e-2 };
-                        rel = min_step.min(1.0 / step.sqrt());
-                    }
-                    let scale = if c.scale_parameter {
-                        c.eps.1.max(param_rms)
-                    } else {
-                        1.0
-                    };
-                    scale * rel
-                };
+                let lr = self.cfg.step_lr(group_lr, step, param_rms);
                 self.last_lrs[gi] = lr;
-                let beta2t = 1.0 - step.powf(self.cfg.decay_rate);
+                let beta2t = self.cfg.beta2t(step);
                 let (b2, w2) = (beta2t as f32, (1.0 - beta2t) as f32);
                 let eps1 = self.cfg.eps.0 as f32;
                 let mut update: Vec<f32> = g.iter().map(|&x| x * x + eps1).collect();
@@ -253,7 +379,8 @@ impl Optimizer for Adafactor {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = StateOut::default();
         for (name, _) in all_params(&self.groups) {
-            let Some(st) = self.state.get(name) else { continue };
+            let from_device = self.device_state.get(name).map(Self::host_state_of).transpose()?;
+            let Some(st) = from_device.as_ref().or_else(|| self.state.get(name)) else { continue };
             out.param_scalar(name, "step", st.step)?;
             if !st.exp_avg.is_empty() {
                 out.buf(name, "exp_avg", &st.exp_avg)?;
@@ -293,6 +420,7 @@ impl Optimizer for Adafactor {
             self.last_lrs[i] = s.scalar(&format!("last_lr.{i}")).unwrap_or(0.0);
         }
         self.state = new;
+        self.device_state.clear();
         Ok(())
     }
 }
