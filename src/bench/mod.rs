@@ -39,6 +39,9 @@ pub enum BenchCommand {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// The folder holding the tiny-sd15 fixture model (the training comparison).
+        #[arg(long, default_value = "tests/fixtures/models")]
+        fixtures: PathBuf,
     },
 }
 
@@ -48,6 +51,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Queue { jobs, python } => queue::run(jobs.max(1), python),
         BenchCommand::Train(args) => train::run_bench(args),
         BenchCommand::CheckDevice { device, fixtures } => train::check_device(&device, &fixtures),
-        BenchCommand::Kernels { device } => kernels::run(&device),
+        BenchCommand::Kernels { device, fixtures } => kernels::run(&device, &fixtures),
     }
 }

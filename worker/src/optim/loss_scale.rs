@@ -32,19 +32,26 @@ impl LossScale {
     /// Divides the gradients of `vars` by the scale, in place. Returns false when any of them
     /// holds an inf or NaN (the step must then be skipped, see [`LossScale::update`]).
     pub fn unscale(&self, vars: &[Var], grads: &mut GradStore) -> Result<bool> {
-        let mut sums = vec![];
+        let mut unscaled_all = vec![];
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let unscaled = (g.to_dtype(DType::F32)? / self.scale)?;
-                // Σ|g| is inf/NaN iff some element is (an f32 sum of finite gradients this
-                // small cannot overflow); summed on the device, read once for all tensors.
-                sums.push(unscaled.abs()?.sum_all()?);
                 grads.insert(v.as_tensor(), unscaled.to_dtype(g.dtype())?);
+                unscaled_all.push(unscaled);
             }
         }
-        if sums.is_empty() {
+        if unscaled_all.is_empty() {
             return Ok(true);
         }
+        // On a GPU with the kernels: every element checked in one launch (worker/kernels/optim.cu),
+        // as GradScaler checks each element.
+        #[cfg(feature = "cuda")]
+        if unscaled_all[0].device().is_cuda() && crate::kernels::use_kernels(&unscaled_all[0]) {
+            return Ok(!crate::kernels::optim::grad_stats(&unscaled_all)?.1);
+        }
+        // Σ|g| is inf/NaN iff some element is (an f32 sum of finite gradients this small cannot
+        // overflow); summed on the device, read once for all tensors.
+        let sums = unscaled_all.iter().map(|u| u.abs()?.sum_all()).collect::<Result<Vec<_>>>()?;
         let total: f32 = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar()?;
         Ok(total.is_finite())
     }
