@@ -272,9 +272,13 @@ inline dim3 unflatten(unsigned long long i, dim3 d) {
 }
 
 // Runs `body` (the kernel call) on a grid of `grid` blocks of `block` threads.
+// One launch at a time in the process: gridDim/blockDim and every `__shared__` (a function
+// static, possibly in a helper several kernels call) are process-wide. (A static inside the
+// template below would be one mutex per kernel, letting two kernels overlap.)
+inline std::mutex one_launch_at_a_time;
+
 template <class F>
 void launch(dim3 grid, dim3 block, F&& body) {
-  static std::mutex one_launch_at_a_time;  // gridDim/blockDim are process-wide
   std::lock_guard<std::mutex> guard(one_launch_at_a_time);
   int n = (int)(block.x * block.y * block.z);
   unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;

@@ -44,6 +44,19 @@ __device__ __forceinline__ Chunk chunk_of(const long long* chunks, const long lo
 
 __device__ __forceinline__ float grad_multiplier(const float* grad_scale) { return grad_scale ? *grad_scale : 1.0f; }
 
+// The f64 sum of `v` over the block's THREADS threads, returned to every thread; ends with a
+// barrier, so it may be called again at once.
+__device__ __forceinline__ double block_sum_f64(double v) {
+  __shared__ double partial[THREADS / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < THREADS / 32; w++) total += partial[w];
+  __syncthreads();
+  return total;
+}
+
 }  // namespace
 
 // Σg² per tensor (f64, atomically added into `sumsq[tensor]`, which starts at zero) and a flag
@@ -51,7 +64,6 @@ __device__ __forceinline__ float grad_multiplier(const float* grad_scale) { retu
 template <class T>
 __device__ void grad_stats(const unsigned long long* ptrs, const long long* numel, const long long* chunks, long long chunk_len,
                            double* sumsq, unsigned* nonfinite) {
-  __shared__ double partial[THREADS / 32];
   Chunk c = chunk_of(chunks, numel, chunk_len);
   const T* g = reinterpret_cast<const T*>(ptrs[c.tensor]);
   double sum = 0.0;
@@ -61,18 +73,10 @@ __device__ void grad_stats(const unsigned long long* ptrs, const long long* nume
     bad |= !isfinite(x);
     sum += (double)x * (double)x;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   bad = __any_sync(0xffffffffu, bad);
-  if (threadIdx.x % 32 == 0) {
-    partial[threadIdx.x / 32] = sum;
-    if (bad) atomicOr(nonfinite, 1u);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
-    atomicAdd(&sumsq[c.tensor], total);
-  }
+  if (threadIdx.x % 32 == 0 && bad) atomicOr(nonfinite, 1u);
+  double total = block_sum_f64(sum);
+  if (threadIdx.x == 0) atomicAdd(&sumsq[c.tensor], total);
 }
 
 // ptrs per tensor: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad).
@@ -144,8 +148,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     loft_prodigy_pass1_f32(const unsigned long long* ptrs, const long long* numel, const long long* chunks,
                            long long chunk_len, int slice_p, float coupled_wd, float b1, float a1, float b2, float a2,
                            float alpha, float b3, double* dots, double* abs_sums) {
-  __shared__ double partial_dot[THREADS / 32];
-  __shared__ double partial_abs[THREADS / 32];
   Chunk c = chunk_of(chunks, numel, chunk_len);
   const unsigned long long* tp = ptrs + 6 * c.tensor;
   const float* p = reinterpret_cast<const float*>(tp[0]);
@@ -168,21 +170,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       abs_sum += (double)fabsf(sj);
     }
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    abs_sum += __shfl_xor_sync(0xffffffffu, abs_sum, offset);
-  }
-  if (threadIdx.x % 32 == 0) {
-    partial_dot[threadIdx.x / 32] = dot;
-    partial_abs[threadIdx.x / 32] = abs_sum;
-  }
-  __syncthreads();
+  double total_dot = block_sum_f64(dot);
+  double total_abs = block_sum_f64(abs_sum);
   if (threadIdx.x == 0) {
-    double total_dot = 0.0, total_abs = 0.0;
-    for (int w = 0; w < THREADS / 32; w++) {
-      total_dot += partial_dot[w];
-      total_abs += partial_abs[w];
-    }
     atomicAdd(&dots[c.tensor], total_dot);
     atomicAdd(&abs_sums[c.tensor], total_abs);
   }
@@ -332,7 +322,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 extern "C" __global__ void __launch_bounds__(THREADS)
     loft_adafactor_sums_f32(const unsigned long long* ptrs, const long long* dims, const long long* numel,
                             const long long* chunks, long long chunk_len, float eps1, double* param_sumsq) {
-  __shared__ double partial[THREADS / 32];
   Chunk c = chunk_of(chunks, numel, chunk_len);
   const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * c.tensor;
   const float* p = reinterpret_cast<const float*>(tp[0]);
@@ -350,21 +339,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       atomicAdd(&col_sum[lead * cols + rem % cols], sq);
     }
   }
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
-    atomicAdd(&param_sumsq[c.tensor], total);
-  }
+  double total = block_sum_f64(sum);
+  if (threadIdx.x == 0) atomicAdd(&param_sumsq[c.tensor], total);
 }
 
 // One block per factored tensor (`tensors` lists their indices).
 extern "C" __global__ void __launch_bounds__(THREADS)
     loft_adafactor_factors_f32(const unsigned long long* ptrs, const long long* dims, const float* scalars,
                                const int* tensors) {
-  __shared__ double partial[THREADS / 32];
   const int t = tensors[blockIdx.x];
   const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * t;
   float* row = reinterpret_cast<float*>(tp[2]);
@@ -380,15 +362,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (long long b = 0; b < lead; b++) {
     double sum = 0.0;
     for (long long i = threadIdx.x; i < r; i += THREADS) sum += (double)row[b * r + i];
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < THREADS / 32; w++) total += partial[w];
-      row_mean[b] = (float)(total / (double)r);
-    }
-    __syncthreads();
+    double total = block_sum_f64(sum);
+    if (threadIdx.x == 0) row_mean[b] = (float)(total / (double)r);
   }
 }
 
@@ -396,7 +371,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     loft_adafactor_update_f32(const unsigned long long* ptrs, const long long* dims, const float* scalars,
                               const long long* numel, const long long* chunks, long long chunk_len, float eps1,
                               double* update_sumsq) {
-  __shared__ double partial[THREADS / 32];
   Chunk c = chunk_of(chunks, numel, chunk_len);
   const unsigned long long* tp = ptrs + ADAFACTOR_PTRS * c.tensor;
   const float* g = reinterpret_cast<const float*>(tp[1]);
@@ -424,14 +398,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     u[i] = ui;
     sum += (double)ui * (double)ui;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0.0;
-    for (int w = 0; w < THREADS / 32; w++) total += partial[w];
-    atomicAdd(&update_sumsq[c.tensor], total);
-  }
+  double total = block_sum_f64(sum);
+  if (threadIdx.x == 0) atomicAdd(&update_sumsq[c.tensor], total);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

@@ -193,6 +193,14 @@ extern "C" {
     fn emu_loft_multi_grad_stats_f32(grid: Dim3, block: Dim3, ptrs: *const u64, numel: *const i64, chunks: *const i64, chunk_len: i64, sumsq: *mut f64, nonfinite: *mut u32);
 }
 
+/// The sizes as i64, the chunk table and the grid of an emulated launch over tensors of `numel`
+/// elements.
+fn host_tables(numel: &[usize], chunk_len: usize) -> (Vec<i64>, Vec<i64>, Dim3) {
+    let chunks = chunk_table(numel, chunk_len);
+    let grid = Dim3::x((chunks.len() / 2) as u32);
+    (numel.iter().map(|&n| n as i64).collect(), chunks, grid)
+}
+
 fn opt_ptr<T>(v: Option<&T>) -> *const T {
     v.map_or(std::ptr::null(), |v| v as *const T)
 }
@@ -205,11 +213,11 @@ pub fn emulated_adamw(tensors: &mut [HostAdamW], hyper: AdamWHyper, grad_scale: 
     for t in tensors.iter_mut() {
         ptrs.extend([t.param.as_mut_ptr() as u64, t.grad.as_ptr() as u64, t.exp_avg.as_mut_ptr() as u64, t.exp_avg_sq.as_mut_ptr() as u64, t.max_exp_avg_sq.as_mut().map_or(0, |m| m.as_mut_ptr() as u64)]);
         scalars.extend(t.scalars);
-        numel.push(t.param.len() as i64);
+        numel.push(t.param.len());
     }
-    let chunks = chunk_table(&numel.iter().map(|&n| n as usize).collect::<Vec<_>>(), chunk_len);
+    let (numel, chunks, grid) = host_tables(&numel, chunk_len);
     unsafe {
-        emu_loft_multi_adamw_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.w1, hyper.b2, hyper.w2, hyper.eps, hyper.decay_on as i32, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
+        emu_loft_multi_adamw_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.w1, hyper.b2, hyper.w2, hyper.eps, hyper.decay_on as i32, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
     }
 }
 
@@ -222,11 +230,11 @@ pub fn emulated_lion(tensors: &mut [(&mut [f32], &[f32], &mut [f32], LionScalars
     for (p, g, m, s) in tensors.iter_mut() {
         ptrs.extend([p.as_mut_ptr() as u64, g.as_ptr() as u64, m.as_mut_ptr() as u64]);
         scalars.extend(*s);
-        numel.push(p.len() as i64);
+        numel.push(p.len());
     }
-    let chunks = chunk_table(&numel.iter().map(|&n| n as usize).collect::<Vec<_>>(), chunk_len);
+    let (numel, chunks, grid) = host_tables(&numel, chunk_len);
     unsafe {
-        emu_loft_multi_lion_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.b1, hyper.w1, hyper.b2, hyper.w2, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
+        emu_loft_multi_lion_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.b1, hyper.w1, hyper.b2, hyper.w2, opt_ptr(grad_scale.as_ref()), opt_ptr(skip.as_ref()))
     }
 }
 
@@ -234,12 +242,11 @@ pub fn emulated_lion(tensors: &mut [(&mut [f32], &[f32], &mut [f32], LionScalars
 /// whether any element is not finite.
 pub fn emulated_grad_stats(grads: &[&[f32]], chunk_len: usize) -> (Vec<f64>, bool) {
     let ptrs: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
-    let numel: Vec<i64> = grads.iter().map(|g| g.len() as i64).collect();
-    let chunks = chunk_table(&grads.iter().map(|g| g.len()).collect::<Vec<_>>(), chunk_len);
+    let (numel, chunks, grid) = host_tables(&grads.iter().map(|g| g.len()).collect::<Vec<_>>(), chunk_len);
     let mut sumsq = vec![0f64; grads.len()];
     let mut nonfinite = 0u32;
     if !chunks.is_empty() {
-        unsafe { emu_loft_multi_grad_stats_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, sumsq.as_mut_ptr(), &mut nonfinite) };
+        unsafe { emu_loft_multi_grad_stats_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, sumsq.as_mut_ptr(), &mut nonfinite) };
     }
     (sumsq, nonfinite != 0)
 }
@@ -255,12 +262,11 @@ pub fn emulated_adamw8bit_blocks(tensors: &mut [HostAdamW8bit], betas: (f64, f64
         scalars.extend(t.scalars);
         numel.push(t.param.len());
     }
-    let chunks = chunk_table(&numel, 256);
-    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (numel, chunks, grid) = host_tables(&numel, 256);
     let ((sc, sl), (uc, ul)) = (crate::optim::adamw8bit::codebook_tables(true), crate::optim::adamw8bit::codebook_tables(false));
     let h = LionHyper::new(betas); // β1, 1 − β1, β2, 1 − β2 in f32
     unsafe {
-        emu_loft_adamw8bit_blocks_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), sc.as_ptr(), uc.as_ptr(), sl.as_ptr(), ul.as_ptr(), h.b1, h.w1, h.b2, h.w2, eps as f32, decay_on as i32)
+        emu_loft_adamw8bit_blocks_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), sc.as_ptr(), uc.as_ptr(), sl.as_ptr(), ul.as_ptr(), h.b1, h.w1, h.b2, h.w2, eps as f32, decay_on as i32)
     }
 }
 
@@ -275,10 +281,9 @@ pub fn emulated_adamw8bit_full(tensors: &mut [(&mut [f32], &[f32], &mut [f32], &
         scalars.extend(*s);
         numel.push(p.len());
     }
-    let chunks = chunk_table(&numel, chunk_len);
-    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (numel, chunks, grid) = host_tables(&numel, chunk_len);
     let h = LionHyper::new(betas);
-    unsafe { emu_loft_adamw8bit_full_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, h.b1, h.w1, h.b2, h.w2, decay_on as i32) }
+    unsafe { emu_loft_adamw8bit_full_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), scalars.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, h.b1, h.w1, h.b2, h.w2, decay_on as i32) }
 }
 
 /// One Adafactor step under the CPU emulation (tests), the four launches with the host's part
@@ -308,9 +313,7 @@ pub fn emulated_adafactor_step(tensors: &mut [HostAdafactor], hyper: AdafactorHy
         dims.extend([t.dims.0 as i64, t.dims.1 as i64, t.dims.2 as i64]);
         numel.push(t.param.len());
     }
-    let chunks = chunk_table(&numel, chunk_len);
-    let grid = Dim3::x((chunks.len() / 2) as u32);
-    let numel_i: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (numel_i, chunks, grid) = host_tables(&numel, chunk_len);
     let mut param_sumsq = vec![0f64; nt];
     unsafe { emu_loft_adafactor_sums_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), dims.as_ptr(), numel_i.as_ptr(), chunks.as_ptr(), chunk_len as i64, hyper.eps1, param_sumsq.as_mut_ptr()) };
     let mut scalars = vec![];
@@ -338,11 +341,10 @@ pub fn emulated_prodigy_pass1(tensors: &mut [HostProdigy], slice_p: usize, k: Pr
         ptrs.extend([t.param.as_ptr() as u64, t.grad.as_ptr() as u64, t.p0.as_ptr() as u64, t.s.as_mut_ptr() as u64, t.exp_avg.as_mut().map_or(0, |m| m.as_mut_ptr() as u64), t.exp_avg_sq.as_mut_ptr() as u64]);
         numel.push(t.param.len());
     }
-    let chunks = chunk_table(&numel, chunk_len);
-    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (numel, chunks, grid) = host_tables(&numel, chunk_len);
     let (mut dots, mut abs_sums) = (vec![0f64; tensors.len()], vec![0f64; tensors.len()]);
     unsafe {
-        emu_loft_prodigy_pass1_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, slice_p as i32, k.coupled_wd, k.b1, k.a1, k.b2, k.a2, k.alpha, k.b3, dots.as_mut_ptr(), abs_sums.as_mut_ptr())
+        emu_loft_prodigy_pass1_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, slice_p as i32, k.coupled_wd, k.b1, k.a1, k.b2, k.a2, k.alpha, k.b3, dots.as_mut_ptr(), abs_sums.as_mut_ptr())
     };
     (dots, abs_sums)
 }
@@ -355,10 +357,9 @@ pub fn emulated_prodigy_pass2(tensors: &mut [HostProdigy], k: ProdigyPass2, chun
         ptrs.extend([t.param.as_mut_ptr() as u64, t.grad.as_ptr() as u64, t.exp_avg.as_mut().map_or(0, |m| m.as_mut_ptr() as u64), t.exp_avg_sq.as_mut_ptr() as u64]);
         numel.push(t.param.len());
     }
-    let chunks = chunk_table(&numel, chunk_len);
-    let numel: Vec<i64> = numel.iter().map(|&n| n as i64).collect();
+    let (numel, chunks, grid) = host_tables(&numel, chunk_len);
     unsafe {
-        emu_loft_prodigy_pass2_f32(Dim3::x((chunks.len() / 2) as u32), Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, k.coupled_wd, k.decoupled_decay, k.eps_d, k.neg_dlr, k.neg_dlr_d)
+        emu_loft_prodigy_pass2_f32(grid, Dim3::x(THREADS), ptrs.as_ptr(), numel.as_ptr(), chunks.as_ptr(), chunk_len as i64, k.coupled_wd, k.decoupled_decay, k.eps_d, k.neg_dlr, k.neg_dlr_d)
     }
 }
 

@@ -153,8 +153,7 @@ impl AdamW {
     #[cfg(feature = "cuda")]
     fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
         use crate::kernels::optim as multi;
-        let every = || self.groups.iter().flat_map(|g| g.params.iter());
-        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+        if !super::all_on_kernels(&self.groups) {
             return Ok(false);
         }
         let mut work = vec![]; // (name, var, gradient, scalars)

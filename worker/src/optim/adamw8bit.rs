@@ -234,9 +234,7 @@ impl AdamW8bit {
     #[cfg(feature = "cuda")]
     fn step_multi_tensor(&mut self, grads: &GradStore, lr_scale: f64) -> Result<bool> {
         use crate::kernels::optim as multi;
-        use candle_core::DType;
-        let every = || self.groups.iter().flat_map(|g| g.params.iter());
-        if !every().all(|(_, v)| v.device().is_cuda() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor())) {
+        if !super::all_on_kernels(&self.groups) {
             return Ok(false);
         }
         let (betas, eps, wd) = (self.cfg.betas, self.cfg.eps, self.cfg.weight_decay);

@@ -520,6 +520,13 @@ pub fn clip_grad_norm(vars: &[Var], grads: &mut GradStore, max_norm: f64) -> Res
     Ok(total)
 }
 
+/// Whether every parameter of `groups` takes the multi-tensor kernels (worker/kernels/optim.cu):
+/// f32, contiguous, on a CUDA device, with the kernels on.
+#[cfg(feature = "cuda")]
+pub(crate) fn all_on_kernels(groups: &[ParamGroup]) -> bool {
+    groups.iter().flat_map(|g| g.params.iter()).all(|(_, v)| v.device().is_cuda() && v.dtype() == DType::F32 && v.as_tensor().is_contiguous() && crate::kernels::use_kernels(v.as_tensor()))
+}
+
 /// Σg² of every gradient in one launch of worker/kernels/optim.cu's statistics kernel (CUDA
 /// gradients of one dtype, kernels on); `None` where that does not apply.
 fn grad_sums_by_kernel(grads: &[&Tensor]) -> Result<Option<Vec<f64>>> {
