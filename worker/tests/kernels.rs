@@ -719,3 +719,19 @@ fn the_multi_tensor_adafactor_step_equals_the_host_loop() {
         assert!(moved > 1e-5, "tensor {i} moved only {moved}"); // ≫ the tolerance above
     }
 }
+
+/// On a GPU (the CUDA build with a device answering): every kernel against its CPU reference in
+/// every dtype with NaN-filled outputs, every optimizer device vs host, and the tiny training loop
+/// with the kernels on and off (`loft_worker::kernels::check`, also `loft bench kernels`).
+/// Skipped, saying why, when the test device is the CPU.
+#[test]
+fn the_kernels_on_the_test_gpu_equal_their_references() {
+    let device = loft_worker::device::test_device();
+    if device.is_cpu() {
+        eprintln!("skipped: the test device is the CPU (a CPU build, or no GPU answers); the kernels ran under the emulation in the other tests");
+        return;
+    }
+    let spec = std::env::var("LOFT_TEST_DEVICE").unwrap_or_else(|_| "cuda".into());
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+    loft_worker::kernels::check::run_on(&device, &spec, &fixtures, false).unwrap_or_else(|e| panic!("{e:#}"));
+}

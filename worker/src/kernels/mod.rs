@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod cayley;
+pub mod check;
 pub mod emulation;
 pub mod norm;
 pub mod lowrank;
