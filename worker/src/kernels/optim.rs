@@ -403,6 +403,14 @@ mod cuda {
         Tensor::from_vec(v, n, like.device())
     }
 
+    /// The device tables of a launch over tensors of `numel` elements: pointers, per-tensor
+    /// scalars, sizes, chunks, and the block count.
+    fn tables(like: &Tensor, ptrs: Vec<i64>, scalars: Vec<f32>, numel: &[usize], chunk_len: usize) -> Result<(Tensor, Tensor, Tensor, Tensor, u32)> {
+        let chunks = chunk_table(numel, chunk_len);
+        let blocks = (chunks.len() / 2) as u32;
+        Ok((upload(ptrs, like)?, upload(scalars, like)?, upload(numel.iter().map(|&n| n as i64).collect(), like)?, upload(chunks, like)?, blocks))
+    }
+
     fn optional(t: Option<&Tensor>) -> Result<u64> {
         t.map(ptr).transpose().map(|p| p.unwrap_or(0))
     }
@@ -417,10 +425,7 @@ mod cuda {
             scalars.extend(t.scalars);
             numel.push(t.param.elem_count());
         }
-        let chunks = chunk_table(&numel, CHUNK);
-        let blocks = (chunks.len() / 2) as u32;
-        let (ptrs, scalars) = (upload(ptrs, first.param)?, upload(scalars, first.param)?);
-        let (numel, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), first.param)?, upload(chunks, first.param)?);
+        let (ptrs, scalars, numel, chunks, blocks) = tables(first.param, ptrs, scalars, &numel, CHUNK)?;
         launch(
             &dev,
             "loft_optim",
@@ -455,10 +460,7 @@ mod cuda {
             scalars.extend(t.scalars);
             numel.push(t.param.elem_count());
         }
-        let chunks = chunk_table(&numel, CHUNK);
-        let blocks = (chunks.len() / 2) as u32;
-        let (ptrs, scalars) = (upload(ptrs, first.param)?, upload(scalars, first.param)?);
-        let (numel, chunks) = (upload(numel.iter().map(|&n| n as i64).collect(), first.param)?, upload(chunks, first.param)?);
+        let (ptrs, scalars, numel, chunks, blocks) = tables(first.param, ptrs, scalars, &numel, CHUNK)?;
         launch(
             &dev,
             "loft_optim",
