@@ -25,7 +25,7 @@ pub(crate) mod cuda;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_core::{DType, Tensor};
 
 static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
 static OP_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -48,8 +48,8 @@ pub fn set_poison_outputs(on: bool) {
 
 /// A kernel's output buffer: zeros, or NaN under [`set_poison_outputs`]. (Buffers a kernel
 /// accumulates into are made with `Tensor::zeros` instead.)
-#[allow(dead_code)] // used by the CUDA launches only
-pub(crate) fn output(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+#[cfg(feature = "cuda")]
+pub(crate) fn output(shape: impl Into<candle_core::Shape>, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
     if POISON_OUTPUTS.load(Ordering::Relaxed) {
         Tensor::full(f32::NAN, shape, device)?.to_dtype(dtype)
     } else {

@@ -24,10 +24,12 @@
 //!
 //! The math runs in f32 (parameters of any float dtype are read as f32 and written back in
 //! their dtype); the scalar bookkeeping (step counts, Prodigy's d) is f64, as Python's floats
-//! are. On the CPU it runs as host loops. AdamW and Lion keep their state on the parameter's
-//! device when that is a GPU and step with tensor ops there (nothing read back to the host;
-//! `ops::with_device_generic_ops` runs that path on the CPU for the tests); Prodigy, Adafactor
-//! and AdamW8bit still step on the host (a GPU run reads their tensors each step).
+//! are. On the CPU it runs as host loops. On a GPU with the kernels on (the `cuda` build's
+//! default) and f32 parameters, all five keep their state on the device and step every tensor
+//! in one launch of worker/kernels/optim.cu (Prodigy two, with its d estimate read once between
+//! them; Adafactor four, with Σp² read once for the lrs). Otherwise on a GPU, AdamW and Lion step
+//! with tensor ops there (`ops::with_device_generic_ops` runs that path on the CPU for the
+//! tests), and Prodigy, Adafactor and AdamW8bit step on the host (reading their tensors each step).
 //!
 //! Half-precision parameters (`full_fp16` / `full_bf16`): AdamW and Lion step them with their
 //! tensor path in the parameter's dtype, states included, as torch does (each op rounds to the
