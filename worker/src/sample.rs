@@ -181,7 +181,7 @@ pub fn sample_image_from_noise(
             x
         }
     };
-    let z = (latents / model.vae.scaling_factor())?;
+    let z = model.vae.from_model_latents(&latents)?;
     let image = model.vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
     Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)
 }

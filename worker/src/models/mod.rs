@@ -20,10 +20,13 @@
 
 pub mod clip;
 pub mod config;
+pub mod flux;
+pub mod flux_weights;
 pub mod layers;
 pub mod ldm_names;
 pub mod safetensors_io;
 pub mod single_file;
+pub mod t5;
 pub mod synthetic;
 pub mod pipeline;
 pub mod tokenizer;

@@ -245,6 +245,21 @@ impl AutoencoderKL {
     pub fn scaling_factor(&self) -> f64 {
         self.config.scaling_factor
     }
+
+    /// `shift_factor` (Flux's VAE: 0.1159; none for Stable Diffusion).
+    pub fn shift_factor(&self) -> f64 {
+        self.config.shift_factor.unwrap_or(0.0)
+    }
+
+    /// The denoiser's latents from the VAE's: `(z − shift)·scale`.
+    pub fn to_model_latents(&self, z: &Tensor) -> Result<Tensor> {
+        (z - self.shift_factor())? * self.scaling_factor()
+    }
+
+    /// The VAE's latents from the denoiser's: `x/scale + shift`.
+    pub fn from_model_latents(&self, x: &Tensor) -> Result<Tensor> {
+        (x / self.scaling_factor())? + self.shift_factor()
+    }
 }
 
 impl ModelLayers for AutoencoderKL {

@@ -345,7 +345,7 @@ pub fn encode_image(vae: &AutoencoderKL, img: &TrainImage, aug: &Augment, flip: 
     let (pixels, mut mask_values) = load_fitted(&img.entry.path, &img.bucket, aug, img.mask.as_ref(), rng, device)?;
     let pixels = if flip { pixels.flip(&[2])? } else { pixels };
     let z = vae.encode(&pixels.unsqueeze(0)?.to_dtype(vae_dtype(vae))?)?;
-    let latents = (z.to_dtype(DType::F32)? * vae.scaling_factor())?.squeeze(0)?;
+    let latents = vae.to_model_latents(&z.to_dtype(DType::F32)?)?.squeeze(0)?;
     let mask = match mask_values.as_mut() {
         Some(values) => {
             let (bw, bh) = (img.bucket.bucket.0 as usize, img.bucket.bucket.1 as usize);

@@ -1,0 +1,209 @@
+//! Flux.1 parity with diffusers / transformers / sd-scripts on the tiny fixtures of
+//! `tests/parity/make_flux_fixtures.py`: the transformer's forward (dev and schnell, from the
+//! diffusers folder and from BFL's single file), the gradient of every transformer weight, the
+//! T5 encoder with and without its mask, the 16-channel VAE, latent packing and RoPE ids.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use loft_worker::models::flux::{pack_latents, unpack_latents, FluxConfig, FluxInputs, FluxTransformer};
+use loft_worker::models::flux_weights::FluxWeights;
+use loft_worker::models::t5::{T5EncoderModel, T5Tokenizer};
+use loft_worker::models::{AutoencoderKL, ModelLayers};
+
+const TOL: f64 = 1e-5;
+
+fn dev() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(loft_worker::device::test_device).clone()
+}
+
+fn tol() -> f64 {
+    if dev().is_cpu() {
+        TOL
+    } else {
+        TOL * 100.0
+    }
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("tiny-flux-ref.safetensors"), &dev()).unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-6);
+    diff / scale
+}
+
+fn check(name: &str, got: &Tensor, want: &Tensor) {
+    let e = rel_err(got, want);
+    println!("{name}: relative error {e:.3e}");
+    assert!(e <= tol(), "{name}: relative error {e:.3e} > {:e}", tol());
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn run(model: &FluxTransformer, r: &HashMap<String, Tensor>, guidance: bool) -> Tensor {
+    let ts = floats(&r["flux.timestep"]);
+    let g = floats(&r["flux.guidance"]);
+    let inputs = FluxInputs {
+        txt: &r["flux.txt"],
+        pooled: &r["flux.pooled"],
+        timesteps: &ts,
+        guidance: guidance.then_some(g.as_slice()),
+        grid: (2, 3),
+        txt_mask: None,
+    };
+    model.forward(&r["flux.packed"], &inputs).unwrap()
+}
+
+fn diffusers_model(variant: &str) -> FluxTransformer {
+    let dir = fixtures().join(format!("tiny-flux-{variant}/transformer"));
+    let cfg = FluxConfig::from_diffusers_json(&dir.join("config.json")).unwrap();
+    FluxTransformer::new(&cfg, FluxWeights::diffusers_dir(&dir).unwrap().var_builder(DType::F32, &dev())).unwrap()
+}
+
+#[test]
+fn packing_matches_diffusers() {
+    let r = reference();
+    check("pack_latents", &pack_latents(&r["flux.latents"]).unwrap(), &r["flux.packed"]);
+    check("unpack_latents", &unpack_latents(&r["flux.packed"], 4, 6).unwrap(), &r["flux.latents"]);
+}
+
+#[test]
+fn transformer_matches_diffusers_dev_and_schnell() {
+    let r = reference();
+    let dev_model = diffusers_model("dev");
+    assert!(dev_model.config.guidance_embed);
+    check("dev (diffusers folder)", &run(&dev_model, &r, true), &r["dev.out"]);
+    let schnell = diffusers_model("schnell");
+    assert!(!schnell.config.guidance_embed);
+    check("schnell (diffusers folder)", &run(&schnell, &r, false), &r["schnell.out"]);
+    // Plain attention gives the same numbers as the memory-efficient one.
+    dev_model.set_memory_efficient_attention(false);
+    check("dev, plain attention", &run(&dev_model, &r, true), &r["dev.out"]);
+}
+
+#[test]
+fn bfl_single_file_loads_the_same_model() {
+    let r = reference();
+    let weights = FluxWeights::bfl_file(&fixtures().join("tiny-flux-dev.safetensors")).unwrap();
+    let axes = FluxConfig::from_diffusers_json(&fixtures().join("tiny-flux-dev/transformer/config.json")).unwrap().axes_dim;
+    let cfg = weights.config_from_shapes(Some(axes)).unwrap();
+    assert_eq!(cfg, FluxConfig::from_diffusers_json(&fixtures().join("tiny-flux-dev/transformer/config.json")).unwrap());
+    let model = FluxTransformer::new(&cfg, weights.var_builder(DType::F32, &dev())).unwrap();
+    check("dev (BFL file)", &run(&model, &r, true), &r["dev.out"]);
+    // Without a config the 16-wide heads' RoPE axes are unknown: a clear error.
+    let err = FluxWeights::bfl_file(&fixtures().join("tiny-flux-dev.safetensors")).unwrap().config_from_shapes(None).unwrap_err();
+    assert!(err.to_string().contains("RoPE axes"), "{err}");
+    // Flux.1's own sizes come out of full-size shapes.
+    let full = FluxConfig::flux1(true);
+    let shape = |name: &str| -> Option<Vec<usize>> {
+        Some(match name {
+            "img_in.weight" => vec![3072, 64],
+            "double_blocks.0.img_attn.norm.query_norm.scale" => vec![128],
+            "final_layer.linear.weight" => vec![64, 3072],
+            "txt_in.weight" => vec![3072, 4096],
+            "vector_in.in_layer.weight" => vec![3072, 768],
+            "double_blocks.0.img_mlp.0.weight" => vec![12288, 3072],
+            "guidance_in.in_layer.weight" => vec![3072, 256],
+            n if n.starts_with("double_blocks.") && n.ends_with("img_attn.qkv.weight") => {
+                let i: usize = n.split('.').nth(1)?.parse().ok()?;
+                (i < 19).then(|| vec![9216, 3072])?
+            }
+            n if n.starts_with("single_blocks.") && n.ends_with("linear1.weight") => {
+                let i: usize = n.split('.').nth(1)?.parse().ok()?;
+                (i < 38).then(|| vec![21504, 3072])?
+            }
+            _ => return None,
+        })
+    };
+    assert_eq!(FluxConfig::from_bfl_shapes(&shape, None).unwrap(), full);
+}
+
+/// Every transformer weight's gradient of `sum(out · w)` equals PyTorch's (BFL names; the
+/// diffusers q/k/v gradients concatenated as the weights are).
+#[test]
+fn every_transformer_weight_gradient_matches_pytorch() {
+    let r = reference();
+    let cfg = FluxConfig::from_diffusers_json(&fixtures().join("tiny-flux-dev/transformer/config.json")).unwrap();
+    let mut varmap = VarMap::new();
+    let model = FluxTransformer::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev())).unwrap();
+    varmap.load(fixtures().join("tiny-flux-dev.safetensors")).unwrap();
+    let out = run(&model, &r, true);
+    check("dev (VarMap)", &out, &r["dev.out"]);
+    let loss = (out * &r["dev.loss_weights"]).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, var) in data.iter() {
+        let want = r.get(&format!("dev.grad.{name}")).unwrap_or_else(|| panic!("no reference gradient for {name}"));
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let e = rel_err(got, want);
+        assert!(e <= 10.0 * tol(), "{name}: gradient relative error {e:.3e}");
+        checked += 1;
+    }
+    let expected = r.keys().filter(|k| k.starts_with("dev.grad.")).count();
+    assert_eq!(checked, expected, "every weight of the reference has a variable");
+    println!("{checked} weight gradients equal PyTorch's");
+}
+
+#[test]
+fn flux_layers_are_the_linear_layers_under_bfl_names() {
+    let model = diffusers_model("dev");
+    let names: Vec<&str> = model.layers().iter().map(|l| l.name()).collect();
+    for want in ["double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.1.linear1", "single_blocks.0.modulation.lin", "guidance_in.in_layer", "final_layer.adaLN_modulation.1"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(model.layers().iter().all(|l| l.is_linear()));
+}
+
+#[test]
+fn t5_encoder_and_tokenizer_match_transformers() {
+    let r = reference();
+    let dir = fixtures().join("tiny-flux-dev");
+    let tok = T5Tokenizer::from_dir(&dir.join("tokenizer_2")).unwrap();
+    let want_ids: Vec<i64> = r["t5.input_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    let want_mask: Vec<i64> = r["t5.mask"].flatten_all().unwrap().to_vec1().unwrap();
+    let mut ids = vec![];
+    let mut mask = vec![];
+    for p in ["a photo of a cat", "the tiny dog at the sea, 4k"] {
+        let (i, m) = tok.encode(p, 16).unwrap();
+        ids.extend(i);
+        mask.extend(m);
+    }
+    assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), want_ids);
+    assert_eq!(mask.iter().map(|&i| i as i64).collect::<Vec<_>>(), want_mask);
+    let t5 = T5EncoderModel::from_transformers_dir(&dir.join("text_encoder_2"), DType::F32, &dev()).unwrap();
+    let ids = Tensor::from_vec(ids, (2, 16), &dev()).unwrap();
+    let mask = Tensor::from_vec(mask, (2, 16), &dev()).unwrap();
+    check("t5 (no mask)", &t5.forward(&ids, None).unwrap(), &r["t5.out"]);
+    check("t5 (mask)", &t5.forward(&ids, Some(&mask)).unwrap(), &r["t5.out_masked"]);
+}
+
+#[test]
+fn flux_vae_matches_diffusers() {
+    let r = reference();
+    let vae = AutoencoderKL::from_diffusers_dir(&fixtures().join("tiny-flux-dev/vae"), DType::F32, &dev()).unwrap();
+    assert_eq!(vae.config.latent_channels, 16);
+    check("vae encode", &vae.encode(&r["vae.image"]).unwrap(), &r["vae.mean"]);
+    check("vae decode", &vae.decode(&r["vae.latents"]).unwrap(), &r["vae.decode"]);
+    // Flux's latents are shifted then scaled.
+    let z = &r["vae.latents"];
+    let scaled = vae.to_model_latents(z).unwrap();
+    let by_hand = ((z - 0.1159).unwrap() * 0.3611).unwrap();
+    check("to_model_latents", &scaled, &by_hand);
+    check("round trip", &vae.from_model_latents(&scaled).unwrap(), z);
+}
