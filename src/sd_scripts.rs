@@ -1,6 +1,7 @@
 //! A Loft configuration as a kohya sd-scripts run: the `--config_file` TOML for
-//! `train_network.py` (SD 1.x/2.x) or `sdxl_train_network.py`, built from the registry's
-//! `export` names, so a user can take a job to sd-scripts (or compare the two).
+//! `train_network.py` (SD 1.x/2.x), `sdxl_train_network.py` or `flux_train_network.py`
+//! (Flux.1 dev/schnell), built from the registry's `export` names, so a user can take a job to
+//! sd-scripts (or compare the two).
 //!
 //! The configuration is validated and resolved exactly as for training, and only *active*
 //! fields (shown, not greyed) are exported. Values sd-scripts must not receive are left out
@@ -29,7 +30,7 @@ use crate::registry::{Config, FieldError, Kind, Registry};
 /// What an export produced.
 #[derive(Debug, Clone)]
 pub struct SdScriptsConfig {
-    /// `train_network.py` or `sdxl_train_network.py`.
+    /// `train_network.py`, `sdxl_train_network.py` or `flux_train_network.py`.
     pub script: &'static str,
     /// The `--config_file` TOML.
     pub toml: String,
@@ -172,6 +173,26 @@ fn lycoris_algo(algo: &str) -> Option<&'static str> {
     })
 }
 
+/// Whether a `model_family` value is Flux.1 (trained with `flux_train_network.py`).
+fn is_flux_family(family: &str) -> bool {
+    matches!(family, "flux_dev" | "flux_schnell")
+}
+
+/// The `clip_l`, `t5xxl` and `ae` paths sd-scripts' Flux trainer needs, for a Loft Flux model:
+/// the parts of the diffusers FluxPipeline folder, which is the model path itself or, for a
+/// BFL transformer file (`flux1-dev.safetensors`), the folder named like it beside it.
+fn flux_parts(model: &str) -> [(&'static str, String); 3] {
+    let path = Path::new(model);
+    let is_file = !path.is_dir() && path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "safetensors" | "sft" | "ckpt"));
+    let folder = if is_file { path.with_extension("") } else { path.to_path_buf() };
+    let part = |name: &str| folder.join(name).to_string_lossy().into_owned();
+    [("clip_l", part("text_encoder")), ("t5xxl", part("text_encoder_2")), ("ae", part("vae"))]
+}
+
+/// The export's header line that says which Flux.1 model it is for (sd-scripts reads dev or
+/// schnell from the checkpoint; import reads the family back from this line).
+const FAMILY_COMMENT: &str = "# model_family: ";
+
 /// A value as sd-scripts' `network_args` / `optimizer_args` text (`True`, `0.5`, `full`).
 fn arg_text(v: &serde_json::Value) -> String {
     match v {
@@ -265,14 +286,25 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         not_exported.push(("output_dir".to_string(), "empty means the job's own folder in Loft; sd-scripts needs one: add output_dir".to_string()));
     }
     let algo = text("network_algo");
+    let family = text("model_family");
+    let flux = is_flux_family(&family);
     match lycoris_algo(&algo) {
         Some(name) => {
             put("network", "network_module", Toml::String("lycoris.kohya".into()));
             network_args.push(format!("algo={name}"));
         }
+        None if flux => put("network", "network_module", Toml::String("networks.lora_flux".into())),
         None => put("network", "network_module", Toml::String("networks.lora".into())),
     }
-    let family = text("model_family");
+    if flux {
+        // sd-scripts' Flux trainer takes the text encoders and the autoencoder as their own
+        // files; Loft reads them from the model's diffusers folder (Flux's `vae` is `ae`).
+        let model = text("pretrained_model_name_or_path");
+        for (key, path) in flux_parts(&model) {
+            let path = if key == "ae" && !text("vae").is_empty() { text("vae") } else { path };
+            put("model", key, Toml::String(path));
+        }
+    }
     if family == "sd2" {
         put("model", "v2", Toml::Boolean(true));
     }
@@ -291,6 +323,17 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         let Some(value) = active.get(&field.key) else { continue };
         let key = field.key.as_str();
         if dataset_file.is_some() && matches!(key, "train_data_dir" | "reg_data_dir") {
+            continue;
+        }
+        // Flux: the VAE is exported as `ae` (above).
+        if flux && key == "vae" {
+            continue;
+        }
+        // kohya's networks.lora_flux options; LyCORIS has no equivalent.
+        if flux && lycoris_algo(&algo).is_some() && matches!(key, "train_blocks" | "train_t5xxl") {
+            if value != &field.default {
+                not_exported.push((key.to_string(), format!("a networks.lora_flux option; lycoris.kohya ({algo}) has none, so sd-scripts would adapt the default layers")));
+            }
             continue;
         }
         let section = field.section.as_str();
@@ -355,6 +398,8 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         put(section, name, toml_value);
     }
     let preset_file = match lycoris_algo(&algo) {
+        // No Flux layer list: LyCORIS builds its own preset of that name on Flux.
+        Some(_) if flux => None,
         Some(_) => {
             let (name, text) = lycoris_preset_file(&active, &family).map_err(|e| vec![FieldError { field: "lycoris_preset".into(), message: e }])?;
             let path = match Path::new(prompts_file).parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -381,8 +426,24 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         put("optimizer", "optimizer_args", Toml::Array(optimizer_args.into_iter().map(Toml::String).collect()));
     }
 
-    let script = if family == "sdxl" { "sdxl_train_network.py" } else { "train_network.py" };
+    let script = match family.as_str() {
+        "sdxl" => "sdxl_train_network.py",
+        _ if flux => "flux_train_network.py",
+        _ => "train_network.py",
+    };
     let mut out = format!("# sd-scripts configuration exported by Loft.\n# Run: accelerate launch {script} --config_file THIS_FILE\n");
+    if flux {
+        out.push_str(&format!("{FAMILY_COMMENT}{family} (sd-scripts tells dev from schnell by the checkpoint)\n"));
+        out.push_str("# clip_l, t5xxl and ae name the parts of the diffusers Flux folder Loft reads; sd-scripts loads each from one\n");
+        out.push_str("# .safetensors file (BFL/ComfyUI layout): use text_encoder/model.safetensors or clip_l.safetensors, t5xxl_fp16.safetensors\n");
+        out.push_str("# and ae.safetensors (the diffusers T5 is split in shards, and its VAE has other key names).\n");
+        if lycoris_algo(&algo).is_some() {
+            out.push_str(&format!(
+                "# LyCORIS builds its own preset \"{}\" on Flux.1 (Loft writes no Flux layer list), so its layers can differ from Loft's.\n",
+                text("lycoris_preset")
+            ));
+        }
+    }
     if matches!(algo.as_str(), "glora_ex" | "abba") {
         out.push_str(&format!("# network_algo {algo} needs a LyCORIS build that has algo={}.\n", lycoris_algo(&algo).unwrap_or("")));
     }
@@ -417,6 +478,8 @@ pub struct Imported {
 fn loft_algo(module: &str, algo: Option<&str>, has_conv_dim: bool) -> Result<&'static str, String> {
     match (module, algo) {
         ("networks.lora", _) => Ok(if has_conv_dim { "locon" } else { "lora" }),
+        // Flux has no convolutions: kohya's Flux module is always a plain LoRA.
+        ("networks.lora_flux", _) => Ok("lora"),
         ("lycoris.kohya", Some(a)) => match a {
             "lora" | "locon" => Ok("lycoris_locon"),
             "loha" => Ok("loha"),
@@ -432,7 +495,7 @@ fn loft_algo(module: &str, algo: Option<&str>, has_conv_dim: bool) -> Result<&'s
             other => Err(format!("network_args: LyCORIS algo={other} has no Loft equivalent")),
         },
         ("lycoris.kohya", None) => Ok("lycoris_locon"),
-        (other, _) => Err(format!("network_module {other:?}: Loft trains networks.lora and lycoris.kohya networks")),
+        (other, _) => Err(format!("network_module {other:?}: Loft trains networks.lora, networks.lora_flux and lycoris.kohya networks")),
     }
 }
 
@@ -568,8 +631,18 @@ pub fn import(registry: &Registry, text: &str, sample_prompts: Option<&str>, fam
         config.insert("optimizer_args".into(), optimizer_rest.join(" ").into());
     }
     let header_sdxl = text.lines().take(5).any(|l| l.starts_with('#') && l.contains("sdxl_train_network.py"));
+    // Loft's Flux exports say which model; a Flux file is recognised by its script, module or
+    // Flux-only model keys (dev unless told otherwise).
+    let header_family = text.lines().take(5).find_map(|l| l.strip_prefix(FAMILY_COMMENT)).and_then(|r| r.split_whitespace().next()).filter(|f| is_flux_family(f));
+    let flux_file = text.lines().take(5).any(|l| l.starts_with('#') && l.contains("flux_train_network.py"))
+        || module == "networks.lora_flux"
+        || ["t5xxl", "ae", "guidance_scale"].iter().any(|k| flat.contains_key(*k));
     let family = family.map(str::to_string).unwrap_or_else(|| {
-        if header_sdxl {
+        if let Some(f) = header_family {
+            f.to_string()
+        } else if flux_file {
+            "flux_dev".into()
+        } else if header_sdxl {
             "sdxl".into()
         } else if flat.get("v2").and_then(|v| v.as_bool()) == Some(true) {
             "sd2".into()
@@ -577,10 +650,26 @@ pub fn import(registry: &Registry, text: &str, sample_prompts: Option<&str>, fam
             "sd15".into()
         }
     });
+    let flux = is_flux_family(&family);
     config.insert("model_family".into(), family.into());
+    // What a Loft export derives from the model path (Flux's clip_l, t5xxl and ae).
+    let derived = flux_parts(flat.get("pretrained_model_name_or_path").and_then(|v| v.as_str()).unwrap_or(""));
     for (k, v) in &flat {
         match k.as_str() {
             "network_module" | "network_args" | "optimizer_args" | "v2" => continue,
+            "clip_l" | "t5xxl" | "ae" if flux => {
+                let given = v.as_str().unwrap_or("");
+                if derived.iter().any(|(name, path)| name == k && path == given) {
+                    continue;
+                }
+                if k == "ae" {
+                    // A separate autoencoder: Loft's VAE option.
+                    config.insert("vae".into(), given.into());
+                } else {
+                    ignored.push((k.clone(), "Loft reads CLIP-L and T5-XXL from the model's diffusers folder (text_encoder/, text_encoder_2/), not from separate files".into()));
+                }
+                continue;
+            }
             "sdpa" | "xformers" | "mem_eff_attn" => {
                 if v.as_bool() == Some(true) {
                     config.insert("attention".into(), k.as_str().into());
@@ -686,7 +775,8 @@ pub struct ImportArgs {
     /// Where to write the Loft config (registry keys, for `loft train` or a preset).
     #[arg(long)]
     pub out: PathBuf,
-    /// The model family (`sd15`, `sd2`, `sdxl`): sd-scripts files do not say SDXL.
+    /// The model family (`sd15`, `sd2`, `sdxl`, `flux_dev`, `flux_schnell`): sd-scripts files do
+    /// not say SDXL, nor Flux dev or schnell (a Flux file is read as dev unless Loft wrote it).
     #[arg(long)]
     pub family: Option<String>,
 }
@@ -775,6 +865,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Flux.1 exports: flux_train_network.py with networks.lora_flux (LyCORIS keeps
+    /// lycoris.kohya), only sd-scripts arguments, the model's parts as clip_l/t5xxl/ae, the Flux
+    /// options and none of the DDPM ones; kohya LoCon is not a Flux choice.
+    #[test]
+    fn flux_exports_use_the_flux_trainer_and_only_sd_scripts_arguments() {
+        let known = sd_scripts_args();
+        let registry = Registry::embedded().unwrap();
+        let algos: Vec<String> = registry.field("network_algo").unwrap().choices.iter().map(|c| c.value.clone()).filter(|a| a != "locon").collect();
+        for family in ["flux_dev", "flux_schnell"] {
+            for algo in &algos {
+                let (e, flat) = export_of(json!({"model_family": family, "network_algo": algo, "clip_skip": 2, "noise_offset": 0.1}));
+                for k in flat.keys() {
+                    assert!(known.contains(k), "{family}/{algo}: {k} is not an sd-scripts argument");
+                }
+                assert_eq!(e.script, "flux_train_network.py");
+                assert!(e.toml.contains(&format!("{FAMILY_COMMENT}{family} ")), "{}", e.toml);
+                assert_eq!(flat["clip_l"].as_str(), Some("/m/model/text_encoder"), "the folder beside the BFL file");
+                assert_eq!(flat["t5xxl"].as_str(), Some("/m/model/text_encoder_2"));
+                assert_eq!(flat["ae"].as_str(), Some("/m/model/vae"));
+                for k in ["v2", "clip_skip", "noise_offset", "min_snr_gamma", "v_parameterization", "max_token_length", "min_timestep", "vae"] {
+                    assert!(!flat.contains_key(k), "{family}/{algo}: {k} exported");
+                }
+                assert_eq!(flat.contains_key("guidance_scale"), family == "flux_dev", "{family}: guidance only for dev");
+                assert_eq!(flat["timestep_sampling"].as_str(), Some("sigma"));
+                assert_eq!(flat["t5xxl_max_token_length"].as_integer(), Some(if family == "flux_dev" { 512 } else { 256 }));
+                let args: Vec<&str> = flat["network_args"].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap()).collect()).unwrap_or_default();
+                match lycoris_algo(algo) {
+                    None => {
+                        assert_eq!(flat["network_module"].as_str(), Some("networks.lora_flux"));
+                        assert!(args.contains(&"train_blocks=all") && args.contains(&"train_t5xxl=False"), "{args:?}");
+                    }
+                    Some(name) => {
+                        assert_eq!(flat["network_module"].as_str(), Some("lycoris.kohya"));
+                        assert_eq!(args[0], format!("algo={name}"));
+                        assert!(args.contains(&"preset=full") && e.preset_file.is_none(), "LyCORIS's own preset on Flux: {args:?}");
+                        assert!(!args.iter().any(|a| a.starts_with("train_blocks=") || a.starts_with("train_t5xxl=")), "{args:?}");
+                    }
+                }
+            }
+        }
+        // A diffusers folder (a dotted name is not a file), a VAE of the user's own, and LoCon.
+        let (_, flat) = export_of(json!({"model_family": "flux_dev", "pretrained_model_name_or_path": "/m/FLUX.1-dev", "vae": "/v/ae"}));
+        assert_eq!((flat["clip_l"].as_str(), flat["ae"].as_str()), (Some("/m/FLUX.1-dev/text_encoder"), Some("/v/ae")));
+        let mut config = json!({"model_family": "flux_dev", "network_algo": "locon", "pretrained_model_name_or_path": "/m", "train_data_dir": "/d"});
+        let errors = export(&registry, config.as_object().unwrap(), "p.txt").unwrap_err();
+        assert!(errors.iter().any(|e| e.field == "network_algo"), "{errors:?}");
+        // LyCORIS has no train_blocks: a Flux choice it cannot follow is reported.
+        config["network_algo"] = json!("lokr");
+        config["train_blocks"] = json!("single");
+        let e = export(&registry, config.as_object().unwrap(), "p.txt").unwrap();
+        assert!(e.not_exported.iter().any(|(k, _)| k == "train_blocks"), "{:?}", e.not_exported);
+    }
+
+    /// Import reads a Flux export back (family from the header, lora_flux as LoRA, the derived
+    /// clip_l/t5xxl/ae skipped, a separate ae as the VAE), and a foreign Flux file as dev.
+    #[test]
+    fn import_of_a_flux_export_exports_the_same() {
+        let registry = Registry::embedded().unwrap();
+        let algos: Vec<String> = registry.field("network_algo").unwrap().choices.iter().map(|c| c.value.clone()).filter(|a| a != "locon").collect();
+        for family in ["flux_dev", "flux_schnell"] {
+            for algo in &algos {
+                let config = json!({
+                    "model_family": family, "network_algo": algo, "pretrained_model_name_or_path": "/m/flux1.safetensors", "train_data_dir": "/d",
+                    "output_dir": "/o", "network_dim": 12, "guidance_scale": 1.0, "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
+                    "sigmoid_scale": 1.5, "model_prediction_type": "raw", "weighting_scheme": "cosmap", "t5xxl_max_token_length": 128,
+                    "apply_t5_attn_mask": true, "vae": "/v/ae.safetensors", "sample_prompts": "a cat", "seed": 7,
+                });
+                let first = export(&registry, config.as_object().unwrap(), "p.txt").unwrap();
+                let back = import(&registry, &first.toml, first.sample_prompts.as_deref(), None).unwrap_or_else(|e| panic!("{family}/{algo}: {e:?}"));
+                assert!(back.ignored.is_empty(), "{family}/{algo}: {:?}", back.ignored);
+                assert_eq!(back.config["model_family"], family);
+                assert_eq!(back.config["network_algo"], algo.as_str());
+                assert_eq!(back.config["vae"], "/v/ae.safetensors");
+                let second = export(&registry, &back.config, "p.txt").unwrap();
+                assert_eq!(first.toml, second.toml, "{family}/{algo}");
+            }
+        }
+        let text = "pretrained_model_name_or_path = \"/m/flux1-dev.safetensors\"\nclip_l = \"/te/clip_l.safetensors\"\nt5xxl = \"/te/t5xxl_fp16.safetensors\"\nae = \"/m/flux1-dev/vae\"\nnetwork_module = \"networks.lora_flux\"\nguidance_scale = 1.0\n";
+        let got = import(&registry, text, None, None).unwrap();
+        assert_eq!((got.config["model_family"].clone(), got.config["network_algo"].clone()), (json!("flux_dev"), json!("lora")));
+        assert!(!got.config.contains_key("vae"), "the folder's own vae/ is no separate VAE");
+        let ignored: Vec<&str> = got.ignored.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(ignored.contains(&"clip_l") && ignored.contains(&"t5xxl"), "{ignored:?}");
     }
 
     #[test]

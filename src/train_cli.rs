@@ -146,8 +146,12 @@ pub struct SampleArgs {
     pub negative: String,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 7.0)]
-    pub cfg: f64,
+    /// Classifier-free guidance scale (default 7; Flux: 1, i.e. no negative prompt pass).
+    #[arg(long)]
+    pub cfg: Option<f64>,
+    /// Flux dev's embedded guidance scale (sd-scripts' `--g`).
+    #[arg(long, default_value_t = 3.5)]
+    pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Defaults to the family's resolution (512, 768 for SD 2.x, 1024 for SDXL).
@@ -195,6 +199,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         loft_worker::models::ModelFamily::Sd15 => 512,
         loft_worker::models::ModelFamily::Sd2 => 768,
         loft_worker::models::ModelFamily::Sdxl => 1024,
+        loft_worker::models::ModelFamily::FluxDev | loft_worker::models::ModelFamily::FluxSchnell => 1024,
     };
     let request = SampleRequest {
         prompt: args.prompt.clone(),
@@ -202,8 +207,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         width: args.width.unwrap_or(default_size),
         height: args.height.unwrap_or(default_size),
         steps: args.steps,
-        cfg: args.cfg,
+        cfg: args.cfg.unwrap_or(if model.family.is_flux() { 1.0 } else { 7.0 }),
         seed: args.seed,
+        guidance: args.guidance,
     };
     if request.width % 8 != 0 || request.height % 8 != 0 {
         bail!("--width and --height must be multiples of 8");

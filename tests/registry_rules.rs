@@ -69,7 +69,7 @@ fn algorithm_choices_are_the_thirteen() {
     let values: Vec<String> = r.field("network_algo").unwrap().choices.iter().map(|c| c.value.clone()).collect();
     assert_eq!(values, ALGOS);
     let families: Vec<String> = r.field("model_family").unwrap().choices.iter().map(|c| c.value.clone()).collect();
-    assert_eq!(families, ["sd15", "sd2", "sdxl"]);
+    assert_eq!(families, ["sd15", "sd2", "sdxl", "flux_dev", "flux_schnell"]);
 }
 
 #[test]
@@ -130,6 +130,102 @@ fn clip_skip_is_greyed_for_sdxl_and_keeps_its_value() {
     let sdxl = clip("sdxl");
     assert!(sdxl.visible && !sdxl.enabled, "greyed, still shown");
     assert_eq!(sdxl.value, json!(2), "value kept");
+}
+
+/// Every visible field of every section for a configuration.
+fn visible_fields(r: &Registry, pairs: &[(&str, Value)]) -> BTreeSet<String> {
+    let cfg = config(pairs);
+    r.sections.iter().flat_map(|s| r.evaluate_section(s, &cfg)).filter(|f| f.visible).map(|f| f.key).collect()
+}
+
+const FLUX_FIELDS: &[&str] = &[
+    "guidance_scale",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "weighting_scheme",
+    "t5xxl_max_token_length",
+    "apply_t5_attn_mask",
+    "train_t5xxl",
+    "train_blocks",
+];
+
+/// DDPM-only and convolution options, hidden for Flux.1.
+const NOT_FLUX: &[&str] = &[
+    "clip_skip",
+    "v_parameterization",
+    "min_snr_gamma",
+    "noise_offset",
+    "adaptive_noise_scale",
+    "noise_offset_random_strength",
+    "multires_noise_iterations",
+    "multires_noise_discount",
+    "zero_terminal_snr",
+    "v_pred_like_loss",
+    "debiased_estimation_loss",
+    "scale_v_pred_loss_like_noise_pred",
+    "min_timestep",
+    "max_timestep",
+    "max_token_length",
+    "weighted_captions",
+    "sample_sampler",
+];
+
+#[test]
+fn flux_shows_its_options_and_hides_the_ddpm_ones() {
+    let r = registry();
+    let dev = visible_fields(&r, &[("model_family", json!("flux_dev")), ("network_algo", json!("lycoris_locon"))]);
+    for key in FLUX_FIELDS {
+        assert!(dev.contains(*key), "{key} shown for flux_dev");
+    }
+    for key in NOT_FLUX.iter().chain(&["conv_dim", "conv_alpha", "use_tucker"]) {
+        assert!(!dev.contains(*key), "{key} hidden for flux_dev");
+    }
+    // Options that follow the sampling and weighting choices (sigma + uniform by default).
+    for key in ["sigmoid_scale", "logit_mean", "logit_std", "mode_scale"] {
+        assert!(!dev.contains(key), "{key} hidden for the default sigma sampling / uniform weighting");
+    }
+    let sigmoid = visible_fields(&r, &[("model_family", json!("flux_dev")), ("timestep_sampling", json!("sigmoid"))]);
+    assert!(sigmoid.contains("sigmoid_scale") && !sigmoid.contains("discrete_flow_shift"));
+    let logit = visible_fields(&r, &[("model_family", json!("flux_dev")), ("weighting_scheme", json!("logit_normal"))]);
+    assert!(logit.contains("logit_mean") && logit.contains("logit_std") && !logit.contains("mode_scale"));
+    let mode = visible_fields(&r, &[("model_family", json!("flux_dev")), ("weighting_scheme", json!("mode")), ("timestep_sampling", json!("uniform"))]);
+    assert!(!mode.contains("mode_scale"), "mode weighting draws timesteps only with sigma sampling");
+
+    // Schnell has no guidance input; the rest is as for dev.
+    let schnell = visible_fields(&r, &[("model_family", json!("flux_schnell"))]);
+    assert!(!schnell.contains("guidance_scale") && schnell.contains("timestep_sampling") && !schnell.contains("clip_skip"));
+
+    // SD 1.5 shows none of the Flux options and all the DDPM ones.
+    let sd15 = visible_fields(&r, &[("model_family", json!("sd15")), ("network_algo", json!("lycoris_locon"))]);
+    for key in FLUX_FIELDS.iter().chain(&["sigmoid_scale", "logit_mean", "logit_std", "mode_scale"]) {
+        assert!(!sd15.contains(*key), "{key} hidden for sd15");
+    }
+    for key in NOT_FLUX.iter().chain(&["conv_dim", "conv_alpha", "use_tucker"]) {
+        assert!(sd15.contains(*key), "{key} shown for sd15");
+    }
+
+    // Per-family defaults.
+    let dev = r.resolve(&config(&[("model_family", json!("flux_dev"))]));
+    let schnell = r.resolve(&config(&[("model_family", json!("flux_schnell"))]));
+    assert_eq!((dev["resolution"].clone(), dev["max_bucket_reso"].clone(), dev["gradient_checkpointing"].clone()), (json!(1024), json!(2048), json!(true)));
+    assert_eq!((dev["t5xxl_max_token_length"].clone(), schnell["t5xxl_max_token_length"].clone()), (json!(512), json!(256)));
+    assert_eq!((dev["timestep_sampling"].clone(), dev["model_prediction_type"].clone(), dev["guidance_scale"].clone()), (json!("sigma"), json!("sigma_scaled"), json!(3.5)));
+
+    // A hidden DDPM value is kept but not used: it is neither validated nor sent to the engine.
+    let set = config(&[("model_family", json!("flux_dev")), ("clip_skip", json!(2)), ("min_snr_gamma", json!(5.0)), ("pretrained_model_name_or_path", json!("/m")), ("train_data_dir", json!("/d"))]);
+    let active = loft::jobs::config::validated_active(&r, &set).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(!active.contains_key("clip_skip") && !active.contains_key("min_snr_gamma"), "{active:?}");
+    assert_eq!(active["guidance_scale"], json!(3.5));
+
+    // Flux offers no kohya LoCon (no convolutions) and no SNR Huber schedule.
+    let errors = r.validate(&config(&[("model_family", json!("flux_dev")), ("network_algo", json!("locon"))]));
+    assert!(errors.iter().any(|e| e.field == "network_algo"), "{errors:?}");
+    let huber = |schedule: &str| r.validate(&config(&[("model_family", json!("flux_dev")), ("loss_type", json!("huber")), ("huber_schedule", json!(schedule))]));
+    assert!(huber("snr").iter().any(|e| e.field == "huber_schedule"));
+    assert!(!huber("exponential").iter().any(|e| e.field == "huber_schedule"), "{:?}", huber("exponential"));
+    let resolved = r.resolve(&config(&[("model_family", json!("flux_dev")), ("loss_type", json!("huber"))]));
+    assert_eq!(resolved["huber_schedule"], json!("exponential"));
 }
 
 #[test]

@@ -81,3 +81,72 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// sd-scripts flattens one level of tables.
+fn flat_toml(text: &str) -> toml::Table {
+    let parsed: toml::Table = toml::from_str(text).unwrap();
+    let mut flat = toml::Table::new();
+    for (k, v) in parsed {
+        match v {
+            toml::Value::Table(t) => flat.extend(t),
+            other => {
+                flat.insert(k, other);
+            }
+        }
+    }
+    flat
+}
+
+/// A Flux.1 export names sd-scripts' Flux trainer and LoRA module, carries the Flux options
+/// and the model's parts, leaves the DDPM options out, and imports back as the same job.
+#[test]
+fn a_flux_export_names_the_flux_trainer_and_carries_its_options() {
+    use loft::registry::Registry;
+    use loft::sd_scripts::{export, import};
+    use serde_json::json;
+
+    let registry = Registry::embedded().unwrap();
+    let config = json!({
+        "model_family": "flux_dev", "pretrained_model_name_or_path": "/models/FLUX.1-dev", "train_data_dir": "/nowhere/data",
+        "output_dir": "/o", "mixed_precision": "bf16", "guidance_scale": 1.0, "timestep_sampling": "shift", "discrete_flow_shift": 3.1582,
+        "model_prediction_type": "raw", "train_blocks": "single", "clip_skip": 2, "min_snr_gamma": 5.0,
+    });
+    let e = export(&registry, config.as_object().unwrap(), "/o/prompts.txt").unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(e.script, "flux_train_network.py");
+    assert!(e.toml.contains("accelerate launch flux_train_network.py"), "{}", e.toml);
+    let flat = flat_toml(&e.toml);
+    assert_eq!(flat["network_module"].as_str(), Some("networks.lora_flux"));
+    assert_eq!(flat["guidance_scale"].as_float(), Some(1.0));
+    assert_eq!(flat["timestep_sampling"].as_str(), Some("shift"));
+    assert_eq!(flat["discrete_flow_shift"].as_float(), Some(3.1582));
+    assert_eq!(flat["sigmoid_scale"].as_float(), Some(1.0), "used by shift sampling");
+    assert_eq!(flat["model_prediction_type"].as_str(), Some("raw"));
+    assert_eq!(flat["t5xxl_max_token_length"].as_integer(), Some(512));
+    assert_eq!(flat["pretrained_model_name_or_path"].as_str(), Some("/models/FLUX.1-dev"));
+    assert_eq!(flat["clip_l"].as_str(), Some("/models/FLUX.1-dev/text_encoder"));
+    assert_eq!(flat["t5xxl"].as_str(), Some("/models/FLUX.1-dev/text_encoder_2"));
+    assert_eq!(flat["ae"].as_str(), Some("/models/FLUX.1-dev/vae"));
+    let args: Vec<&str> = flat["network_args"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(args.contains(&"train_blocks=single") && args.contains(&"train_t5xxl=False"), "{args:?}");
+    for key in ["clip_skip", "min_snr_gamma", "v_parameterization", "noise_offset", "max_token_length", "logit_mean", "mode_scale", "v2"] {
+        assert!(!flat.contains_key(key), "{key} exported:\n{}", e.toml);
+    }
+
+    // Read back as the same Flux job.
+    let back = import(&registry, &e.toml, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(back.ignored.is_empty(), "{:?}", back.ignored);
+    assert_eq!(back.config["model_family"], json!("flux_dev"));
+    assert_eq!(back.config["network_algo"], json!("lora"));
+    assert_eq!(back.config["train_blocks"], json!("single"));
+    let again = export(&registry, &back.config, "/o/prompts.txt").unwrap();
+    assert_eq!(again.toml, e.toml);
+
+    // Schnell: no guidance input, 256 T5 tokens; the family survives the round trip.
+    let mut schnell = config.clone();
+    schnell["model_family"] = json!("flux_schnell");
+    let e = export(&registry, schnell.as_object().unwrap(), "/o/prompts.txt").unwrap();
+    let flat = flat_toml(&e.toml);
+    assert!(!flat.contains_key("guidance_scale"), "{}", e.toml);
+    assert_eq!(flat["t5xxl_max_token_length"].as_integer(), Some(256));
+    assert_eq!(import(&registry, &e.toml, None, None).unwrap().config["model_family"], json!("flux_schnell"));
+}

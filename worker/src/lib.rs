@@ -1,5 +1,6 @@
 pub mod data;
 pub mod device;
+pub mod flow;
 pub mod grad_checkpoint;
 pub mod kernels;
 pub mod linalg;

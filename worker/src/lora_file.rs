@@ -72,6 +72,8 @@ pub enum BaseModelVersion {
     /// SD 2.x with v-parameterization (`sd_v2_v`).
     SdV2V,
     SdxlBase,
+    /// Flux.1 dev or schnell (`flux1`, sd-scripts' `MODEL_VERSION_FLUX_V1`).
+    Flux1,
 }
 
 impl BaseModelVersion {
@@ -81,6 +83,7 @@ impl BaseModelVersion {
             BaseModelVersion::SdV2 => "sd_v2",
             BaseModelVersion::SdV2V => "sd_v2_v",
             BaseModelVersion::SdxlBase => "sdxl_base_v1-0",
+            BaseModelVersion::Flux1 => "flux1",
         }
     }
 
@@ -90,6 +93,7 @@ impl BaseModelVersion {
             "sd_v2" => BaseModelVersion::SdV2,
             "sd_v2_v" => BaseModelVersion::SdV2V,
             "sdxl_base_v1-0" => BaseModelVersion::SdxlBase,
+            "flux1" => BaseModelVersion::Flux1,
             _ => return None,
         })
     }

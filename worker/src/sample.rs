@@ -39,13 +39,16 @@ pub struct SampleRequest {
     pub width: u32,
     pub height: u32,
     pub steps: usize,
+    /// Classifier-free guidance scale (`--l`; Flux: true CFG with the negative prompt when ≠ 1).
     pub cfg: f64,
     pub seed: u64,
+    /// Flux dev's distilled guidance (`--g`, 3.5 as sd-scripts); schnell ignores it.
+    pub guidance: f64,
 }
 
 impl SampleRequest {
     pub fn new(prompt: &str) -> Self {
-        SampleRequest { prompt: prompt.into(), negative: String::new(), width: 512, height: 512, steps: 20, cfg: 7.0, seed: 0 }
+        SampleRequest { prompt: prompt.into(), negative: String::new(), width: 512, height: 512, steps: 20, cfg: 7.0, seed: 0, guidance: 3.5 }
     }
 }
 
@@ -69,7 +72,8 @@ pub fn parse_prompt_line(line: &str, defaults: &SampleRequest) -> Result<SampleR
             "d" => req.seed = num("seed")? as u64,
             "l" => req.cfg = num("CFG scale")?,
             "s" => req.steps = num("steps")? as usize,
-            other => bail!("sample prompt {line:?}: unknown option --{other} (known: --n --w --h --d --l --s)"),
+            "g" => req.guidance = num("guidance scale")?,
+            other => bail!("sample prompt {line:?}: unknown option --{other} (known: --n --w --h --d --l --s --g)"),
         }
     }
     if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
@@ -100,7 +104,7 @@ fn leading_timesteps(num_train: usize, steps: usize, offset: usize) -> Vec<usize
 pub fn sample_image(model: &StableDiffusion, schedule: &NoiseSchedule, sampler: Sampler, req: &SampleRequest, clip_skip: usize) -> Result<Tensor> {
     let factor = 2usize.pow(model.vae.config.block_out_channels.len().saturating_sub(1) as u32);
     let (h, w) = (req.height as usize / factor, req.width as usize / factor);
-    let channels = model.unet.config.in_channels;
+    let channels = model.denoiser.latent_channels();
     let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
     let noise = randn(&mut rng, &[1, channels, h, w], model.device())?;
     sample_image_from_noise(model, schedule, sampler, req, clip_skip, noise)
@@ -116,6 +120,9 @@ pub fn sample_image_from_noise(
     clip_skip: usize,
     noise: Tensor,
 ) -> Result<Tensor> {
+    if model.family.is_flux() {
+        return flux_sample(model, req, noise);
+    }
     let device = model.device().clone();
     let dtype = model.dtype();
     let guided = req.cfg != 1.0;
@@ -134,7 +141,7 @@ pub fn sample_image_from_noise(
     let predict = |x: &Tensor, t: usize| -> Result<Tensor> {
         let xin = if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() };
         let ts = Tensor::new(vec![t as f32; n], &device)?;
-        let out = model.unet.forward(&xin.to_dtype(dtype)?, &ts, &embeds.hidden, added.as_ref())?.to_dtype(DType::F32)?;
+        let out = model.unet().forward(&xin.to_dtype(dtype)?, &ts, &embeds.hidden, added.as_ref())?.to_dtype(DType::F32)?;
         if guided {
             let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
             Ok((&u + ((c - &u)? * req.cfg)?)?)
@@ -181,6 +188,47 @@ pub fn sample_image_from_noise(
             x
         }
     };
+    let z = model.vae.from_model_latents(&latents)?;
+    let image = model.vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)
+}
+
+/// Flux: sd-scripts' `denoise` — Euler steps `x += (t_next − t)·v` over the shifted schedule
+/// (`get_schedule(steps, tokens, shift=True)`), dev's guidance embedded, true CFG with the
+/// negative prompt when `cfg` ≠ 1 — on packed latents; then unpacked and decoded.
+fn flux_sample(model: &StableDiffusion, req: &SampleRequest, noise: Tensor) -> Result<Tensor> {
+    let Some(flux) = model.flux() else { bail!("not a Flux model") };
+    let dtype = model.dtype();
+    let (_, _, h, w) = noise.dims4()?;
+    let guided = req.cfg != 1.0;
+    let prompts = if guided { vec![req.negative.clone(), req.prompt.clone()] } else { vec![req.prompt.clone()] };
+    let embeds = model.encode_prompts(&prompts, 1, 75)?;
+    let n = prompts.len();
+    let Some(pooled) = embeds.pooled.clone() else { bail!("flux: no pooled text embedding") };
+    let mut x = crate::models::flux::pack_latents(&noise.to_dtype(DType::F32)?)?;
+    let schedule = crate::flow::sampling_schedule(req.steps, x.dim(1)?, true);
+    let guidance = vec![req.guidance as f32; n];
+    for pair in schedule.windows(2) {
+        let (t, t_next) = (pair[0], pair[1]);
+        let xin = if guided { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
+        let inputs = crate::models::flux::FluxInputs {
+            txt: &embeds.hidden,
+            pooled: &pooled,
+            timesteps: &vec![t as f32; n],
+            guidance: Some(&guidance),
+            grid: (h / 2, w / 2),
+            txt_mask: embeds.mask.as_ref(),
+        };
+        let out = flux.forward(&xin.to_dtype(dtype)?, &inputs)?.to_dtype(DType::F32)?;
+        let v = if guided {
+            let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+            (&u + ((c - &u)? * req.cfg)?)?
+        } else {
+            out
+        };
+        x = (x + (v * (t_next - t))?)?;
+    }
+    let latents = crate::models::flux::unpack_latents(&x, h, w)?;
     let z = model.vae.from_model_latents(&latents)?;
     let image = model.vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
     Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)

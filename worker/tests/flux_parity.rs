@@ -207,3 +207,54 @@ fn flux_vae_matches_diffusers() {
     check("to_model_latents", &scaled, &by_hand);
     check("round trip", &vae.from_model_latents(&scaled).unwrap(), z);
 }
+
+/// σ sampling, noisy inputs, the prediction types and the weightings equal sd-scripts'
+/// functions (`flux_train_utils.py`, run by the fixture script on the same draws).
+#[test]
+fn objective_matches_sd_scripts() {
+    use loft_worker::flow::{noisy_input, sampling_schedule, Draws, FlowOptions};
+    let r = reference();
+    let draws = Draws { uniform: floats(&r["obj.rand"]).iter().map(|&v| v as f64).collect(), normal: floats(&r["obj.randn"]).iter().map(|&v| v as f64).collect() };
+    let latents = &r["obj.latents"];
+    let noise = &r["obj.noise"];
+    let (_, _, h, w) = latents.dims4().unwrap();
+    let base = FlowOptions::default();
+    let cases: Vec<(&str, FlowOptions)> = vec![
+        ("sigma", base.clone()),
+        ("sigma_logit", FlowOptions { weighting_scheme: "logit_normal".into(), logit_mean: 0.2, logit_std: 1.3, ..base.clone() }),
+        ("sigma_mode", FlowOptions { weighting_scheme: "mode".into(), ..base.clone() }),
+        ("uniform", FlowOptions { timestep_sampling: "uniform".into(), model_prediction_type: "raw".into(), ..base.clone() }),
+        ("sigmoid", FlowOptions { timestep_sampling: "sigmoid".into(), sigmoid_scale: 1.7, model_prediction_type: "additive".into(), ..base.clone() }),
+        ("shift", FlowOptions { timestep_sampling: "shift".into(), discrete_flow_shift: 3.1582, sigmoid_scale: 1.2, ..base.clone() }),
+        ("flux_shift", FlowOptions { timestep_sampling: "flux_shift".into(), weighting_scheme: "cosmap".into(), ..base.clone() }),
+        ("sigma_sqrt", FlowOptions { timestep_sampling: "uniform".into(), weighting_scheme: "sigma_sqrt".into(), ..base.clone() }),
+    ];
+    for (name, opts) in cases {
+        opts.check().unwrap();
+        let sigmas = opts.sigmas(&draws, h, w);
+        let want: Vec<f32> = floats(&r[&format!("obj.{name}.sigmas")]);
+        for (got, want) in sigmas.iter().zip(&want) {
+            assert!((*got as f32 - want).abs() <= 1e-6, "{name}: σ {got} vs sd-scripts {want}");
+        }
+        let sigma_t = Tensor::from_vec(sigmas.iter().map(|&s| s as f32).collect::<Vec<_>>(), (sigmas.len(), 1, 1, 1), &dev()).unwrap();
+        let noisy = noisy_input(latents, noise, &sigma_t).unwrap();
+        check(&format!("{name} noisy"), &noisy, &r[&format!("obj.{name}.noisy")]);
+        check(&format!("{name} model_pred"), &opts.apply_prediction_type(&r["obj.pred"], &noisy, &sigma_t).unwrap(), &r[&format!("obj.{name}.model_pred")]);
+        let weights: Vec<f32> = sigmas.iter().map(|&s| opts.weighting(s) as f32).collect();
+        let want_w = floats(&r[&format!("obj.{name}.weighting")]);
+        for (g, w) in weights.iter().zip(&want_w) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{name}: weighting {g} vs {w}");
+        }
+    }
+    // The target is noise − latents.
+    check("target", &(noise - latents).unwrap(), &r["obj.target"]);
+    // The sampling schedules.
+    for (key, steps, seq, shift) in [("obj.schedule_shift", 5, 6, true), ("obj.schedule_plain", 5, 6, false), ("obj.schedule_1024", 28, 4096, true)] {
+        let got = sampling_schedule(steps, seq, shift);
+        let want = floats(&r[key]);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f32 - w).abs() <= 1e-6, "{key}: {g} vs {w}");
+        }
+    }
+}

@@ -16,16 +16,16 @@ fn frozen_weights_are_fp8_and_the_model_still_predicts() {
     let x = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
     let hidden = model.encode_prompts(&["a photo".to_string()], 1, 75).unwrap().hidden;
     let ts = Tensor::new(&[500f32], &Device::Cpu).unwrap();
-    let before = model.unet.forward(&x, &ts, &hidden, None).unwrap().to_dtype(DType::F32).unwrap();
+    let before = model.unet().forward(&x, &ts, &hidden, None).unwrap().to_dtype(DType::F32).unwrap();
     let n = model.store_frozen_weights_in(DType::F8E4M3).unwrap();
-    let linear_or_conv = model.unet.layers().iter().chain(model.text_encoders[0].layers()).filter(|l| l.is_linear() || l.is_conv()).count();
+    let linear_or_conv = model.unet().layers().iter().chain(model.text_encoders[0].layers()).filter(|l| l.is_linear() || l.is_conv()).count();
     assert_eq!(n, linear_or_conv);
-    for l in model.unet.layers() {
+    for l in model.unet().layers() {
         let expected = if l.is_linear() || l.is_conv() { DType::F8E4M3 } else { DType::F16 };
         assert_eq!(l.base().weight.dtype(), expected, "{}", l.name());
     }
     let hidden = model.encode_prompts(&["a photo".to_string()], 1, 75).unwrap().hidden;
-    let after = model.unet.forward(&x, &ts, &hidden, None).unwrap().to_dtype(DType::F32).unwrap();
+    let after = model.unet().forward(&x, &ts, &hidden, None).unwrap().to_dtype(DType::F32).unwrap();
     let rel = ((&after - &before).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
         / before.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
     .sqrt();

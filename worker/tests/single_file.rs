@@ -258,6 +258,7 @@ fn full_size(family: ModelFamily) -> (UNetConfig, Vec<(ClipTextConfig, bool)>, V
             vec![(clip(768, 12, "quick_gelu", 768, false), false), (clip(1280, 32, "gelu", 1280, true), true)],
             sd_vae(0.13025),
         ),
+        ModelFamily::FluxDev | ModelFamily::FluxSchnell => unreachable!("Flux has no LDM single file"),
     }
 }
 
@@ -585,11 +586,11 @@ fn bench_child() {
             let e = m.encode_prompts(&["a photo of a cat".to_string()], 1, 75).unwrap();
             let x = candle_core::Tensor::zeros((1, 4, 8, 8), DType::F32, &cpu()).unwrap();
             let t = candle_core::Tensor::new(&[500f32], &cpu()).unwrap();
-            let out = m.unet.forward(&x, &t, &e.hidden, None).unwrap();
+            let out = m.unet().forward(&x, &t, &e.hidden, None).unwrap();
             assert_eq!(out.dtype(), DType::F32);
             let te = &m.text_encoders[0].config;
             let emb = (te.vocab_size + te.max_position_embeddings) * te.hidden_size;
-            let n = count(m.unet.layers()) + count(m.text_encoders[0].layers()) + emb + count(m.vae.layers());
+            let n = count(m.unet().layers()) + count(m.text_encoders[0].layers()) + emb + count(m.vae.layers());
             ("Loft f16 weights computed in f32 (load + encode + one UNet step)".to_string(), n, 2)
         }
         "candle-f32" => {

@@ -75,7 +75,7 @@ fn probe_loss(model: &StableDiffusion, captions: &[String]) -> f64 {
         let noisy = schedule.add_noise(&latents, &noise, &ts).unwrap();
         let e = model.encode_prompts(captions, 1, 75).unwrap();
         let t = Tensor::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dev).unwrap();
-        let pred = model.unet.forward(&noisy, &t, &e.hidden, None).unwrap();
+        let pred = model.unet().forward(&noisy, &t, &e.hidden, None).unwrap();
         let loss = diffusion_loss(&LossOptions::default(), &schedule, &pred, &noise, &ts, &vec![1.0; captions.len()], None).unwrap();
         total += loss.to_scalar::<f32>().unwrap() as f64;
     }
@@ -320,7 +320,7 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
         let loss_of = || -> Tensor {
             let e = model.encode_prompts(&captions, 1, 75).unwrap();
             let added = model.added_cond(e.pooled.as_ref(), &time_ids).unwrap();
-            let pred = model.unet.forward(&latents, &t, &e.hidden, added.as_ref()).unwrap();
+            let pred = model.unet().forward(&latents, &t, &e.hidden, added.as_ref()).unwrap();
             pred.sqr().unwrap().mean_all().unwrap()
         };
         let checkpointing = GradientCheckpointing::new(&dev, &vars).unwrap();

@@ -57,6 +57,13 @@ pub enum ModelFamily {
     Sd2,
     /// SDXL: CLIP-L + OpenCLIP ViT-bigG, `text_time` added conditions.
     Sdxl,
+    /// Flux.1 dev: the flow-matching transformer with a guidance embedding; T5-XXL + CLIP-L's
+    /// pooled output; 16-channel VAE.
+    #[serde(rename = "flux_dev")]
+    FluxDev,
+    /// Flux.1 schnell: as dev without the guidance embedding.
+    #[serde(rename = "flux_schnell")]
+    FluxSchnell,
 }
 
 impl ModelFamily {
@@ -65,7 +72,14 @@ impl ModelFamily {
             ModelFamily::Sd15 => "sd15",
             ModelFamily::Sd2 => "sd2",
             ModelFamily::Sdxl => "sdxl",
+            ModelFamily::FluxDev => "flux_dev",
+            ModelFamily::FluxSchnell => "flux_schnell",
         }
+    }
+
+    /// Flux.1 (dev or schnell): a transformer trained by flow matching, not a DDPM UNet.
+    pub fn is_flux(self) -> bool {
+        matches!(self, ModelFamily::FluxDev | ModelFamily::FluxSchnell)
     }
 
     /// The family of a diffusers pipeline from its text encoders: two means SDXL; OpenCLIP's
@@ -85,6 +99,8 @@ impl ModelFamily {
             "sd15" | "sd1" | "sd1.5" | "v1" => Some(ModelFamily::Sd15),
             "sd2" | "sd21" | "v2" => Some(ModelFamily::Sd2),
             "sdxl" => Some(ModelFamily::Sdxl),
+            "flux_dev" | "flux" | "flux1" | "flux-dev" => Some(ModelFamily::FluxDev),
+            "flux_schnell" | "flux-schnell" => Some(ModelFamily::FluxSchnell),
             _ => None,
         }
     }

@@ -12,6 +12,9 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::clip::ClipTextModel;
+use super::flux::{FluxConfig, FluxTransformer};
+use super::flux_weights::FluxWeights;
+use super::t5::{T5EncoderModel, T5Tokenizer};
 use super::config::read_json;
 use super::layers::Layer;
 use super::ldm_names::UNetLayout;
@@ -89,20 +92,109 @@ pub struct NamedLayer {
     pub layer: Arc<Layer>,
 }
 
-/// Encoded prompts, ready for the UNet.
+/// Encoded prompts, ready for the UNet or the Flux transformer.
 #[derive(Clone, Debug)]
 pub struct PromptEmbeds {
-    /// `(B, N, cross_attention_dim)`.
+    /// `(B, N, cross_attention_dim)`; Flux: T5's states `(B, L, 4096)`.
     pub hidden: Tensor,
-    /// SDXL: the second encoder's projected pooled output `(B, 1280)`.
+    /// SDXL: the second encoder's projected pooled output `(B, 1280)`; Flux: CLIP-L's pooled
+    /// output `(B, 768)`.
     pub pooled: Option<Tensor>,
+    /// Flux with `apply_t5_attn_mask`: T5's `(B, L)` token mask (1 = token, 0 = padding).
+    pub mask: Option<Tensor>,
+}
+
+impl PromptEmbeds {
+    /// Detached copies (for caching).
+    pub fn detach(&self) -> Self {
+        PromptEmbeds { hidden: self.hidden.detach(), pooled: self.pooled.as_ref().map(|p| p.detach()), mask: self.mask.as_ref().map(|m| m.detach()) }
+    }
+
+    /// The batch of several encodings, in order.
+    pub fn cat(parts: &[PromptEmbeds]) -> Result<Self> {
+        let hidden = Tensor::cat(&parts.iter().map(|p| p.hidden.clone()).collect::<Vec<_>>(), 0)?;
+        let some = |v: Vec<Option<Tensor>>| -> Result<Option<Tensor>> {
+            if v.iter().all(|t| t.is_some()) && !v.is_empty() {
+                Ok(Some(Tensor::cat(&v.into_iter().flatten().collect::<Vec<_>>(), 0)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(PromptEmbeds {
+            hidden,
+            pooled: some(parts.iter().map(|p| p.pooled.clone()).collect())?,
+            mask: some(parts.iter().map(|p| p.mask.clone()).collect())?,
+        })
+    }
+}
+
+/// The denoiser of a model: a UNet (SD 1.x/2.x/XL) or the Flux transformer.
+pub enum Denoiser {
+    Unet(UNet2DConditionModel),
+    Flux(FluxTransformer),
+}
+
+impl Denoiser {
+    pub fn device(&self) -> &Device {
+        match self {
+            Denoiser::Unet(u) => u.device(),
+            Denoiser::Flux(f) => f.device(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Denoiser::Unet(u) => u.dtype(),
+            Denoiser::Flux(f) => f.dtype(),
+        }
+    }
+
+    pub fn layers(&self) -> &[Arc<Layer>] {
+        match self {
+            Denoiser::Unet(u) => u.layers(),
+            Denoiser::Flux(f) => f.layers(),
+        }
+    }
+
+    pub fn set_memory_efficient_attention(&self, on: bool) {
+        match self {
+            Denoiser::Unet(u) => u.set_memory_efficient_attention(on),
+            Denoiser::Flux(f) => f.set_memory_efficient_attention(on),
+        }
+    }
+
+    /// Latent channels the denoiser works on (Flux: before packing).
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Denoiser::Unet(u) => u.config.in_channels,
+            Denoiser::Flux(f) => f.config.in_channels / 4,
+        }
+    }
+}
+
+/// Flux's T5 encoder and how prompts go through it.
+pub struct FluxText {
+    pub t5: T5EncoderModel,
+    pub tokenizer: T5Tokenizer,
+    /// T5 tokens per prompt (`t5xxl_max_token_length`: 512 dev, 256 schnell).
+    pub max_length: usize,
+    /// `apply_t5_attn_mask`: padding gets no attention in T5 and in the transformer.
+    pub apply_mask: bool,
+    /// `train_t5xxl`: T5's layers are offered to the network (`lora_te3_…`).
+    pub trainable: bool,
+    /// `train_blocks`: which transformer blocks are offered to the network (`all`, `double`,
+    /// `single`; sd-scripts' `lora_flux` network argument).
+    pub train_blocks: String,
 }
 
 /// A loaded Stable Diffusion model.
 pub struct StableDiffusion {
     pub family: ModelFamily,
-    pub unet: UNet2DConditionModel,
+    pub denoiser: Denoiser,
+    /// CLIP encoders (Flux: CLIP-L, for its pooled output).
     pub text_encoders: Vec<ClipTextModel>,
+    /// Flux: T5-XXL.
+    pub flux_text: Option<FluxText>,
     pub tokenizers: Vec<ClipTokenizer>,
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
@@ -123,7 +215,25 @@ impl StableDiffusion {
     /// Loads a model from a diffusers folder or a single-file checkpoint, its weights
     /// memory-mapped and cast to `dtype`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if path.is_dir() {
+        Self::load_with(path, dtype, device, None)
+    }
+
+    /// As [`Self::load`]; a Flux transformer's Linear weights are stored in
+    /// `frozen_weight_dtype` (fp8_base) straight from the file.
+    pub fn load_with(path: &Path, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
+        if path.is_dir() && is_flux_dir(path) {
+            Self::from_flux_dir(path, None, dtype, device, frozen_weight_dtype)
+        } else if path.is_file() && FluxWeights::is_flux_file(path) {
+            let parts = path.with_extension("");
+            if !parts.join("text_encoder_2").is_dir() {
+                bail!(
+                    "{}: a Flux transformer file; its text encoders, tokenizers and VAE are read from a diffusers Flux folder named like it ({}), which is missing",
+                    path.display(),
+                    parts.display()
+                );
+            }
+            Self::from_flux_dir(&parts, Some(path), dtype, device, frozen_weight_dtype)
+        } else if path.is_dir() {
             Self::from_diffusers_dir(path, dtype, device)
         } else if path.is_file() {
             Self::from_single_file(path, dtype, device)
@@ -164,7 +274,58 @@ impl StableDiffusion {
         }
         let sched_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if sched_path.is_file() { read_json(&sched_path)? } else { SchedulerConfig::default() };
-        Ok(Self { family, unet, text_encoders, tokenizers, vae, scheduler, source: dir.to_path_buf(), compute_dtype: None })
+        Ok(Self { family, denoiser: Denoiser::Unet(unet), text_encoders, tokenizers, flux_text: None, vae, scheduler, source: dir.to_path_buf(), compute_dtype: None })
+    }
+
+    /// A diffusers `FluxPipeline` folder (`transformer/`, `text_encoder/` CLIP-L,
+    /// `text_encoder_2/` T5, their tokenizers, `vae/`), or with `transformer_file` BFL's
+    /// single-file transformer and the other parts from the folder.
+    pub fn from_flux_dir(dir: &Path, transformer_file: Option<&Path>, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
+        let config_json = dir.join("transformer/config.json");
+        let (config, weights) = match transformer_file {
+            Some(file) => {
+                let weights = FluxWeights::bfl_file(file)?;
+                let axes = if config_json.is_file() { Some(FluxConfig::from_diffusers_json(&config_json)?.axes_dim) } else { None };
+                (weights.config_from_shapes(axes)?, weights)
+            }
+            None => (FluxConfig::from_diffusers_json(&config_json)?, FluxWeights::diffusers_dir(&dir.join("transformer"))?),
+        };
+        let family = if config.guidance_embed { ModelFamily::FluxDev } else { ModelFamily::FluxSchnell };
+        let transformer = FluxTransformer::new(&config, weights.with_frozen_weight_dtype(frozen_weight_dtype).var_builder(dtype, device))?;
+        let clip = ClipTextModel::from_transformers_dir(&dir.join("text_encoder"), dtype, device)?;
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let t5 = T5EncoderModel::from_transformers_dir(&dir.join("text_encoder_2"), dtype, device)?;
+        let t5_tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;
+        let vae = AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, device)?;
+        let max_length = if family == ModelFamily::FluxDev { 512 } else { 256 };
+        Ok(Self {
+            family,
+            denoiser: Denoiser::Flux(transformer),
+            text_encoders: vec![clip],
+            tokenizers: vec![tokenizer],
+            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into() }),
+            vae,
+            scheduler: SchedulerConfig::default(),
+            source: transformer_file.unwrap_or(dir).to_path_buf(),
+            compute_dtype: None,
+        })
+    }
+
+    /// The UNet (SD 1.x/2.x/XL). Panics on a Flux model: code serving every family matches on
+    /// [`Self::denoiser`].
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        match &self.denoiser {
+            Denoiser::Unet(u) => u,
+            Denoiser::Flux(_) => panic!("a Flux model has no UNet"),
+        }
+    }
+
+    /// The Flux transformer, if this is a Flux model.
+    pub fn flux(&self) -> Option<&FluxTransformer> {
+        match &self.denoiser {
+            Denoiser::Flux(f) => Some(f),
+            Denoiser::Unet(_) => None,
+        }
     }
 
     /// A single-file checkpoint with the original LDM key names. Such files carry no
@@ -210,9 +371,10 @@ impl StableDiffusion {
         debug_assert_eq!(tokenizers.len(), n);
         Ok(Self {
             family: parts.family,
-            unet: parts.unet,
+            denoiser: Denoiser::Unet(parts.unet),
             text_encoders: parts.text_encoders,
             tokenizers,
+            flux_text: None,
             vae: parts.vae,
             scheduler: SchedulerConfig::default(),
             source: path.to_path_buf(),
@@ -221,14 +383,17 @@ impl StableDiffusion {
     }
 
     pub fn device(&self) -> &Device {
-        self.unet.device()
+        self.denoiser.device()
     }
 
     /// Loads the VAE again from the model's source in `dtype` (e.g. f32 while the rest stays
     /// f16: sd-scripts' `--no_half_vae`, as SDXL's VAE overflows in fp16).
     pub fn reload_vae(&mut self, dtype: DType) -> Result<()> {
         let device = self.device().clone();
-        self.vae = if self.source.is_dir() {
+        self.vae = if self.family.is_flux() {
+            let dir = if self.source.is_dir() { self.source.clone() } else { self.source.with_extension("") };
+            AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, &device)?
+        } else if self.source.is_dir() {
             AutoencoderKL::from_diffusers_dir(&self.source.join("vae"), dtype, &device)?
         } else {
             let config_dir = self.source.with_extension("");
@@ -244,7 +409,7 @@ impl StableDiffusion {
 
     /// The dtype the model computes in.
     pub fn dtype(&self) -> DType {
-        self.compute_dtype.unwrap_or_else(|| self.unet.dtype())
+        self.compute_dtype.unwrap_or_else(|| self.denoiser.dtype())
     }
 
     /// Keeps the weights in the dtype they were loaded in (e.g. f16, half the memory) and
@@ -272,6 +437,9 @@ impl StableDiffusion {
     }
 
     fn encode_prompts_with(&self, prompts: &[String], clip_skip: usize, max_token_length: usize, weighted: bool) -> Result<PromptEmbeds> {
+        if let Some(text) = &self.flux_text {
+            return self.encode_flux_prompts(text, prompts);
+        }
         let n_chunks = max_token_length / super::tokenizer::WINDOW_TOKENS;
         let device = self.device();
         let mut per_encoder = vec![];
@@ -315,7 +483,31 @@ impl StableDiffusion {
             }
         }
         let hidden = if per_encoder.len() == 1 { per_encoder.remove(0) } else { Tensor::cat(&per_encoder, 2)? };
-        Ok(PromptEmbeds { hidden, pooled })
+        Ok(PromptEmbeds { hidden, pooled, mask: None })
+    }
+
+    /// Flux's prompt encoding (sd-scripts' `FluxTextEncodingStrategy`): CLIP-L's pooled output
+    /// of the 77-token prompt, and T5's last states of the `max_length`-token prompt (its mask
+    /// passed to T5, and returned for the transformer, with `apply_t5_attn_mask`).
+    fn encode_flux_prompts(&self, text: &FluxText, prompts: &[String]) -> Result<PromptEmbeds> {
+        let device = self.device();
+        let clip_rows = prompts
+            .iter()
+            .map(|p| Ok(Tensor::new(self.tokenizers[0].encode_chunks(p, super::tokenizer::WINDOW_TOKENS)?.remove(0), device)?))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = self.text_encoders[0].forward(&Tensor::stack(&clip_rows, 0)?)?.pooled;
+        let mut ids = vec![];
+        let mut mask = vec![];
+        for p in prompts {
+            let (i, m) = text.tokenizer.encode(p, text.max_length)?;
+            ids.extend(i);
+            mask.extend(m);
+        }
+        let ids = Tensor::from_vec(ids, (prompts.len(), text.max_length), device)?;
+        let mask = Tensor::from_vec(mask, (prompts.len(), text.max_length), device)?;
+        let mask = text.apply_mask.then_some(mask);
+        let hidden = text.t5.forward(&ids, mask.as_ref())?;
+        Ok(PromptEmbeds { hidden, pooled: Some(pooled), mask })
     }
 
     /// Stores the frozen Linear/Conv2d weights of the U-Net and text encoders in `dtype`
@@ -325,7 +517,8 @@ impl StableDiffusion {
     pub fn store_frozen_weights_in(&self, dtype: DType) -> Result<usize> {
         use super::ModelLayers;
         let mut count = 0;
-        let layers = self.unet.layers().iter().chain(self.text_encoders.iter().flat_map(|te| te.layers().iter()));
+        let t5 = self.flux_text.iter().flat_map(|t| t.t5.layers().iter());
+        let layers = self.denoiser.layers().iter().chain(self.text_encoders.iter().flat_map(|te| te.layers().iter())).chain(t5);
         for layer in layers {
             if !(layer.is_linear() || layer.is_conv()) {
                 continue;
@@ -352,7 +545,7 @@ impl StableDiffusion {
 
     /// The UNet layout SDXL's LDM names need.
     fn unet_layout(&self) -> UNetLayout {
-        UNetLayout::from_config(&self.unet.config)
+        UNetLayout::from_config(&self.unet().config)
     }
 
     /// Every UNet and text-encoder layer under the kohya module name sd-scripts writes for it:
@@ -365,9 +558,12 @@ impl StableDiffusion {
     /// Each layer with every name a file may use for it (the written one first; see
     /// [`super::unet_module_names`]).
     pub(crate) fn layer_names(&self) -> Vec<(Vec<String>, Part, Arc<Layer>)> {
+        if self.family.is_flux() {
+            return self.flux_layer_names();
+        }
         let mut out = vec![];
         let layout = self.unet_layout();
-        for l in self.unet.layers() {
+        for l in self.unet().layers() {
             out.push((unet_module_names(self.family, &layout, l.name()), Part::Unet, l.clone()));
         }
         let n_te = self.text_encoders.len();
@@ -375,6 +571,32 @@ impl StableDiffusion {
             let prefix = text_encoder_prefix(i, n_te);
             for l in te.layers() {
                 out.push((vec![kohya_name(&prefix, l.name())], Part::TextEncoder(i), l.clone()));
+            }
+        }
+        out
+    }
+
+    /// Flux's layers under sd-scripts' `lora_flux` names: the transformer's BFL paths under
+    /// `lora_unet_`, CLIP-L under `lora_te1_`, T5 (when offered) under `lora_te3_`.
+    fn flux_layer_names(&self) -> Vec<(Vec<String>, Part, Arc<Layer>)> {
+        let mut out = vec![];
+        let blocks = self.flux_text.as_ref().map_or("all", |t| t.train_blocks.as_str());
+        for l in self.denoiser.layers() {
+            let offered = match blocks {
+                "double" => !l.name().starts_with("single_blocks."),
+                "single" => !l.name().starts_with("double_blocks."),
+                _ => true,
+            };
+            if offered {
+                out.push((vec![kohya_name("lora_unet", l.name()), kohya_name("lycoris", l.name())], Part::Unet, l.clone()));
+            }
+        }
+        for l in self.text_encoders[0].layers() {
+            out.push((vec![kohya_name("lora_te1", l.name())], Part::TextEncoder(0), l.clone()));
+        }
+        if let Some(text) = self.flux_text.as_ref().filter(|t| t.trainable) {
+            for l in text.t5.layers() {
+                out.push((vec![kohya_name("lora_te3", l.name())], Part::TextEncoder(1), l.clone()));
             }
         }
         out
@@ -465,10 +687,25 @@ impl StableDiffusion {
 
     /// Removes every hook from every part.
     pub fn clear_hooks(&self) {
-        self.unet.clear_hooks();
+        for l in self.denoiser.layers() {
+            l.set_hook(None);
+        }
         for te in &self.text_encoders {
             te.clear_hooks();
         }
+        if let Some(text) = &self.flux_text {
+            text.t5.clear_hooks();
+        }
         self.vae.clear_hooks();
     }
+}
+
+/// Whether a diffusers folder holds a Flux pipeline (`FluxPipeline` in model_index.json, or a
+/// `transformer/` with a Flux config).
+pub fn is_flux_dir(dir: &Path) -> bool {
+    let class = read_json::<serde_json::Value>(&dir.join("model_index.json"))
+        .ok()
+        .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    class.starts_with("Flux") || dir.join("transformer/config.json").is_file() && !dir.join("unet").is_dir()
 }

@@ -168,6 +168,8 @@ impl KeyMap {
                 TextKeys::Clip { prefix: SDXL_CLIP.into(), text_model: true },
                 TextKeys::OpenClip { prefix: SDXL_OPENCLIP.into() },
             ],
+            // Flux files are read by models::flux_weights, not through LDM key maps.
+            ModelFamily::FluxDev | ModelFamily::FluxSchnell => vec![],
         };
         Self { family, unet: UNetLayout::from_config(unet), vae_blocks: vae.block_out_channels.len(), text }
     }
@@ -492,7 +494,7 @@ pub fn infer_unet_config(family: ModelFamily, file: &MappedFile) -> Result<UNetC
         "use_linear_projection": linear.unwrap_or(false),
         "conv_in_kernel": conv_in[2],
         "conv_out_kernel": shape(file, &k("out.2.weight"))?[2],
-        "sample_size": match family { ModelFamily::Sd15 => 64, ModelFamily::Sd2 => 96, ModelFamily::Sdxl => 128 },
+        "sample_size": match family { ModelFamily::Sd15 => 64, ModelFamily::Sd2 => 96, _ => 128 },
         "upcast_attention": family == ModelFamily::Sd2,
     });
     if time_embed != channels[0] * 4 {

@@ -149,7 +149,7 @@ pub fn check_model_gradients(model_dir: &std::path::Path, algo: crate::networks:
         let loss = || -> anyhow::Result<candle_core::backprop::GradStore> {
             let e = model.encode_prompts(&captions, 1, 75)?;
             let added = model.added_cond(e.pooled.as_ref(), &time_ids)?;
-            let pred = model.unet.forward(&latents, &t, &e.hidden, added.as_ref())?;
+            let pred = model.unet().forward(&latents, &t, &e.hidden, added.as_ref())?;
             Ok(pred.sqr()?.mean_all()?.backward()?)
         };
         let grads = if reference { super::with_reference_ops(loss)? } else { loss()? };

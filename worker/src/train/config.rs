@@ -195,6 +195,35 @@ pub struct TrainConfig {
     pub min_timestep: usize,
     pub max_timestep: usize,
 
+    // ---- flux (Flux.1 dev/schnell only: flow matching, sd-scripts' flux_train_network.py
+    // names; the registry shows them for the Flux families only, and they must keep these
+    // defaults for the others)
+    /// The guidance value Flux.1 dev's guidance embedding gets on every step (schnell has none).
+    pub guidance_scale: f64,
+    /// How σ is drawn: `sigma`, `uniform`, `sigmoid`, `shift`, `flux_shift`.
+    pub timestep_sampling: String,
+    /// Scale of the normal draw before the sigmoid (`sigmoid`, `shift`, `flux_shift`).
+    pub sigmoid_scale: f64,
+    /// The flow schedule's shift (`sigma` and `shift` sampling).
+    pub discrete_flow_shift: f64,
+    /// What is done to the prediction before the loss: `raw`, `additive`, `sigma_scaled`.
+    pub model_prediction_type: String,
+    /// SD3's schemes: `uniform` (also `none`), `logit_normal`, `mode` (timestep density, with
+    /// `sigma` sampling), `sigma_sqrt`, `cosmap` (loss weights, with `sigma_scaled`).
+    pub weighting_scheme: String,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    pub mode_scale: f64,
+    /// T5-XXL tokens per caption (the registry's default: 512 for dev, 256 for schnell); 0 =
+    /// the model's own.
+    pub t5xxl_max_token_length: usize,
+    /// Mask T5's padding tokens, in T5 and in the transformer's attention.
+    pub apply_t5_attn_mask: bool,
+    /// Also adapt T5-XXL when the text encoders are trained (kohya network_arg).
+    pub train_t5xxl: bool,
+    /// Which transformer blocks get adapters: `all`, `single`, `double` (kohya network_arg).
+    pub train_blocks: String,
+
     // ---- sampling
     pub sample_prompts: String,
     pub sample_sampler: String,
@@ -374,6 +403,19 @@ impl Default for TrainConfig {
             zero_terminal_snr: false,
             min_timestep: 0,
             max_timestep: 1000,
+            guidance_scale: 3.5,
+            timestep_sampling: "sigma".into(),
+            sigmoid_scale: 1.0,
+            discrete_flow_shift: 3.0,
+            model_prediction_type: "sigma_scaled".into(),
+            weighting_scheme: "uniform".into(),
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            mode_scale: 1.29,
+            t5xxl_max_token_length: 512,
+            apply_t5_attn_mask: false,
+            train_t5xxl: false,
+            train_blocks: "all".into(),
             sample_prompts: String::new(),
             sample_sampler: "ddim".into(),
             sample_every_n_epochs: 0,
@@ -458,6 +500,13 @@ impl std::fmt::Display for ConfigError {
 
 fn err(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { field: field.into(), message: message.into() }
+}
+
+/// Adds an error naming `key` unless `value` is one of `allowed`.
+fn check_choice(errors: &mut Vec<ConfigError>, key: &str, value: &str, allowed: &[&str]) {
+    if !allowed.contains(&value) {
+        errors.push(err(key, format!("{value:?} is not one of {}", allowed.join(", "))));
+    }
 }
 
 impl TrainConfig {
@@ -631,7 +680,99 @@ impl TrainConfig {
         if let Err(e) = self.network_options().validate(self.network_algo) {
             errors.push(err("network_algo", e.to_string()));
         }
+        errors.extend(self.check_flux());
         errors
+    }
+
+    /// For a Flux.1 family: the Flux options' values, the image sizes its 2×2 latent patches
+    /// allow, and that no DDPM-only or convolution option is set (refused, not ignored).
+    fn check_flux(&self) -> Vec<ConfigError> {
+        let mut errors = vec![];
+        let family = self.model_family.name();
+        if !self.model_family.is_flux() {
+            // Like every option hidden for a choice, the Flux options are not used for the
+            // other families (the registry never sends them).
+            return errors;
+        }
+        check_choice(&mut errors, "timestep_sampling", &self.timestep_sampling, &["sigma", "uniform", "sigmoid", "shift", "flux_shift"]);
+        check_choice(&mut errors, "model_prediction_type", &self.model_prediction_type, &["raw", "additive", "sigma_scaled"]);
+        // sd-scripts' "none" is its "uniform".
+        check_choice(&mut errors, "weighting_scheme", &self.weighting_scheme, &["uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]);
+        check_choice(&mut errors, "train_blocks", &self.train_blocks, &["all", "single", "double"]);
+        let positive = [("sigmoid_scale", self.sigmoid_scale), ("discrete_flow_shift", self.discrete_flow_shift), ("logit_std", self.logit_std)];
+        for (key, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                errors.push(err(key, format!("is {v}: must be above 0")));
+            }
+        }
+        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+            errors.push(err("guidance_scale", format!("is {}: must be 0 or more", self.guidance_scale)));
+        }
+        if !(self.logit_mean.is_finite() && self.mode_scale.is_finite()) {
+            errors.push(err(if self.logit_mean.is_finite() { "mode_scale" } else { "logit_mean" }, "must be a finite number"));
+        }
+        if self.t5xxl_max_token_length > 512 {
+            errors.push(err("t5xxl_max_token_length", format!("is {}: T5-XXL takes at most 512 tokens", self.t5xxl_max_token_length)));
+        }
+        if self.train_t5xxl && self.network_train_unet_only {
+            errors.push(err("train_t5xxl", "adapts T5-XXL, a text encoder, and network_train_unet_only is on: turn one of them off"));
+        }
+        // The latents (1/8 of the image) are cut into 2×2 patches: image sides must be
+        // multiples of 16.
+        if self.enable_bucket && self.bucket_reso_steps % 16 != 0 {
+            errors.push(err("bucket_reso_steps", format!("is {}: Flux.1 packs the latents in 2×2 patches, so bucket sides must be multiples of 16 (sd-scripts asks for 32)", self.bucket_reso_steps)));
+        }
+        if !self.enable_bucket && self.resolution % 16 != 0 {
+            errors.push(err("resolution", format!("is {}: Flux.1 packs the latents in 2×2 patches, so the image side must be a multiple of 16", self.resolution)));
+        }
+        // DDPM-only options: Flux is trained by flow matching, where they mean nothing
+        // (sd-scripts' Flux trainer ignores them); refused rather than silently ignored.
+        let ddpm_only = [
+            ("v_parameterization", self.v_parameterization),
+            ("clip_skip", self.clip_skip != 1),
+            ("max_token_length", self.max_token_length != "75"),
+            ("weighted_captions", self.weighted_captions),
+            ("zero_terminal_snr", self.zero_terminal_snr),
+            ("noise_offset", self.noise_offset != 0.0),
+            ("adaptive_noise_scale", self.adaptive_noise_scale != 0.0),
+            ("noise_offset_random_strength", self.noise_offset_random_strength),
+            ("multires_noise_iterations", self.multires_noise_iterations != 0),
+            ("min_snr_gamma", self.min_snr_gamma != 0.0),
+            ("v_pred_like_loss", self.v_pred_like_loss != 0.0),
+            ("debiased_estimation_loss", self.debiased_estimation_loss),
+            ("scale_v_pred_loss_like_noise_pred", self.scale_v_pred_loss_like_noise_pred),
+            ("min_timestep", self.min_timestep != 0),
+            ("max_timestep", self.max_timestep != 1000),
+        ];
+        for (key, _) in ddpm_only.iter().filter(|(_, on)| *on) {
+            errors.push(err(key, format!("is a DDPM (Stable Diffusion) option with no meaning for {family}, which trains by flow matching: leave it at its default (the Flux group has Flux's timestep and loss options)")));
+        }
+        if matches!(self.loss_type.as_str(), "huber" | "smooth_l1") && self.huber_schedule == "snr" {
+            errors.push(err("huber_schedule", "snr needs a DDPM noise schedule's SNR, which Flux.1 has not (sd-scripts refuses it too): use exponential or constant"));
+        }
+        if self.network_algo == NetworkAlgo::Locon {
+            errors.push(err("network_algo", "kohya LoCon adds adapters to convolutions, and the Flux.1 transformer has none: use lora"));
+        }
+        for (key, on) in [("conv_dim", self.conv_dim.is_some()), ("conv_alpha", self.conv_alpha.is_some()), ("use_tucker", self.use_tucker)] {
+            if on {
+                errors.push(err(key, "applies to convolutions, and the Flux.1 transformer has none: leave it unset"));
+            }
+        }
+        errors
+    }
+
+    /// The flow-matching settings of a Flux run.
+    pub fn flow_options(&self) -> crate::flow::FlowOptions {
+        crate::flow::FlowOptions {
+            timestep_sampling: self.timestep_sampling.clone(),
+            sigmoid_scale: self.sigmoid_scale,
+            discrete_flow_shift: self.discrete_flow_shift,
+            weighting_scheme: self.weighting_scheme.clone(),
+            logit_mean: self.logit_mean,
+            logit_std: self.logit_std,
+            mode_scale: self.mode_scale,
+            model_prediction_type: self.model_prediction_type.clone(),
+        }
     }
 
     /// The adapter options the network modules take.

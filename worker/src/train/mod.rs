@@ -41,7 +41,7 @@ use crate::data::images::Augment;
 use crate::data::{process_caption, CaptionOptions};
 use crate::grad_checkpoint::GradientCheckpointing;
 use crate::lora_file::{parse_save_precision, BaseModelVersion, NetworkMetadata};
-use crate::models::pipeline::StableDiffusion;
+use crate::models::pipeline::{PromptEmbeds, StableDiffusion};
 use crate::models::vae::AutoencoderKL;
 use crate::networks::NetworkOptions;
 use crate::models::ModelFamily;
@@ -189,7 +189,10 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     if device.is_cpu() && dtype == DType::F16 {
         log(sink, "info", "mixed_precision fp16 on the CPU halves the model's memory but runs slower than \"no\" (most CPUs have no fp16 arithmetic)");
     }
-    let mut model = StableDiffusion::load(&cfg.pretrained_model_name_or_path, dtype, &device)
+    // Flux's transformer is read straight into fp8 with fp8_base (a 12B model never exists in
+    // 16 bits); the other parts are cast below, as for the UNet families.
+    let frozen_dtype = (cfg.fp8_base && cfg.model_family.is_flux() && dtype != DType::F32).then_some(DType::F8E4M3);
+    let mut model = StableDiffusion::load_with(&cfg.pretrained_model_name_or_path, dtype, &device, frozen_dtype)
         .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
     if model.family != cfg.model_family {
         bail!(
@@ -199,9 +202,22 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             model.family.name()
         );
     }
-    model.unet.set_memory_efficient_attention(cfg.attention != "none");
+    model.denoiser.set_memory_efficient_attention(cfg.attention != "none");
+    // base_weights are merged before train_blocks narrows the layers offered to the network.
     if let Some(line) = start_weights::merge_base_weights(&mut model, cfg)? {
         log(sink, "info", line);
+    }
+    if let Some(text) = model.flux_text.as_mut() {
+        if cfg.t5xxl_max_token_length > 0 {
+            text.max_length = cfg.t5xxl_max_token_length;
+        }
+        text.apply_mask = cfg.apply_t5_attn_mask;
+        text.trainable = cfg.train_t5xxl;
+        text.train_blocks = cfg.train_blocks.clone();
+    }
+    let flow = cfg.model_family.is_flux().then(|| cfg.flow_options());
+    if let Some(flow) = &flow {
+        flow.check()?;
     }
     if cfg.fp8_base {
         // As sd-scripts: fp8 storage, fp16/bf16 computation (after any base_weights merge).
@@ -209,7 +225,8 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             bail!("fp8_base stores the frozen model in fp8 and computes in fp16 or bf16: set mixed_precision to \"fp16\" (or \"bf16\" on a GPU); it is {mixed_precision:?} now");
         }
         let n = model.store_frozen_weights_in(DType::F8E4M3)?;
-        log(sink, "info", format!("fp8_base: {n} frozen Linear/Conv2d weights of the U-Net and text encoders stored as float8 e4m3"));
+        let what = if model.family.is_flux() { "transformer" } else { "U-Net" };
+        log(sink, "info", format!("fp8_base: {n} frozen Linear/Conv2d weights of the {what} and text encoders stored as float8 e4m3"));
     }
     let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
     if !cfg.vae.as_os_str().is_empty() {
@@ -384,7 +401,13 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     sink.emit(TrainEvent::Started { total_steps, total_epochs, start_step: progress.step, steps_per_epoch, images: set.images.len() });
 
     let sampler = Sampler::parse(&cfg.sample_sampler).unwrap_or(Sampler::Ddim);
-    let sample_defaults = SampleRequest { width: cfg.resolution, height: cfg.resolution, ..SampleRequest::new("") };
+    // Flux samples without a negative pass (CFG 1) unless a prompt asks (`--l`), as sd-scripts.
+    let sample_defaults = SampleRequest {
+        width: cfg.resolution,
+        height: cfg.resolution,
+        cfg: if cfg.model_family.is_flux() { 1.0 } else { 7.0 },
+        ..SampleRequest::new("")
+    };
     let sample_requests = parse_prompts(&cfg.sample_prompts, &sample_defaults).context("sample_prompts")?;
     let loss_opts = LossOptions {
         loss_type: cfg.loss_type.clone(),
@@ -408,17 +431,20 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         loss_opts,
         sampler,
         sample_requests,
+        flow: flow.clone(),
     };
     if cfg.sample_at_first && progress.step == 0 && !options.resume {
         ctx.write_samples(sink, 0, 0)?;
     }
 
     // ---- 5. The loop.
+    // Flux (sd-scripts' flux_train_network) draws plain Gaussian noise: no offset or pyramid.
+    let ddpm = !cfg.model_family.is_flux();
     let noise_opts = NoiseOptions {
-        noise_offset: cfg.noise_offset,
+        noise_offset: if ddpm { cfg.noise_offset } else { 0.0 },
         noise_offset_random_strength: cfg.noise_offset_random_strength,
         adaptive_noise_scale: cfg.adaptive_noise_scale,
-        multires_noise_iterations: cfg.multires_noise_iterations,
+        multires_noise_iterations: if ddpm { cfg.multires_noise_iterations } else { 0 },
         multires_noise_discount: cfg.multires_noise_discount,
         ip_noise_gamma: cfg.ip_noise_gamma,
         ip_noise_gamma_random_strength: cfg.ip_noise_gamma_random_strength,
@@ -430,7 +456,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         || cfg.caption_tag_dropout_rate > 0.0
         || cfg.caption_dropout_every_n_epochs > 0;
     let cache_text = !train_te && !captions_vary;
-    let mut text_cache: HashMap<String, (Tensor, Option<Tensor>)> = HashMap::new();
+    let mut text_cache: HashMap<String, PromptEmbeds> = HashMap::new();
     let trained_vars: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut accumulator = GradAccumulator::new(trained_vars.clone());
     let mut recent: VecDeque<f64> = progress.recent_losses.iter().copied().collect();
@@ -468,7 +494,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
                 .collect();
             // With gradient checkpointing, the blocks of a trained model keep only their
             // inputs and outputs here and are recomputed in the backward.
-            let (hidden, pooled) = match &checkpointing {
+            let embeds = match &checkpointing {
                 Some(c) if train_te => c.forward(|| ctx.text_states(&captions, cache_text, &mut text_cache))?,
                 _ => ctx.text_states(&captions, cache_text, &mut text_cache)?,
             };
@@ -478,11 +504,19 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
             let images: Vec<(&data::TrainImage, bool)> = batch.iter().map(|it| (&set.images[it.image], it.flip)).collect();
             let (latents, masks) = ctx.encode_batch(&images, use_latent_cache, &augment, &mut latent_cache, &mut rng, &device)?;
             let (noise, applied_noise) = sample_noise(&noise_opts, &latents, &mut rng)?;
-            let timesteps = sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep);
+            // DDPM: integer timesteps; Flux: σ ∈ (0, 1) from the flow's sampling scheme.
+            let (timesteps, sigmas) = match &flow {
+                Some(flow) => {
+                    let (_, _, h, w) = latents.dims4()?;
+                    let sigmas = flow.sigmas(&crate::flow::Draws::sample(&mut rng, batch.len()), h, w);
+                    (sigmas.iter().map(|s| ((s * 1000.0) as usize).min(999)).collect(), Some(sigmas))
+                }
+                None => (sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep), None),
+            };
             let images: Vec<&data::TrainImage> = images.into_iter().map(|(img, _)| img).collect();
             let sample_weights: Vec<f64> = images.iter().map(|img| if img.entry.is_reg { cfg.prior_loss_weight } else { 1.0 }).collect();
             let forward_span = crate::profile::span(crate::profile::Kind::Forward);
-            let loss = ctx.loss(&images, &latents, masks.as_ref(), &noise, &applied_noise, &timesteps, &hidden, pooled.as_ref(), &sample_weights, checkpointing.as_ref())?;
+            let loss = ctx.loss(&images, &latents, masks.as_ref(), &noise, &applied_noise, &timesteps, sigmas.as_deref(), &embeds, &sample_weights, checkpointing.as_ref())?;
             drop(forward_span);
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -661,39 +695,33 @@ struct RunContext<'a> {
     loss_opts: LossOptions,
     sampler: Sampler,
     sample_requests: Vec<SampleRequest>,
+    /// Flux: the flow-matching objective.
+    flow: Option<crate::flow::FlowOptions>,
 }
 
 impl RunContext<'_> {
     /// Text-encoder states for the batch's captions (from the cache when allowed).
-    fn text_states(&self, captions: &[String], use_cache: bool, cache: &mut HashMap<String, (Tensor, Option<Tensor>)>) -> Result<(Tensor, Option<Tensor>)> {
+    fn text_states(&self, captions: &[String], use_cache: bool, cache: &mut HashMap<String, PromptEmbeds>) -> Result<PromptEmbeds> {
         let cfg = self.cfg;
         let encode = |captions: &[String]| {
-            if cfg.weighted_captions {
+            if cfg.weighted_captions && !cfg.model_family.is_flux() {
                 self.model.encode_weighted_prompts(captions, cfg.clip_skip, cfg.max_tokens())
             } else {
                 self.model.encode_prompts(captions, cfg.clip_skip, cfg.max_tokens())
             }
         };
         if !use_cache {
-            let e = encode(captions)?;
-            return Ok((e.hidden, e.pooled));
+            return Ok(encode(captions)?);
         }
-        let mut hidden = vec![];
-        let mut pooled = vec![];
+        let mut parts = vec![];
         for c in captions {
             if !cache.contains_key(c) {
                 let e = encode(std::slice::from_ref(c))?;
-                cache.insert(c.clone(), (e.hidden.detach(), e.pooled.map(|p| p.detach())));
+                cache.insert(c.clone(), e.detach());
             }
-            let (h, p) = &cache[c];
-            hidden.push(h.clone());
-            if let Some(p) = p {
-                pooled.push(p.clone());
-            }
+            parts.push(cache[c].clone());
         }
-        let hidden = Tensor::cat(&hidden, 0)?;
-        let pooled = if pooled.is_empty() { None } else { Some(Tensor::cat(&pooled, 0)?) };
-        Ok((hidden, pooled))
+        Ok(PromptEmbeds::cat(&parts)?)
     }
 
     /// The latents `(B, C, h, w)` of images (each flipped or not) and, when any of them has a
@@ -741,13 +769,17 @@ impl RunContext<'_> {
         noise: &Tensor,
         applied_noise: &Tensor,
         timesteps: &[usize],
-        hidden: &Tensor,
-        pooled: Option<&Tensor>,
+        sigmas: Option<&[f64]>,
+        embeds: &PromptEmbeds,
         sample_weights: &[f64],
         checkpointing: Option<&GradientCheckpointing>,
     ) -> Result<Tensor> {
-        let added = self.model.added_cond(pooled, &self.time_ids(images))?;
-        let inputs = LossInputs { latents, masks, noise, applied_noise, timesteps, hidden, added: added.as_ref(), sample_weights };
+        if let (Some(flow), Some(sigmas)) = (&self.flow, sigmas) {
+            let inputs = FlowInputs { latents, masks, noise, applied_noise, sigmas, embeds, guidance: self.cfg.guidance_scale, sample_weights };
+            return flow_loss(self.model, flow, &self.loss_opts, self.schedule, self.dtype, &inputs, checkpointing);
+        }
+        let added = self.model.added_cond(embeds.pooled.as_ref(), &self.time_ids(images))?;
+        let inputs = LossInputs { latents, masks, noise, applied_noise, timesteps, hidden: &embeds.hidden, added: added.as_ref(), sample_weights };
         prediction_loss(self.model, self.schedule, &self.loss_opts, self.dtype, &inputs, checkpointing)
     }
 
@@ -778,6 +810,7 @@ impl RunContext<'_> {
             (ModelFamily::Sd2, false) => BaseModelVersion::SdV2,
             (ModelFamily::Sd2, true) => BaseModelVersion::SdV2V,
             (ModelFamily::Sdxl, _) => BaseModelVersion::SdxlBase,
+            (ModelFamily::FluxDev | ModelFamily::FluxSchnell, _) => BaseModelVersion::Flux1,
         });
         m.output_name = Some(cfg.output_name.clone());
         m.training_comment = (!cfg.training_comment.is_empty()).then(|| cfg.training_comment.clone());
@@ -801,6 +834,24 @@ impl RunContext<'_> {
         m.noise_offset = (cfg.noise_offset > 0.0).then_some(cfg.noise_offset);
         m.min_snr_gamma = (cfg.min_snr_gamma > 0.0).then_some(cfg.min_snr_gamma);
         m.sd_model_name = cfg.pretrained_model_name_or_path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if cfg.model_family.is_flux() {
+            // flux_train_network.py's keys.
+            let py = crate::lora_file::py_float;
+            m.extra.insert("ss_model_type".into(), "flux".into());
+            let variant = if cfg.model_family == ModelFamily::FluxDev { "dev" } else { "schnell" };
+            m.extra.insert("modelspec.architecture".into(), format!("flux-1-{variant}/lora"));
+            m.extra.insert("modelspec.implementation".into(), "https://github.com/black-forest-labs/flux".into());
+            m.extra.insert("ss_apply_t5_attn_mask".into(), crate::lora_file::py_bool(cfg.apply_t5_attn_mask));
+            m.extra.insert("ss_weighting_scheme".into(), cfg.weighting_scheme.clone());
+            m.extra.insert("ss_logit_mean".into(), py(cfg.logit_mean));
+            m.extra.insert("ss_logit_std".into(), py(cfg.logit_std));
+            m.extra.insert("ss_mode_scale".into(), py(cfg.mode_scale));
+            m.extra.insert("ss_guidance_scale".into(), py(cfg.guidance_scale));
+            m.extra.insert("ss_timestep_sampling".into(), cfg.timestep_sampling.clone());
+            m.extra.insert("ss_sigmoid_scale".into(), py(cfg.sigmoid_scale));
+            m.extra.insert("ss_model_prediction_type".into(), cfg.model_prediction_type.clone());
+            m.extra.insert("ss_discrete_flow_shift".into(), py(cfg.discrete_flow_shift));
+        }
         m.extra.insert("ss_resolution".into(), format!("({}, {})", cfg.resolution, cfg.resolution));
         m.extra.insert("ss_enable_bucket".into(), crate::lora_file::py_bool(cfg.enable_bucket));
         m.extra.insert("ss_min_bucket_reso".into(), cfg.min_bucket_reso.to_string());
@@ -949,12 +1000,74 @@ pub fn prediction_loss(
     let noisy = schedule.add_noise(latents, applied_noise, timesteps)?;
     let target = schedule.target(latents, noise, timesteps)?;
     let ts = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), latents.device())?;
-    let unet_forward = || model.unet.forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added);
+    let unet_forward = || model.unet().forward(&noisy.to_dtype(dtype)?, &ts, &hidden.to_dtype(dtype)?, added);
     let pred = match checkpointing {
         Some(c) => c.forward(unet_forward)?,
         None => unet_forward()?,
     };
     Ok(diffusion_loss(loss_opts, schedule, &pred, &target, timesteps, sample_weights, masks)?)
+}
+
+/// What one Flux loss evaluation needs: clean latents `(B, 16, h, w)`, masks, the target noise
+/// and the noise actually added (input perturbation), each sample's σ, the prompts' encodings,
+/// dev's guidance scale, and the per-sample weights.
+pub struct FlowInputs<'a> {
+    pub latents: &'a Tensor,
+    pub masks: Option<&'a Tensor>,
+    pub noise: &'a Tensor,
+    pub applied_noise: &'a Tensor,
+    pub sigmas: &'a [f64],
+    pub embeds: &'a PromptEmbeds,
+    pub guidance: f64,
+    pub sample_weights: &'a [f64],
+}
+
+/// Flux's training loss as sd-scripts' `flux_train_network.py`: noisy = (1 − σ)·x + σ·noise,
+/// the transformer's velocity on the packed input at t = σ (dev: with the guidance scale),
+/// unpacked and re-expressed by `model_prediction_type`, against `noise − x`; the element loss
+/// (`loss_type`) weighted per sample by `weighting_scheme` and the prior-loss weight. With
+/// gradient checkpointing each transformer block is recomputed in the backward.
+pub fn flow_loss(
+    model: &StableDiffusion,
+    flow: &crate::flow::FlowOptions,
+    loss_opts: &LossOptions,
+    schedule: &NoiseSchedule,
+    dtype: DType,
+    inputs: &FlowInputs,
+    checkpointing: Option<&GradientCheckpointing>,
+) -> Result<Tensor> {
+    let Some(flux) = model.flux() else { bail!("flow_loss needs a Flux model") };
+    let FlowInputs { latents, masks, noise, applied_noise, sigmas, embeds, guidance, sample_weights } = *inputs;
+    let device = latents.device();
+    let (b, _, h, w) = latents.dims4()?;
+    let sigma_t = Tensor::from_vec(sigmas.iter().map(|&s| s as f32).collect::<Vec<_>>(), (b, 1, 1, 1), device)?;
+    let noisy = crate::flow::noisy_input(latents, applied_noise, &sigma_t)?;
+    let target = (noise - latents)?;
+    let ts: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+    let guidance = vec![guidance as f32; b];
+    let Some(pooled) = embeds.pooled.as_ref() else { bail!("flux: the prompts have no pooled CLIP output") };
+    let flux_forward = || -> candle_core::Result<Tensor> {
+        let packed = crate::models::flux::pack_latents(&noisy.to_dtype(dtype)?)?;
+        let inputs = crate::models::flux::FluxInputs {
+            txt: &embeds.hidden.to_dtype(dtype)?,
+            pooled: &pooled.to_dtype(dtype)?,
+            timesteps: &ts,
+            guidance: Some(&guidance),
+            grid: (h / 2, w / 2),
+            txt_mask: embeds.mask.as_ref(),
+        };
+        crate::models::flux::unpack_latents(&flux.forward(&packed, &inputs)?, h, w)
+    };
+    let pred = match checkpointing {
+        Some(c) => c.forward(flux_forward)?,
+        None => flux_forward()?,
+    };
+    let pred = flow.apply_prediction_type(&pred.to_dtype(DType::F32)?, &noisy, &sigma_t)?;
+    // σ's weighting is one number per sample, so it joins the prior-loss weight.
+    let weights: Vec<f64> = sigmas.iter().zip(sample_weights).map(|(&s, &sw)| flow.weighting(s) * sw).collect();
+    let timesteps: Vec<usize> = sigmas.iter().map(|s| ((s * 1000.0) as usize).min(999)).collect();
+    let plain = LossOptions { min_snr_gamma: 0.0, scale_v_pred_loss_like_noise_pred: false, v_pred_like_loss: 0.0, debiased_estimation_loss: false, ..loss_opts.clone() };
+    Ok(diffusion_loss(&plain, schedule, &pred, &target, &timesteps, &weights, masks)?)
 }
 
 /// Whether `output_dir` holds a state to resume from.

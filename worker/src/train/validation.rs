@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -41,7 +41,7 @@ pub struct Validation {
     seed: u64,
     captions: CaptionOptions,
     /// Text-encoder states of the (fixed) validation captions, when the text encoder is frozen.
-    text_cache: HashMap<String, (Tensor, Option<Tensor>)>,
+    text_cache: HashMap<String, crate::models::pipeline::PromptEmbeds>,
 }
 
 impl Validation {
@@ -110,7 +110,7 @@ impl Validation {
             let images: Vec<&TrainImage> = batch.iter().map(|&i| &ctx.set.validation[i]).collect();
             let mut rng = StdRng::seed_from_u64(derived_seed(self.seed, SEED_VALIDATION, bi as u64, 0));
             let captions: Vec<String> = images.iter().map(|img| process_caption(&self.captions, &img.entry.caption, 1, 0, &mut rng)).collect();
-            let (hidden, pooled) = ctx.text_states(&captions, !train_te, &mut self.text_cache)?;
+            let embeds = ctx.text_states(&captions, !train_te, &mut self.text_cache)?;
             let unflipped: Vec<(&TrainImage, bool)> = images.iter().map(|img| (*img, false)).collect();
             let (latents, masks) = ctx.encode_batch(&unflipped, cached_latents, &Augment::default(), latent_cache, &mut rng, device)?;
             let weights = vec![1.0; images.len()];
@@ -118,7 +118,9 @@ impl Validation {
                 let mut rng = StdRng::seed_from_u64(derived_seed(self.seed, SEED_VALIDATION, bi as u64, 1 + ti as u64));
                 let (noise, applied_noise) = sample_noise(noise_opts, &latents, &mut rng)?;
                 let timesteps = vec![t; images.len()];
-                let loss = ctx.loss(&images, &latents, masks.as_ref(), &noise, &applied_noise, &timesteps, &hidden, pooled.as_ref(), &weights, None)?;
+                // Flux: the same fixed points as σ = t/1000.
+                let sigmas: Option<Vec<f64>> = ctx.flow.as_ref().map(|_| timesteps.iter().map(|&t| t as f64 / 1000.0).collect());
+                let loss = ctx.loss(&images, &latents, masks.as_ref(), &noise, &applied_noise, &timesteps, sigmas.as_deref(), &embeds, &weights, None)?;
                 losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
             }
         }

@@ -1,0 +1,153 @@
+//! Flux.1 training end to end on the tiny fixtures (dev and schnell, diffusers folder and BFL
+//! file): LoRA and LoKr learn (their saved files, applied to a fresh model, lower a fixed
+//! flow-matching probe loss), files use kohya's Flux names and `ss_*` keys, samples are drawn,
+//! T5 and block choices change what is trained, and diffusers-layout LoRA files apply.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use loft_worker::flow::{noisy_input, FlowOptions};
+use loft_worker::lora_file::LoraFile;
+use loft_worker::models::flux::{pack_latents, unpack_latents, FluxInputs};
+use loft_worker::models::pipeline::StableDiffusion;
+use loft_worker::models::ModelFamily;
+use loft_worker::networks::NetworkAlgo;
+use loft_worker::noise::randn;
+use loft_worker::train::{run, CancelToken, EventLog, RunOptions, TrainConfig, TrainEvent};
+use rand::SeedableRng;
+
+fn device() -> Device {
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(loft_worker::device::test_device).clone()
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    common::tiny_run::fixture(name)
+}
+
+fn config(root: &Path, model: &str, family: ModelFamily, algo: NetworkAlgo) -> TrainConfig {
+    TrainConfig {
+        pretrained_model_name_or_path: fixture(model),
+        model_family: family,
+        bucket_reso_steps: 16,
+        max_train_steps: 24,
+        learning_rate: 2e-2,
+        t5xxl_max_token_length: 16,
+        sample_prompts: "a photo of a shape --w 32 --h 32 --s 3 --d 5".into(),
+        sample_every_n_steps: 12,
+        ..common::tiny_run::base(root, common::tiny_run::dataset(root), algo)
+    }
+}
+
+/// The flow-matching loss of `model` on fixed latents, noise and σ for the captions.
+fn probe_loss(model: &StableDiffusion, captions: &[String]) -> f64 {
+    let dev = device();
+    let flux = model.flux().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let e = model.encode_prompts(captions, 1, 75).unwrap();
+    let n = captions.len();
+    let mut total = 0.0;
+    for k in 0..6 {
+        let latents = randn(&mut rng, &[n, 16, 4, 4], &dev).unwrap();
+        let noise = randn(&mut rng, &[n, 16, 4, 4], &dev).unwrap();
+        let sigma = 0.15 + 0.14 * k as f32;
+        let s = Tensor::from_vec(vec![sigma; n], (n, 1, 1, 1), &dev).unwrap();
+        let noisy = noisy_input(&latents, &noise, &s).unwrap();
+        let inputs = FluxInputs { txt: &e.hidden, pooled: e.pooled.as_ref().unwrap(), timesteps: &vec![sigma; n], guidance: Some(&vec![3.5; n]), grid: (2, 2), txt_mask: None };
+        let v = unpack_latents(&flux.forward(&pack_latents(&noisy).unwrap(), &inputs).unwrap(), 4, 4).unwrap();
+        let target = (&noise - &latents).unwrap();
+        total += (v - target).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    total / 6.0
+}
+
+fn train(cfg: &TrainConfig) -> (std::path::PathBuf, EventLog) {
+    let mut events = EventLog::default();
+    let out = run(cfg, &RunOptions { device: Some(device()), ..RunOptions::default() }, &mut events, &CancelToken::new()).unwrap_or_else(|e| panic!("{e:#}"));
+    (out.network_file.expect("final file"), events)
+}
+
+#[test]
+fn lora_and_lokr_learn_on_flux_dev_and_schnell() {
+    let captions: Vec<String> = (0..2).map(|i| format!("a photo of a shape, number {i}")).collect();
+    let mut report = vec![];
+    for (model, family) in [("tiny-flux-dev", ModelFamily::FluxDev), ("tiny-flux-schnell", ModelFamily::FluxSchnell)] {
+        let fresh = StableDiffusion::load(&fixture(model), DType::F32, &device()).unwrap();
+        assert_eq!(fresh.family, family);
+        let before = probe_loss(&fresh, &captions);
+        for algo in [NetworkAlgo::Lora, NetworkAlgo::Lokr] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cfg = config(tmp.path(), model, family, algo);
+            if algo == NetworkAlgo::Lokr {
+                cfg.factor = 4;
+            }
+            let (file, events) = train(&cfg);
+            let steps = events.0.iter().filter(|e| matches!(e, TrainEvent::Step { .. })).count();
+            assert_eq!(steps, 24);
+            let samples = events.0.iter().filter(|e| matches!(e, TrainEvent::Sample { .. })).count();
+            assert_eq!(samples, 2, "a sample at steps 12 and 24");
+            let lora = LoraFile::load(&file).unwrap();
+            assert!(lora.modules.iter().any(|m| m.name == "lora_unet_double_blocks_0_img_attn_qkv"), "{:?}", lora.modules.iter().map(|m| &m.name).collect::<Vec<_>>());
+            assert!(lora.modules.iter().any(|m| m.name == "lora_unet_single_blocks_1_linear1"));
+            assert!(lora.modules.iter().any(|m| m.name.starts_with("lora_te1_text_model_encoder_layers_0_")), "CLIP-L is trained by default");
+            assert!(!lora.modules.iter().any(|m| m.name.starts_with("lora_te3_")), "T5 only with train_t5xxl");
+            let meta = &lora.metadata;
+            assert_eq!(meta.get("ss_base_model_version").map(String::as_str), Some("flux1"));
+            assert_eq!(meta.get("ss_timestep_sampling").map(String::as_str), Some("sigma"));
+            fresh.clear_hooks();
+            let unmatched = fresh.apply_networks(&[(&lora, 1.0)]).unwrap();
+            assert!(unmatched.is_empty(), "{unmatched:?}");
+            let after = probe_loss(&fresh, &captions);
+            fresh.clear_hooks();
+            report.push(format!("{model} {}: probe loss {before:.4} → {after:.4}", algo.name()));
+            assert!(after < before * 0.98, "{model} {} did not learn: {before} → {after}\n{}", algo.name(), report.join("\n"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The BFL single file trains too; `train_blocks`, `train_t5xxl`, `apply_t5_attn_mask` and
+/// the other samplings change what is trained; a diffusers-layout LoRA file applies.
+#[test]
+fn flux_options_change_what_is_trained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "tiny-flux-dev.safetensors", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.max_train_steps = 4;
+    cfg.sample_every_n_steps = 0;
+    cfg.train_blocks = "single".into();
+    cfg.train_t5xxl = true;
+    cfg.apply_t5_attn_mask = true;
+    cfg.timestep_sampling = "flux_shift".into();
+    cfg.weighting_scheme = "cosmap".into();
+    cfg.gradient_checkpointing = true;
+    let (file, _) = train(&cfg);
+    let lora = LoraFile::load(&file).unwrap();
+    let names: Vec<&str> = lora.modules.iter().map(|m| m.name.as_str()).collect();
+    assert!(names.iter().any(|n| n.starts_with("lora_unet_single_blocks_")));
+    assert!(!names.iter().any(|n| n.starts_with("lora_unet_double_blocks_")), "train_blocks = single");
+    assert!(names.iter().any(|n| n.starts_with("lora_te3_encoder_block_0_layer_0_SelfAttention_q")), "train_t5xxl: {names:?}");
+    assert_eq!(lora.metadata.get("ss_apply_t5_attn_mask").map(String::as_str), Some("True"));
+}
+
+/// Flux's DDPM-era settings are refused with the field named, before any work.
+#[test]
+fn flux_refuses_ddpm_only_settings_and_odd_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "tiny-flux-dev", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.timestep_sampling = "logit".into();
+    let err = run(&cfg, &RunOptions { device: Some(device()), ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    assert!(format!("{err:#}").contains("timestep_sampling"), "{err:#}");
+    let mut cfg = config(tmp.path(), "tiny-flux-dev", ModelFamily::Sd15, NetworkAlgo::Lora);
+    cfg.model_family = ModelFamily::Sd15;
+    let err = run(&cfg, &RunOptions { device: Some(device()), ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    assert!(format!("{err:#}").contains("flux_dev"), "{err:#}");
+}
+
+#[test]
+fn flow_options_default_to_sd_scripts() {
+    let o = FlowOptions::default();
+    assert_eq!((o.timestep_sampling.as_str(), o.model_prediction_type.as_str(), o.discrete_flow_shift), ("sigma", "sigma_scaled", 3.0));
+    assert_eq!(TrainConfig::default().flow_options(), o);
+}
