@@ -903,6 +903,15 @@ impl LoraFile {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let keys: Vec<&str> = st.names().into_iter().map(|k| &k[..]).collect();
+        if flux_diffusers::is_diffusers_flux(&keys) {
+            // diffusers' / PEFT's Flux layout: read as kohya's (fused layers joined).
+            let tensors = st.iter().map(|(k, v)| Ok((k.to_string(), tensor_from_view(&k, &v)?))).collect::<Result<Vec<_>>>()?;
+            let groups = flux_diffusers::to_kohya(tensors)?;
+            let hints = FileHints::from_metadata(&metadata);
+            let modules = groups.into_iter().map(|(name, tensors)| detect_module(name, tensors, &hints)).collect::<Result<Vec<_>>>()?;
+            return Ok(Self { path: path.to_path_buf(), metadata, modules });
+        }
         let mut groups: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
         for (key, view) in st.iter() {
             let Some((module, tensor)) = key.split_once('.') else {
@@ -1455,6 +1464,7 @@ pub fn module_group(name: &str) -> (String, String) {
 
 pub mod compat;
 pub mod convert;
+pub mod flux_diffusers;
 pub mod merge;
 pub mod resize;
 

@@ -151,3 +151,54 @@ fn flow_options_default_to_sd_scripts() {
     assert_eq!((o.timestep_sampling.as_str(), o.model_prediction_type.as_str(), o.discrete_flow_shift), ("sigma", "sigma_scaled", 3.0));
     assert_eq!(TrainConfig::default().flow_options(), o);
 }
+
+/// A diffusers-layout Flux LoRA (PEFT keys, split q/k/v, a piece left out, alphas, the final
+/// adaLN) merges into the BFL layers exactly as ΔW = s·B·A per piece, row block by row block.
+#[test]
+fn diffusers_layout_flux_lora_merges_as_the_reference_math() {
+    let dev = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let h = 32;
+    let r = 2;
+    let mut tensors: Vec<(String, Tensor)> = vec![];
+    let mut add = |path: &str, out: usize, inp: usize, alpha: Option<f32>| -> (Tensor, Tensor, f64) {
+        let a = randn(&mut rng, &[r, inp], &dev).unwrap();
+        let b = randn(&mut rng, &[out, r], &dev).unwrap();
+        tensors.push((format!("{path}.lora_A.weight"), a.clone()));
+        tensors.push((format!("{path}.lora_B.weight"), b.clone()));
+        if let Some(al) = alpha {
+            tensors.push((format!("{path}.alpha"), Tensor::new(al, &dev).unwrap()));
+        }
+        let s = alpha.map_or(1.0, |al| al as f64 / r as f64);
+        (a, b, s)
+    };
+    let q = add("transformer.transformer_blocks.0.attn.to_q", h, h, Some(1.0));
+    let v = add("transformer.transformer_blocks.0.attn.to_v", h, h, None);
+    let mlp = add("transformer.single_transformer_blocks.1.proj_mlp", 4 * h, h, Some(4.0));
+    let norm_out = add("transformer.norm_out.linear", 2 * h, h, None);
+    let path = tempfile::tempdir().unwrap();
+    let file = path.path().join("diffusers-flux.safetensors");
+    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&map, &file).unwrap();
+
+    let model = StableDiffusion::load(&fixture("tiny-flux-dev"), DType::F32, &dev).unwrap();
+    let before = |name: &str| model.flux().unwrap().layers().iter().find(|l| l.name() == name).unwrap().base().weight.clone();
+    use loft_worker::models::ModelLayers;
+    let (qkv0, lin0, fin0) = (before("double_blocks.0.img_attn.qkv"), before("single_blocks.1.linear1"), before("final_layer.adaLN_modulation.1"));
+    let lora = LoraFile::load(&file).unwrap();
+    let names: Vec<&str> = lora.modules.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_single_blocks_1_linear1"]);
+    let unmatched = model.merge_networks(&[(&lora, 1.0)], loft_worker::lora_file::MultiplierRule::Lycoris).unwrap();
+    assert!(unmatched.is_empty());
+    let delta = |(a, b, s): &(Tensor, Tensor, f64)| (b.matmul(a).unwrap() * *s).unwrap();
+    let zeros = |rows: usize| Tensor::zeros((rows, h), DType::F32, &dev).unwrap();
+    let want_qkv = (&qkv0 + Tensor::cat(&[delta(&q), zeros(h), delta(&v)], 0).unwrap()).unwrap();
+    let want_lin = (&lin0 + Tensor::cat(&[zeros(3 * h), delta(&mlp)], 0).unwrap()).unwrap();
+    let d = delta(&norm_out);
+    let want_fin = (&fin0 + Tensor::cat(&[d.narrow(0, h, h).unwrap(), d.narrow(0, 0, h).unwrap()], 0).unwrap()).unwrap();
+    for (name, want) in [("double_blocks.0.img_attn.qkv", want_qkv), ("single_blocks.1.linear1", want_lin), ("final_layer.adaLN_modulation.1", want_fin)] {
+        let got = before(name);
+        let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-5, "{name}: merged weight differs by {err}");
+    }
+}
