@@ -112,3 +112,91 @@ fn train_then_inspect_then_sample_with_the_lora() {
     let max_diff = b.as_raw().iter().zip(c.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
     assert!(max_diff <= 2, "merged vs applied differ by {max_diff}/255");
 }
+
+/// Flux as a user runs it: `loft train` on the tiny Flux dev folder with samples, `loft lora
+/// inspect` on the result, `loft lora merge` into BFL's single-file transformer, and `loft
+/// sample` drawing the same picture from the merged file as from the base with the LoRA.
+#[test]
+fn flux_train_inspect_merge_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = tiny_model().parent().unwrap().to_path_buf();
+    let dev = fixtures.join("tiny-flux-dev");
+    let path = tmp.path().join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+model_family = "flux_dev"
+pretrained_model_name_or_path = "{model}"
+train_data_dir = "{data}"
+output_dir = "{out}"
+output_name = "fluxblob"
+resolution = 32
+min_bucket_reso = 16
+max_bucket_reso = 64
+bucket_reso_steps = 16
+network_dim = 4
+network_alpha = 4
+learning_rate = 0.01
+max_train_epochs = 2
+t5xxl_max_token_length = 16
+network_train_unet_only = true
+save_precision = "float"
+sample_prompts = "blob --w 32 --h 32 --s 3 --d 3 --g 3.5"
+sample_every_n_epochs = 1
+"#,
+            model = dev.display(),
+            data = dataset(tmp.path()).display(),
+            out = tmp.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let o = loft(&["train", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let file = tmp.path().join("out/fluxblob.safetensors");
+    assert!(file.is_file());
+    assert_eq!(std::fs::read_dir(tmp.path().join("out/sample")).unwrap().count(), 2, "one sample per epoch");
+    let o = loft(&["lora", "inspect", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("flux1"), "{}", text(&o));
+
+    // Merge into the BFL file (the transformer only: the run trained no text encoder); the
+    // merged file needs the Flux folder beside it, as any BFL file.
+    let merged = tmp.path().join("merged.safetensors");
+    let o = loft(&["lora", "merge", "--base", fixtures.join("tiny-flux-dev.safetensors").to_str().unwrap(), "--lora", file.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    copy_dir(&dev, &tmp.path().join("merged"));
+    std::fs::copy(fixtures.join("tiny-flux-dev.safetensors"), tmp.path().join("base.safetensors")).unwrap();
+    copy_dir(&dev, &tmp.path().join("base"));
+    let draw = |model: &Path, lora: Option<&Path>, out: &Path| {
+        let mut args = vec!["sample".to_string(), "--model".into(), model.display().to_string(), "--prompt".into(), "blob".into(), "--steps".into(), "3".into(), "--seed".into(), "1".into(), "--width".into(), "32".into(), "--height".into(), "32".into(), "--out".into(), out.display().to_string()];
+        if let Some(l) = lora {
+            args.push("--lora".into());
+            args.push(format!("{}:1.0", l.display()));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = loft(&refs);
+        assert!(o.status.success(), "{}", text(&o));
+        image::open(out).unwrap().to_rgb8()
+    };
+    let plain = draw(&tmp.path().join("base.safetensors"), None, &tmp.path().join("plain.png"));
+    let with = draw(&tmp.path().join("base.safetensors"), Some(&file), &tmp.path().join("with.png"));
+    let via_merge = draw(&merged, None, &tmp.path().join("merged.png"));
+    assert_eq!(plain.dimensions(), (32, 32));
+    assert_ne!(plain.as_raw(), with.as_raw(), "the LoRA changes the picture");
+    let max_diff = with.as_raw().iter().zip(via_merge.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    assert!(max_diff <= 2, "merged vs applied differ by {max_diff}/255");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}

@@ -142,6 +142,33 @@ impl Base {
         Ok(Self { family: ckpt.family, files: vec![file], locate, targets })
     }
 
+    /// BFL's single-file Flux transformer (ComfyUI's `model.diffusion_model.` prefix kept):
+    /// `lora_unet_` + the BFL path of every Linear. The text encoders live elsewhere, so
+    /// `lora_te*` modules are reported unmatched.
+    fn flux_file(path: &Path) -> Result<Self> {
+        use crate::models::flux::{FluxConfig, FluxTransformer};
+        let weights = crate::models::flux_weights::FluxWeights::bfl_file(path)?;
+        let shapes = crate::models::safetensors_io::MappedFile::open(path)?;
+        let prefix = if shapes.contains("model.diffusion_model.img_in.weight") { "model.diffusion_model." } else { "" };
+        let head_dim = shapes.shape(&format!("{prefix}double_blocks.0.img_attn.norm.query_norm.scale")).and_then(|s| s.first().copied()).unwrap_or(128);
+        // RoPE's axes change no layer; any valid split of the head size will do.
+        let cfg: FluxConfig = weights.config_from_shapes(Some(vec![2, 2, head_dim.saturating_sub(4)]))?;
+        let family = if cfg.guidance_embed { ModelFamily::FluxDev } else { ModelFamily::FluxSchnell };
+        let layers = layers_of(|vb| Ok(FluxTransformer::new(&cfg, vb)?.layers().to_vec()))?;
+        let mut targets = HashMap::new();
+        for (module, kind, has_bias) in layers {
+            targets.insert(kohya_name("lora_unet", &module), Target { component: Component::Unet, module, kind, has_bias });
+        }
+        let file = Arc::new(shapes);
+        let f2 = file.clone();
+        let prefix = prefix.to_string();
+        let locate = Box::new(move |c: Component, name: &str| {
+            let key = format!("{prefix}{name}");
+            (c == Component::Unet && f2.contains(&key)).then(|| (0, Stored::Same(key)))
+        });
+        Ok(Self { family, files: vec![file], locate, targets })
+    }
+
     fn diffusers(dir: &Path) -> Result<Self> {
         let unet: UNetConfig = read_json(&dir.join("unet/config.json"))?;
         let mut tes: Vec<ClipTextConfig> = vec![read_json(&dir.join("text_encoder/config.json"))?];
@@ -178,7 +205,9 @@ pub struct BaseModel(Base);
 impl BaseModel {
     /// Opens `path`; `config_dir` as for [`merge`].
     pub fn open(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
-        Ok(Self(if path.is_dir() {
+        Ok(Self(if path.is_file() && crate::models::flux_weights::FluxWeights::is_flux_file(path) {
+            Base::flux_file(path)?
+        } else if path.is_dir() {
             if !path.join("unet/config.json").is_file() {
                 bail!("{} is a folder but not a diffusers pipeline (no unet/config.json)", path.display());
             }
