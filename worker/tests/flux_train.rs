@@ -202,3 +202,76 @@ fn diffusers_layout_flux_lora_merges_as_the_reference_math() {
         assert!(err < 1e-5, "{name}: merged weight differs by {err}");
     }
 }
+
+/// Synthetic full-size weights: Linear weights in fp8 (zeros, or small random values), the
+/// rest in the model dtype.
+struct Synthetic {
+    random: bool,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Synthetic {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let linear = name.ends_with(".weight") && s.dims().len() == 2;
+        if self.random {
+            let t = Tensor::randn(0f32, 0.02, s, dev)?;
+            return if linear { loft_worker::ops::cast(&t, DType::F8E4M3) } else { t.to_dtype(dtype) };
+        }
+        if linear {
+            Tensor::zeros(s, DType::F8E4M3, dev)
+        } else {
+            Tensor::ones(s, dtype, dev)
+        }
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("synthetic weights: no unchecked {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Memory of a full-size Flux.1 dev transformer with fp8 base weights on the CPU, and of a
+/// forward + backward at 256² (256 image + 512 text tokens, f16 compute) on a reduced-depth
+/// model (1 double + 2 single blocks at full width), with and without per-block checkpointing.
+/// Run by hand: `cargo test --release -p loft-worker --test flux_train -- --ignored --nocapture flux_memory`.
+#[test]
+#[ignore]
+fn flux_memory_at_full_size() {
+    use loft_worker::grad_checkpoint::GradientCheckpointing;
+    use loft_worker::models::flux::{FluxConfig, FluxTransformer};
+    let dev = Device::Cpu;
+    let gib = |kib: u64| kib as f64 / (1024.0 * 1024.0);
+    let rss0 = common::vm_kib("VmRSS:");
+    let full = FluxTransformer::new(&FluxConfig::flux1(true), candle_nn::VarBuilder::from_backend(Box::new(Synthetic { random: false }), DType::F16, dev.clone())).unwrap();
+    let rss1 = common::vm_kib("VmRSS:");
+    use loft_worker::models::ModelLayers;
+    let params: usize = full.layers().iter().map(|l| l.base().weight.elem_count() + l.base().bias.map_or(0, |b| b.elem_count())).sum();
+    eprintln!("full-size Flux.1 dev transformer, fp8 Linear weights: {:.2} B parameters, resident {:.2} GiB", params as f64 / 1e9, gib(rss1 - rss0));
+    drop(full);
+    let mut cfg = FluxConfig::flux1(true);
+    cfg.depth = 1;
+    cfg.depth_single = 2;
+    let model = FluxTransformer::new(&cfg, candle_nn::VarBuilder::from_backend(Box::new(Synthetic { random: true }), DType::F16, dev.clone())).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for checkpointing in [false, true] {
+        let img = candle_core::Var::from_tensor(&randn(&mut rng, &[1, 256, 64], &dev).unwrap().to_dtype(DType::F16).unwrap()).unwrap();
+        let txt = randn(&mut rng, &[1, 512, 4096], &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let pooled = randn(&mut rng, &[1, 768], &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let before = common::vm_kib("VmRSS:");
+        let start = std::time::Instant::now();
+        let inputs = FluxInputs { txt: &txt, pooled: &pooled, timesteps: &[0.5], guidance: Some(&[3.5]), grid: (16, 16), txt_mask: None };
+        let gc = GradientCheckpointing::new(&dev, std::slice::from_ref(&img)).unwrap();
+        let out = if checkpointing { gc.forward(|| model.forward(img.as_tensor(), &inputs)).unwrap() } else { model.forward(img.as_tensor(), &inputs).unwrap() };
+        let after_forward = common::vm_kib("VmRSS:");
+        let loss = out.to_dtype(DType::F32).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = if checkpointing { gc.backward(&loss).unwrap() } else { loss.backward().unwrap() };
+        assert!(grads.get(img.as_tensor()).is_some());
+        let peak = common::vm_kib("VmHWM:");
+        eprintln!(
+            "reduced depth (1 double + 2 single, full width) at 256², checkpointing {checkpointing}: forward keeps {:.2} GiB, step {:.1} s, process peak {:.2} GiB",
+            gib(after_forward.saturating_sub(before)),
+            start.elapsed().as_secs_f64(),
+            gib(peak)
+        );
+    }
+}
