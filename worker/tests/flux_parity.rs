@@ -258,3 +258,49 @@ fn objective_matches_sd_scripts() {
         }
     }
 }
+
+/// A LoRA trained by Loft (`tiny-flux-dev-lora.safetensors`) merges into BFL's single file and
+/// into the diffusers folder to the weights of kohya's merge math
+/// (`tests/parity/make_flux_merge_fixtures.py`): fused layers cut into diffusers' q/k/v and
+/// proj_mlp, CLIP-L's layers too.
+#[test]
+fn a_loft_flux_lora_merges_into_both_layouts_as_the_reference() {
+    use loft_worker::lora_file::merge::{merge, MergeInput};
+    use loft_worker::lora_file::{LoraFile, MultiplierRule};
+    let want = candle_core::safetensors::load(fixtures().join("tiny-flux-dev-lora-merged-ref.safetensors"), &Device::Cpu).unwrap();
+    let input = || vec![MergeInput { file: LoraFile::load(&fixtures().join("tiny-flux-dev-lora.safetensors")).unwrap(), multiplier: 1.0, rule: MultiplierRule::Lycoris }];
+    let tmp = tempfile::tempdir().unwrap();
+
+    let bfl_out = tmp.path().join("merged.safetensors");
+    let report = merge(&fixtures().join("tiny-flux-dev.safetensors"), &input(), &bfl_out, None).unwrap();
+    assert_eq!(report.files[0].matched, 26, "the transformer's modules; {:?}", report.files[0].unmatched);
+    let got = candle_core::safetensors::load(&bfl_out, &Device::Cpu).unwrap();
+    let mut n = 0;
+    for (key, w) in &want {
+        if let Some(k) = key.strip_prefix("bfl.") {
+            check(&format!("BFL {k}"), &got[k], w);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 26);
+
+    let dir_out = tmp.path().join("merged-folder");
+    let report = merge(&fixtures().join("tiny-flux-dev"), &input(), &dir_out, None).unwrap();
+    assert_eq!(report.files[0].matched, 38, "{:?}", report.files[0].unmatched);
+    let tr = candle_core::safetensors::load(dir_out.join("transformer/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let te = candle_core::safetensors::load(dir_out.join("text_encoder/model.safetensors"), &Device::Cpu).unwrap();
+    let mut n = 0;
+    for (key, w) in &want {
+        if let Some(k) = key.strip_prefix("diffusers.transformer.") {
+            check(&format!("diffusers {k}"), &tr[k], w);
+            n += 1;
+        } else if let Some(k) = key.strip_prefix("diffusers.text_encoder.") {
+            check(&format!("text encoder {k}"), &te[k], w);
+            n += 1;
+        }
+    }
+    assert_eq!(n, 52);
+    // The merged folder loads and runs.
+    let m = loft_worker::models::pipeline::StableDiffusion::load(&dir_out, DType::F32, &dev()).unwrap();
+    assert!(m.flux().is_some());
+}

@@ -81,8 +81,10 @@ struct Target {
     has_bias: bool,
 }
 
-/// Where a diffusers-named tensor is stored: which file, under which key, in which layout.
-type Locate = dyn Fn(Component, &str) -> Option<(usize, Stored)>;
+/// Where a layer's tensor is stored: which file, under which key, in which layout — several
+/// places when the model stores the layer in pieces (a diffusers Flux folder's q/k/v);
+/// empty when it has no such tensor.
+type Locate = dyn Fn(Component, &str) -> Vec<(usize, Stored)>;
 
 /// A base model opened for merging, whatever its layout.
 struct Base {
@@ -138,7 +140,7 @@ impl Base {
         let keys = ckpt.key_map().clone();
         let file = ckpt.shared_file();
         let f2 = file.clone();
-        let locate = Box::new(move |c: Component, name: &str| keys.stored(c, name).filter(|s| f2.contains(s.key())).map(|s| (0, s)));
+        let locate = Box::new(move |c: Component, name: &str| keys.stored(c, name).filter(|s| f2.contains(s.key())).map(|s| (0, s)).into_iter().collect());
         Ok(Self { family: ckpt.family, files: vec![file], locate, targets })
     }
 
@@ -164,9 +166,69 @@ impl Base {
         let prefix = prefix.to_string();
         let locate = Box::new(move |c: Component, name: &str| {
             let key = format!("{prefix}{name}");
-            (c == Component::Unet && f2.contains(&key)).then(|| (0, Stored::Same(key)))
+            (c == Component::Unet && f2.contains(&key)).then(|| (0, Stored::Same(key))).into_iter().collect()
         });
         Ok(Self { family, files: vec![file], locate, targets })
+    }
+
+    /// A diffusers Flux folder: the transformer's layers under BFL's kohya names, each read from
+    /// (and merged into) the diffusers tensors that hold it — fused layers in row slices, the
+    /// final adaLN with its halves swapped; CLIP-L's under `lora_te1_`. T5 (`lora_te3_`) is not
+    /// merged (reported unmatched).
+    fn flux_diffusers(dir: &Path) -> Result<Self> {
+        use crate::models::flux::{FluxConfig, FluxTransformer};
+        let cfg = FluxConfig::from_diffusers_json(&dir.join("transformer/config.json"))?;
+        let family = if cfg.guidance_embed { ModelFamily::FluxDev } else { ModelFamily::FluxSchnell };
+        let mut targets = HashMap::new();
+        for (module, kind, has_bias) in layers_of(|vb| Ok(FluxTransformer::new(&cfg, vb)?.layers().to_vec()))? {
+            targets.insert(kohya_name("lora_unet", &module), Target { component: Component::Unet, module, kind, has_bias });
+        }
+        let te: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        for (module, kind, has_bias) in te_layers(&te, false)? {
+            targets.insert(kohya_name("lora_te1", &module), Target { component: Component::TextEncoder(0), module, kind, has_bias });
+        }
+        let mut files = Vec::new();
+        let mut owner: HashMap<(Component, String), usize> = HashMap::new();
+        for (c, folder, stem) in [(Component::Unet, "transformer", "diffusion_pytorch_model"), (Component::TextEncoder(0), "text_encoder", "model")] {
+            for p in weight_files(&dir.join(folder), stem)? {
+                let f = MappedFile::open(&p)?;
+                for n in f.names() {
+                    owner.insert((c, n.clone()), files.len());
+                }
+                files.push(Arc::new(f));
+            }
+        }
+        let hidden = cfg.hidden_size;
+        let mlp = cfg.mlp_hidden;
+        let locate = Box::new(move |c: Component, name: &str| -> Vec<(usize, Stored)> {
+            let find = |key: &str| owner.get(&(c, key.to_string())).copied();
+            if c != Component::Unet {
+                return find(name).map(|i| (i, Stored::Same(name.to_string()))).into_iter().collect();
+            }
+            let Some((module, suffix)) = name.rsplit_once('.') else { return vec![] };
+            let Some(source) = crate::models::flux_weights::diffusers_pieces(module, suffix) else { return vec![] };
+            let (keys, swapped) = source;
+            let sizes: Vec<usize> = match keys.len() {
+                3 => vec![hidden; 3],
+                4 => vec![hidden, hidden, hidden, mlp],
+                _ => vec![0],
+            };
+            let total: usize = sizes.iter().sum();
+            let mut start = 0;
+            let mut out = vec![];
+            for (key, len) in keys.iter().zip(&sizes) {
+                let Some(i) = find(key) else { return vec![] };
+                let stored = if keys.len() == 1 {
+                    if swapped { Stored::SwappedHalves(key.clone()) } else { Stored::Same(key.clone()) }
+                } else {
+                    Stored::RowSlice { key: key.clone(), start, len: *len, total }
+                };
+                out.push((i, stored));
+                start += len;
+            }
+            out
+        });
+        Ok(Self { family, files, locate, targets })
     }
 
     fn diffusers(dir: &Path) -> Result<Self> {
@@ -192,7 +254,7 @@ impl Base {
                 files.push(Arc::new(f));
             }
         }
-        let locate = Box::new(move |c: Component, name: &str| owner.get(&(c, name.to_string())).map(|&i| (i, Stored::Same(name.to_string()))));
+        let locate = Box::new(move |c: Component, name: &str| owner.get(&(c, name.to_string())).map(|&i| (i, Stored::Same(name.to_string()))).into_iter().collect());
         Ok(Self { family, files, locate, targets })
     }
 }
@@ -207,6 +269,8 @@ impl BaseModel {
     pub fn open(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
         Ok(Self(if path.is_file() && crate::models::flux_weights::FluxWeights::is_flux_file(path) {
             Base::flux_file(path)?
+        } else if path.is_dir() && crate::models::pipeline::is_flux_dir(path) {
+            Base::flux_diffusers(path)?
         } else if path.is_dir() {
             if !path.join("unet/config.json").is_file() {
                 bail!("{} is a folder but not a diffusers pipeline (no unet/config.json)", path.display());
@@ -285,13 +349,16 @@ pub fn merge(base: &Path, inputs: &[MergeInput], out: &Path, config_dir: Option<
             }
             matched += 1;
             let weight = format!("{}.weight", t.module);
-            let Some((fw, sw)) = (b.locate)(t.component, &weight) else {
+            let places = (b.locate)(t.component, &weight);
+            if places.is_empty() {
                 bail!("{}: the base model has no tensor {weight} for module {}", base.display(), m.name);
-            };
-            plan.entry((fw, sw.key().to_string())).or_default().push(Contribution { input: i, module: j, bias: false, stored: sw });
+            }
+            for (fw, sw) in places {
+                plan.entry((fw, sw.key().to_string())).or_default().push(Contribution { input: i, module: j, bias: false, stored: sw });
+            }
             if t.has_bias {
                 let bias = format!("{}.bias", t.module);
-                if let Some((fb, sb)) = (b.locate)(t.component, &bias) {
+                for (fb, sb) in (b.locate)(t.component, &bias) {
                     plan.entry((fb, sb.key().to_string())).or_default().push(Contribution { input: i, module: j, bias: true, stored: sb });
                 }
             }
@@ -473,6 +540,12 @@ fn fit(d: &Tensor, c: &Contribution, stored: &Tensor) -> candle_core::Result<Ten
             s[0] /= parts;
             s
         }
+        Stored::RowSlice { total, .. } => {
+            let mut s = stored.dims().to_vec();
+            s[0] = *total;
+            s
+        }
+        Stored::SwappedHalves(_) => stored.dims().to_vec(),
     };
     if d.dims() == want.as_slice() {
         Ok(d.clone())
@@ -487,9 +560,15 @@ fn fit(d: &Tensor, c: &Contribution, stored: &Tensor) -> candle_core::Result<Ten
 fn base_layer(b: &Base, t: &Target) -> Result<BaseLayer> {
     let read = |suffix: &str| -> Result<Option<Tensor>> {
         let name = format!("{}.{suffix}", t.module);
-        match (b.locate)(t.component, &name) {
-            Some((f, s)) => Ok(Some(s.read(&b.files[f], Some(DType::F32))?)),
-            None => Ok(None),
+        let pieces = (b.locate)(t.component, &name)
+            .into_iter()
+            .map(|(f, s)| Ok(s.read(&b.files[f], Some(DType::F32))?))
+            .collect::<Result<Vec<_>>>()?;
+        // Row slices are listed in row order; one piece is the whole tensor.
+        match pieces.len() {
+            0 => Ok(None),
+            1 => Ok(pieces.into_iter().next()),
+            _ => Ok(Some(Tensor::cat(&pieces, 0)?)),
         }
     };
     let weight = read("weight")?.ok_or_else(|| anyhow!("no weight for {}", t.module))?;

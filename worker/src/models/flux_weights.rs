@@ -210,3 +210,13 @@ fn diffusers_source(name: &str) -> Option<Source> {
         _ => None,
     }
 }
+
+/// The diffusers tensor keys holding BFL tensor `module.suffix`, in row order, and whether the
+/// one stored tensor has its halves swapped (for `loft lora merge` into a diffusers folder).
+pub fn diffusers_pieces(module: &str, suffix: &str) -> Option<(Vec<String>, bool)> {
+    match diffusers_source(&format!("{module}.{suffix}"))? {
+        Source::One(k) => Some((vec![k], false)),
+        Source::Cat(ks) => Some((ks, false)),
+        Source::SwapHalves(k) => Some((vec![k], true)),
+    }
+}

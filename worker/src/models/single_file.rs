@@ -85,14 +85,27 @@ pub enum Stored {
     /// A 1×1 conv weight `[o, i, 1, 1]` that diffusers holds as a Linear `[o, i]` (the LDM
     /// VAE's mid-block attention). Read as stored when it is already 2-D.
     Conv1x1(String),
+    /// The stored tensor is rows `[start, start + len)` of the layer's `total`-row tensor: a
+    /// diffusers Flux folder keeps `to_q`/`to_k`/`to_v` (and `proj_mlp`) apart where BFL's
+    /// layer fuses them (`qkv`, `linear1`).
+    RowSlice { key: String, start: usize, len: usize, total: usize },
+    /// The stored tensor is the layer's with its two row halves swapped (diffusers'
+    /// `norm_out.linear`: scale, shift; BFL's final adaLN: shift, scale).
+    SwappedHalves(String),
 }
 
 impl Stored {
     pub fn key(&self) -> &str {
         match self {
-            Stored::Same(k) | Stored::Transposed(k) | Stored::Conv1x1(k) => k,
-            Stored::Rows { key, .. } => key,
+            Stored::Same(k) | Stored::Transposed(k) | Stored::Conv1x1(k) | Stored::SwappedHalves(k) => k,
+            Stored::Rows { key, .. } | Stored::RowSlice { key, .. } => key,
         }
+    }
+
+    /// Swaps the two row halves of `t` (its own inverse).
+    fn swap_halves(t: &Tensor) -> Result<Tensor> {
+        let half = t.dim(0)? / 2;
+        Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
     }
 
     /// Reads the tensor as the diffusers model holds it, cast to `dtype`.
@@ -112,6 +125,9 @@ impl Stored {
                 [o, i, 1, 1] => t.reshape((*o, *i)),
                 _ => Ok(t),
             },
+            // A slice alone is only part of the layer: the caller joins the slices.
+            Stored::RowSlice { .. } => Ok(t),
+            Stored::SwappedHalves(_) => Self::swap_halves(&t),
         }
     }
 
@@ -123,6 +139,8 @@ impl Stored {
             Stored::Same(_) => Ok(t.clone()),
             Stored::Transposed(_) => t.t()?.contiguous(),
             Stored::Conv1x1(_) => t.reshape(stored_shape),
+            Stored::RowSlice { start, len, .. } => t.narrow(0, *start, *len)?.contiguous(),
+            Stored::SwappedHalves(_) => Self::swap_halves(t),
             Stored::Rows { part, parts, .. } => {
                 let n = stored_shape[0] / parts;
                 let mut pieces = Vec::with_capacity(*parts);
@@ -856,6 +874,7 @@ pub fn save(path: &Path, w: &PipelineWeights, metadata: &BTreeMap<String, String
                 };
                 Tensor::cat(&rows, 0)?
             }
+            Stored::RowSlice { .. } | Stored::SwappedHalves(_) => bail!("{key}: Flux layouts are not written as LDM single files"),
         };
         entries.push(OutEntry { name: key, dtype: st_dtype(t.dtype())?, shape: t.dims().to_vec() });
         tensors.push(t);
