@@ -296,6 +296,7 @@ fn ldm_entries(family: ModelFamily, dtype: safetensors::Dtype) -> Vec<OutEntry> 
                 s[0] *= parts;
                 s
             }
+            Stored::RowSlice { .. } | Stored::SwappedHalves(_) => unreachable!("Flux layouts only"),
         };
         fused.insert(s.key().to_string(), stored_shape);
     }
