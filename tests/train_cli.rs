@@ -159,6 +159,18 @@ sample_every_n_epochs = 1
     let o = loft(&["lora", "inspect", file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("flux1"), "{}", text(&o));
+    // Resize to rank 2, and convert the LoKr-free file back to a plain LoRA at rank 2 against
+    // the BFL base: both read and write Flux names.
+    let resized = tmp.path().join("resized.safetensors");
+    let o = loft(&["lora", "resize", file.to_str().unwrap(), "--rank", "2", "--out", resized.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let converted = tmp.path().join("converted.safetensors");
+    let o = loft(&["lora", "convert", file.to_str().unwrap(), "--to", "lora", "--rank", "2", "--base", fixtures.join("tiny-flux-dev.safetensors").to_str().unwrap(), "--out", converted.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in [&resized, &converted] {
+        let o = loft(&["lora", "inspect", f.to_str().unwrap()]);
+        assert!(o.status.success() && text(&o).contains("double_blocks_0") && text(&o).contains("networks.lora_flux"), "{}", text(&o));
+    }
 
     // Merge into the BFL file (the transformer only: the run trained no text encoder); the
     // merged file needs the Flux folder beside it, as any BFL file.

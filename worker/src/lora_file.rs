@@ -43,6 +43,8 @@ pub enum NetworkModule {
     KohyaDylora,
     /// LyCORIS: `lycoris.kohya`.
     Lycoris,
+    /// sd-scripts' Flux LoRA: `networks.lora_flux`.
+    KohyaLoraFlux,
 }
 
 impl NetworkModule {
@@ -51,6 +53,7 @@ impl NetworkModule {
             NetworkModule::KohyaLora => "networks.lora",
             NetworkModule::KohyaDylora => "networks.dylora",
             NetworkModule::Lycoris => "lycoris.kohya",
+            NetworkModule::KohyaLoraFlux => "networks.lora_flux",
         }
     }
 
@@ -1447,6 +1450,8 @@ pub fn module_group(name: &str) -> (String, String) {
         format!("layers_{}", tail.split('_').next().unwrap_or(""))
     } else {
         match parts.as_slice() {
+            ["double", "blocks", n, ..] => format!("double_blocks_{n}"),
+            ["single", "blocks", n, ..] => format!("single_blocks_{n}"),
             ["down", "blocks", n, ..] => format!("down_blocks_{n}"),
             ["up", "blocks", n, ..] => format!("up_blocks_{n}"),
             ["mid", "block", ..] => "mid_block".into(),

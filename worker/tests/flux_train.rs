@@ -122,6 +122,7 @@ fn flux_options_change_what_is_trained() {
     cfg.timestep_sampling = "flux_shift".into();
     cfg.weighting_scheme = "cosmap".into();
     cfg.gradient_checkpointing = true;
+    cfg.in_dims = "[3, 0, 0, 0, 2]".into();
     let (file, _) = train(&cfg);
     let lora = LoraFile::load(&file).unwrap();
     let names: Vec<&str> = lora.modules.iter().map(|m| m.name.as_str()).collect();
@@ -129,6 +130,11 @@ fn flux_options_change_what_is_trained() {
     assert!(!names.iter().any(|n| n.starts_with("lora_unet_double_blocks_")), "train_blocks = single");
     assert!(names.iter().any(|n| n.starts_with("lora_te3_encoder_block_0_layer_0_SelfAttention_q")), "train_t5xxl: {names:?}");
     assert_eq!(lora.metadata.get("ss_apply_t5_attn_mask").map(String::as_str), Some("True"));
+    // in_dims: img_in at rank 3, txt_in at rank 2, the other input layers left alone.
+    let rank = |name: &str| lora.module(name).map(|m| m.tensors["lora_down.weight"].dim(0).unwrap());
+    assert_eq!(rank("lora_unet_img_in"), Some(3));
+    assert_eq!(rank("lora_unet_txt_in"), Some(2));
+    assert_eq!(rank("lora_unet_time_in_in_layer"), None);
 }
 
 /// Flux's DDPM-era settings are refused with the field named, before any work.

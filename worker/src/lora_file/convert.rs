@@ -344,7 +344,9 @@ fn converted_metadata(file: &LoraFile, choice: RankChoice, modules: &[ModuleConv
     let max_linear = modules.iter().filter(|m| !is_spatial(m)).map(|m| m.rank).max();
     let max_conv = modules.iter().filter(is_spatial).map(|m| m.rank).max();
     let dynamic = matches!(choice, RankChoice::Energy(_));
-    meta.insert("ss_network_module".into(), "networks.lora".into());
+    // A Flux file stays a Flux LoRA for sd-scripts (its loader is networks.lora_flux).
+    let module = if file.base_model_version() == Some("flux1") { "networks.lora_flux" } else { "networks.lora" };
+    meta.insert("ss_network_module".into(), module.into());
     let dim = max_linear.or(max_conv).unwrap_or(1);
     meta.insert("ss_network_dim".into(), if dynamic { "Dynamic".into() } else { dim.to_string() });
     // Every module's alpha is the file's largest rank (see the module docs).

@@ -185,6 +185,24 @@ pub struct FluxText {
     /// `train_blocks`: which transformer blocks are offered to the network (`all`, `double`,
     /// `single`; sd-scripts' `lora_flux` network argument).
     pub train_blocks: String,
+    /// kohya LoRA ranks of the input layers `[img, time, vector, guidance, txt]` (`in_dims`).
+    pub input_dims: [usize; 5],
+}
+
+impl FluxText {
+    /// The `in_dims` rank of an input layer (`img_in`, `time_in.*`, `vector_in.*`,
+    /// `guidance_in.*`, `txt_in`); `None` for any other layer.
+    pub fn input_dim(&self, path: &str) -> Option<usize> {
+        let index = match path.split('.').next()? {
+            "img_in" => 0,
+            "time_in" => 1,
+            "vector_in" => 2,
+            "guidance_in" => 3,
+            "txt_in" => 4,
+            _ => return None,
+        };
+        Some(self.input_dims[index])
+    }
 }
 
 /// A loaded Stable Diffusion model.
@@ -303,7 +321,7 @@ impl StableDiffusion {
             denoiser: Denoiser::Flux(transformer),
             text_encoders: vec![clip],
             tokenizers: vec![tokenizer],
-            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into() }),
+            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into(), input_dims: [0; 5] }),
             vae,
             scheduler: SchedulerConfig::default(),
             source: transformer_file.unwrap_or(dir).to_path_buf(),

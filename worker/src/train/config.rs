@@ -223,6 +223,9 @@ pub struct TrainConfig {
     pub train_t5xxl: bool,
     /// Which transformer blocks get adapters: `all`, `single`, `double` (kohya network_arg).
     pub train_blocks: String,
+    /// kohya LoRA ranks for Flux's input layers, `[img, time, vector, guidance, txt]` (sd-scripts'
+    /// `in_dims` network_arg; empty or 0 = not adapted).
+    pub in_dims: String,
 
     // ---- sampling
     pub sample_prompts: String,
@@ -416,6 +419,7 @@ impl Default for TrainConfig {
             apply_t5_attn_mask: false,
             train_t5xxl: false,
             train_blocks: "all".into(),
+            in_dims: String::new(),
             sample_prompts: String::new(),
             sample_sampler: "ddim".into(),
             sample_every_n_epochs: 0,
@@ -699,6 +703,9 @@ impl TrainConfig {
         // sd-scripts' "none" is its "uniform".
         check_choice(&mut errors, "weighting_scheme", &self.weighting_scheme, &["uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]);
         check_choice(&mut errors, "train_blocks", &self.train_blocks, &["all", "single", "double"]);
+        if let Err(e) = self.flux_in_dims() {
+            errors.push(err("in_dims", e));
+        }
         let positive = [("sigmoid_scale", self.sigmoid_scale), ("discrete_flow_shift", self.discrete_flow_shift), ("logit_std", self.logit_std)];
         for (key, v) in positive {
             if !(v.is_finite() && v > 0.0) {
@@ -762,6 +769,19 @@ impl TrainConfig {
     }
 
     /// The flow-matching settings of a Flux run.
+    /// `in_dims` as five ranks `[img, time, vector, guidance, txt]` (all 0 when empty).
+    pub fn flux_in_dims(&self) -> Result<[usize; 5], String> {
+        let text = self.in_dims.trim().trim_start_matches('[').trim_end_matches(']');
+        if text.trim().is_empty() {
+            return Ok([0; 5]);
+        }
+        let dims: Vec<usize> = text
+            .split(',')
+            .map(|d| d.trim().parse::<usize>().map_err(|_| format!("is {:?}: five ranks like [4,0,0,0,4] (img, time, vector, guidance, txt)", self.in_dims)))
+            .collect::<Result<_, _>>()?;
+        <[usize; 5]>::try_from(dims).map_err(|d| format!("has {} ranks: give five (img, time, vector, guidance, txt)", d.len()))
+    }
+
     pub fn flow_options(&self) -> crate::flow::FlowOptions {
         crate::flow::FlowOptions {
             timestep_sampling: self.timestep_sampling.clone(),

@@ -214,6 +214,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         text.apply_mask = cfg.apply_t5_attn_mask;
         text.trainable = cfg.train_t5xxl;
         text.train_blocks = cfg.train_blocks.clone();
+        text.input_dims = cfg.flux_in_dims().map_err(|e| anyhow::anyhow!("in_dims {e}"))?;
     }
     let flow = cfg.model_family.is_flux().then(|| cfg.flow_options());
     if let Some(flow) = &flow {
@@ -838,6 +839,9 @@ impl RunContext<'_> {
             // flux_train_network.py's keys.
             let py = crate::lora_file::py_float;
             m.extra.insert("ss_model_type".into(), "flux".into());
+            if cfg.network_algo.is_kohya() {
+                m.network_module = Some(crate::lora_file::NetworkModule::KohyaLoraFlux);
+            }
             let variant = if cfg.model_family == ModelFamily::FluxDev { "dev" } else { "schnell" };
             m.extra.insert("modelspec.architecture".into(), format!("flux-1-{variant}/lora"));
             m.extra.insert("modelspec.implementation".into(), "https://github.com/black-forest-labs/flux".into());

@@ -310,8 +310,19 @@ impl Network {
             if !wanted {
                 continue;
             }
-            let Some(on_input) = selects(algo, options, preset, part, layer.name(), layer.kind()) else { continue };
+            // Flux's input layers with an `in_dims` rank (kohya LoRA): adapted at that rank.
+            let in_dim = if algo.is_kohya() { model.flux_text.as_ref().and_then(|t| t.input_dim(layer.name())).filter(|&d| d > 0) } else { None };
+            let on_input = match in_dim {
+                Some(_) => false,
+                None => match selects(algo, options, preset, part, layer.name(), layer.kind()) {
+                    Some(on_input) => on_input,
+                    None => continue,
+                },
+            };
             let mut opts = options.clone();
+            if let Some(d) = in_dim {
+                opts.dim = d;
+            }
             if on_input {
                 opts.train_on_input = true;
             }
