@@ -137,6 +137,33 @@ fn flux_options_change_what_is_trained() {
     assert_eq!(rank("lora_unet_time_in_in_layer"), None);
 }
 
+/// split_qkv: the fused layers train one LoRA per piece; the file holds one block-diagonal
+/// LoRA of rank n·r per layer whose alpha keeps the trained strength, and it applies.
+#[test]
+fn split_qkv_saves_block_diagonal_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "tiny-flux-dev", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.max_train_steps = 3;
+    cfg.sample_every_n_steps = 0;
+    cfg.split_qkv = true;
+    cfg.network_alpha = 2.0;
+    let (file, _) = train(&cfg);
+    let lora = LoraFile::load(&file).unwrap();
+    let qkv = lora.module("lora_unet_double_blocks_0_img_attn_qkv").unwrap();
+    let up = &qkv.tensors["lora_up.weight"];
+    assert_eq!(up.dims(), &[96, 12], "3 pieces of rank 4");
+    assert_eq!(qkv.alpha, Some(6.0), "alpha 2 per piece, ×3");
+    // Off-diagonal blocks are exactly zero.
+    let block = up.narrow(0, 0, 32).unwrap().narrow(1, 4, 8).unwrap();
+    assert_eq!(block.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let linear1 = lora.module("lora_unet_single_blocks_0_linear1").unwrap();
+    assert_eq!(linear1.tensors["lora_down.weight"].dims(), &[16, 32], "4 pieces of rank 4");
+    let plain = lora.module("lora_unet_double_blocks_0_img_attn_proj").unwrap();
+    assert_eq!(plain.tensors["lora_down.weight"].dim(0).unwrap(), 4, "other layers keep rank r");
+    let model = StableDiffusion::load(&fixture("tiny-flux-dev"), DType::F32, &device()).unwrap();
+    assert!(model.apply_networks(&[(&lora, 1.0)]).unwrap().is_empty());
+}
+
 /// Flux's DDPM-era settings are refused with the field named, before any work.
 #[test]
 fn flux_refuses_ddpm_only_settings_and_odd_sizes() {

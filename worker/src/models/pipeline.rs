@@ -187,6 +187,8 @@ pub struct FluxText {
     pub train_blocks: String,
     /// kohya LoRA ranks of the input layers `[img, time, vector, guidance, txt]` (`in_dims`).
     pub input_dims: [usize; 5],
+    /// `split_qkv`: a kohya LoRA on a fused layer is one LoRA per piece.
+    pub split_qkv: bool,
 }
 
 impl FluxText {
@@ -202,6 +204,21 @@ impl FluxText {
             _ => return None,
         };
         Some(self.input_dims[index])
+    }
+
+    /// With `split_qkv`, the output rows of each piece of a fused layer: a double block's
+    /// `qkv` (q, k, v) or a single block's `linear1` (q, k, v, MLP); `None` for other layers.
+    pub fn split_rows(&self, path: &str, out: usize, hidden: usize) -> Option<Vec<usize>> {
+        if !self.split_qkv {
+            return None;
+        }
+        if path.starts_with("double_blocks.") && path.ends_with("_attn.qkv") {
+            Some(vec![out / 3; 3])
+        } else if path.starts_with("single_blocks.") && path.ends_with(".linear1") && out > 3 * hidden {
+            Some(vec![hidden, hidden, hidden, out - 3 * hidden])
+        } else {
+            None
+        }
     }
 }
 
@@ -321,7 +338,7 @@ impl StableDiffusion {
             denoiser: Denoiser::Flux(transformer),
             text_encoders: vec![clip],
             tokenizers: vec![tokenizer],
-            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into(), input_dims: [0; 5] }),
+            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into(), input_dims: [0; 5], split_qkv: false }),
             vae,
             scheduler: SchedulerConfig::default(),
             source: transformer_file.unwrap_or(dir).to_path_buf(),

@@ -20,16 +20,16 @@ use super::common::{
 use super::{Adapter, BaseLayer, LayerKind, NetworkOptions};
 
 pub(crate) struct KohyaLora {
-    ctx: Ctx,
+    pub(crate) ctx: Ctx,
     /// `lora_down.weight`: `(r, in)` or `(r, in, kh, kw)`.
-    down: Var,
+    pub(crate) down: Var,
     /// `lora_up.weight`: `(out, r)` or `(out, r, 1, 1)`.
-    up: Var,
-    rank: usize,
+    pub(crate) up: Var,
+    pub(crate) rank: usize,
     /// alpha as saved (0 resolved to r).
-    alpha: f64,
+    pub(crate) alpha: f64,
     /// alpha / r.
-    scale: f64,
+    pub(crate) scale: f64,
 }
 
 fn shapes(ctx: &Ctx, rank: usize) -> (Vec<usize>, Vec<usize>) {
@@ -48,6 +48,11 @@ pub(crate) fn build(
     rank: usize,
     alpha: f64,
 ) -> Result<Box<dyn Adapter>> {
+    Ok(Box::new(build_kohya(opts, base, layer, rank, alpha)?))
+}
+
+/// A fresh [`KohyaLora`] (the concrete type, for adapters built from several).
+pub(crate) fn build_kohya(opts: &NetworkOptions, base: &BaseLayer, layer: &str, rank: usize, alpha: f64) -> Result<KohyaLora> {
     let ctx = Ctx::new(opts, base, layer)?;
     if rank == 0 {
         bail!("layer {layer}: LoRA rank must be at least 1");
@@ -56,7 +61,7 @@ pub(crate) fn build(
     let down = ctx.var(&down_shape, Init::down(opts.orthogonalize))?;
     let up = ctx.var(&up_shape, Init::Zeros)?;
     let alpha = if alpha == 0.0 { rank as f64 } else { alpha };
-    Ok(Box::new(KohyaLora { ctx, down, up, rank, alpha, scale: alpha / rank as f64 }))
+    Ok(KohyaLora { ctx, down, up, rank, alpha, scale: alpha / rank as f64 })
 }
 
 pub(crate) fn from_tensors(
@@ -83,7 +88,8 @@ pub(crate) fn from_tensors(
 }
 
 impl KohyaLora {
-    fn lora_path(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `up(drop(down(x)))·m·alpha/r`: what the adapter adds to the layer's output.
+    pub(crate) fn lora_path(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let down = self.down.as_tensor().to_dtype(x.dtype())?;
         let up = self.up.as_tensor().to_dtype(x.dtype())?;
         let mut lx = match &self.ctx.kind {

@@ -48,6 +48,7 @@ pub mod lokr;
 pub mod lora;
 pub mod norm;
 pub mod options;
+pub(crate) mod split_lora;
 
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -299,6 +300,13 @@ pub trait Adapter: Send + Sync {
 
     /// Changes m (e.g. for samples at another strength).
     fn set_multiplier(&mut self, multiplier: f64);
+}
+
+/// A kohya LoRA split by output rows (`split_qkv`): one rank-`opts.dim` LoRA per piece of
+/// `rows`, saved as one block-diagonal LoRA (see [`split_lora`]).
+pub fn build_split_lora(opts: &NetworkOptions, base: &BaseLayer, layer_name: &str, rows: &[usize]) -> Result<Box<dyn Adapter>> {
+    opts.validate(NetworkAlgo::Lora).map_err(|e| candle_core::Error::Msg(format!("layer {layer_name}: {e}")))?;
+    Ok(Box::new(split_lora::build(opts, base, layer_name, rows)?))
 }
 
 /// Builds a freshly initialised adapter of `algo` for `base`.

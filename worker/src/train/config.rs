@@ -226,6 +226,9 @@ pub struct TrainConfig {
     /// kohya LoRA ranks for Flux's input layers, `[img, time, vector, guidance, txt]` (sd-scripts'
     /// `in_dims` network_arg; empty or 0 = not adapted).
     pub in_dims: String,
+    /// kohya LoRA on Flux: one LoRA per q/k/v (and MLP) piece of the fused layers (kohya
+    /// network_arg `split_qkv`).
+    pub split_qkv: bool,
 
     // ---- sampling
     pub sample_prompts: String,
@@ -420,6 +423,7 @@ impl Default for TrainConfig {
             train_t5xxl: false,
             train_blocks: "all".into(),
             in_dims: String::new(),
+            split_qkv: false,
             sample_prompts: String::new(),
             sample_sampler: "ddim".into(),
             sample_every_n_epochs: 0,

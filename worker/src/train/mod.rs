@@ -215,6 +215,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         text.trainable = cfg.train_t5xxl;
         text.train_blocks = cfg.train_blocks.clone();
         text.input_dims = cfg.flux_in_dims().map_err(|e| anyhow::anyhow!("in_dims {e}"))?;
+        text.split_qkv = cfg.split_qkv;
     }
     let flow = cfg.model_family.is_flux().then(|| cfg.flow_options());
     if let Some(flow) = &flow {
