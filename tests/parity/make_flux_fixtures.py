@@ -27,6 +27,7 @@ Writes
       t5.input_ids (2,16) i64, t5.mask (2,16) -> t5.out (no mask), t5.out_masked (mask passed)
       vae.image (1,3,16,24) -> vae.mean ; vae.latents (1,16,2,3) -> vae.decode
       obj.* timestep sampling and loss targets from sd-scripts' functions (see objective()).
+      sample.* sd-scripts' `denoise` on the dev transformer, plain and with true CFG (sampling()).
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def tiny_vae(gen: torch.Generator) -> AutoencoderKL:
 SD_SCRIPTS_FUNCS = [
     "time_shift", "get_lin_function", "get_schedule", "get_sigmas", "compute_density_for_timestep_sampling",
     "compute_loss_weighting_for_sd3", "get_noisy_model_input_and_timesteps", "apply_model_prediction_type",
+    "denoise",
 ]
 
 
@@ -222,8 +224,12 @@ def load_sd_scripts(repo: Path) -> dict:
     tree = ast.parse(text)
     keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in SD_SCRIPTS_FUNCS]
     assert len(keep) == len(SD_SCRIPTS_FUNCS), [n.name for n in keep]
-    from typing import Callable, Tuple
-    ns = {"torch": torch, "math": math, "Callable": Callable, "Tuple": Tuple}
+    from types import SimpleNamespace
+    from typing import Callable, Optional, Tuple
+    # denoise's annotations name sd-scripts' model classes; its progress bar is tqdm.
+    flux_models = SimpleNamespace(Flux=object, ControlNetFlux=object)
+    ns = {"torch": torch, "math": math, "Callable": Callable, "Tuple": Tuple, "Optional": Optional,
+          "flux_models": flux_models, "tqdm": lambda it: it}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "flux_train_utils.py", "exec"), ns)
     return ns
 
@@ -292,6 +298,40 @@ def objective(ref: dict, repo: Path) -> None:
     ref["obj.schedule_1024"] = torch.tensor(ns["get_schedule"](28, 4096, shift=True))
 
 
+class BflShim:
+    """diffusers' FluxTransformer2DModel behind sd-scripts' `Flux.forward` signature, so that
+    sd-scripts' `denoise` runs on the tiny model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prepare_block_swap_before_forward(self):
+        pass
+
+    def __call__(self, img, img_ids, txt, txt_ids, y, timesteps, guidance, txt_attention_mask=None, **_):
+        return self.model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=timesteps,
+                          img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False)[0]
+
+
+def sampling(ref: dict, repo: Path, transformer) -> None:
+    """sd-scripts' `denoise` (4 steps, shifted schedule, guidance 3.5), without and with true
+    CFG (scale 2.5, negative conditions first), from fixed packed noise."""
+    ns = load_sd_scripts(repo)
+    gen = torch.Generator().manual_seed(SEED + 11)
+    noise = torch.randn((1, 6, 64), generator=gen, dtype=torch.float64)
+    txt = torch.randn((2, 7, 32), generator=gen, dtype=torch.float64)
+    pooled = torch.randn((2, 32), generator=gen, dtype=torch.float64)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, 2, 3, "cpu", torch.float64)[None]
+    txt_ids = torch.zeros((1, 7, 3), dtype=torch.float64)
+    timesteps = ns["get_schedule"](4, noise.shape[1], shift=True)
+    model = BflShim(transformer)
+    with torch.no_grad():
+        plain = ns["denoise"](model, noise, img_ids, txt[1:], txt_ids, pooled[1:], timesteps=timesteps, guidance=3.5)
+        neg = (2.5, pooled[:1], txt[:1], None)
+        cfg = ns["denoise"](model, noise, img_ids, txt[1:], txt_ids, pooled[1:], timesteps=timesteps, guidance=3.5, neg_cond=neg)
+    ref.update({"sample.noise": noise, "sample.txt": txt, "sample.pooled": pooled, "sample.plain": plain, "sample.cfg": cfg})
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -338,6 +378,7 @@ def main() -> None:
         ref[f"{variant}.out"] = out.detach()
         if guidance:
             ref["dev.loss_weights"] = weights
+            sampling(ref, repo, m)
             (out * weights).sum().backward()
             grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
             for n, g in to_bfl(grads).items():

@@ -193,9 +193,8 @@ pub fn sample_image_from_noise(
     Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)
 }
 
-/// Flux: sd-scripts' `denoise` — Euler steps `x += (t_next − t)·v` over the shifted schedule
-/// (`get_schedule(steps, tokens, shift=True)`), dev's guidance embedded, true CFG with the
-/// negative prompt when `cfg` ≠ 1 — on packed latents; then unpacked and decoded.
+/// Flux: encodes the prompt (and the negative one for true CFG when `cfg` ≠ 1), runs
+/// [`flux_denoise`] from the packed noise, unpacks and decodes.
 fn flux_sample(model: &StableDiffusion, req: &SampleRequest, noise: Tensor) -> Result<Tensor> {
     let Some(flux) = model.flux() else { bail!("not a Flux model") };
     let dtype = model.dtype();
@@ -203,35 +202,56 @@ fn flux_sample(model: &StableDiffusion, req: &SampleRequest, noise: Tensor) -> R
     let guided = req.cfg != 1.0;
     let prompts = if guided { vec![req.negative.clone(), req.prompt.clone()] } else { vec![req.prompt.clone()] };
     let embeds = model.encode_prompts(&prompts, 1, 75)?;
-    let n = prompts.len();
     let Some(pooled) = embeds.pooled.clone() else { bail!("flux: no pooled text embedding") };
-    let mut x = crate::models::flux::pack_latents(&noise.to_dtype(DType::F32)?)?;
-    let schedule = crate::flow::sampling_schedule(req.steps, x.dim(1)?, true);
-    let guidance = vec![req.guidance as f32; n];
+    let x = crate::models::flux::pack_latents(&noise.to_dtype(DType::F32)?)?;
+    let cond = FluxCond { txt: &embeds.hidden, pooled: &pooled, mask: embeds.mask.as_ref(), grid: (h / 2, w / 2), dtype };
+    let x = flux_denoise(flux, x, &cond, req.steps, req.guidance, req.cfg)?;
+    let latents = crate::models::flux::unpack_latents(&x, h, w)?;
+    let z = model.vae.from_model_latents(&latents)?;
+    let image = model.vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)
+}
+
+/// The conditions of a Flux sample: T5 states and pooled CLIP output (batch 1, or 2 = negative
+/// then positive for true CFG), the T5 mask, the packed grid and the compute dtype.
+pub struct FluxCond<'a> {
+    pub txt: &'a Tensor,
+    pub pooled: &'a Tensor,
+    pub mask: Option<&'a Tensor>,
+    pub grid: (usize, usize),
+    pub dtype: DType,
+}
+
+/// sd-scripts' `denoise`: Euler steps `x += (t_next − t)·v` over the shifted schedule
+/// (`get_schedule(steps, tokens, shift=True)`), the distilled `guidance` embedded (dev), and
+/// with `cfg` ≠ 1 true CFG `v = neg + (pos − neg)·cfg` from one batched call. `x` is the packed
+/// noise `(1, N, 64)`; returns the packed latents.
+pub fn flux_denoise(flux: &crate::models::flux::FluxTransformer, mut x: Tensor, cond: &FluxCond, steps: usize, guidance: f64, cfg: f64) -> Result<Tensor> {
+    let guided = cfg != 1.0;
+    let n = if guided { 2 } else { 1 };
+    let schedule = crate::flow::sampling_schedule(steps, x.dim(1)?, true);
+    let guidance = vec![guidance as f32; n];
     for pair in schedule.windows(2) {
         let (t, t_next) = (pair[0], pair[1]);
         let xin = if guided { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
         let inputs = crate::models::flux::FluxInputs {
-            txt: &embeds.hidden,
-            pooled: &pooled,
+            txt: cond.txt,
+            pooled: cond.pooled,
             timesteps: &vec![t as f32; n],
             guidance: Some(&guidance),
-            grid: (h / 2, w / 2),
-            txt_mask: embeds.mask.as_ref(),
+            grid: cond.grid,
+            txt_mask: cond.mask,
         };
-        let out = flux.forward(&xin.to_dtype(dtype)?, &inputs)?.to_dtype(DType::F32)?;
+        let out = flux.forward(&xin.to_dtype(cond.dtype)?, &inputs)?.to_dtype(DType::F32)?;
         let v = if guided {
             let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
-            (&u + ((c - &u)? * req.cfg)?)?
+            (&u + ((c - &u)? * cfg)?)?
         } else {
             out
         };
         x = (x + (v * (t_next - t))?)?;
     }
-    let latents = crate::models::flux::unpack_latents(&x, h, w)?;
-    let z = model.vae.from_model_latents(&latents)?;
-    let image = model.vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
-    Ok(((image.squeeze(0)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)?)
+    Ok(x)
 }
 
 /// Writes a `(3, H, W)` image in [0, 1] as PNG.

@@ -304,3 +304,20 @@ fn a_loft_flux_lora_merges_into_both_layouts_as_the_reference() {
     let m = loft_worker::models::pipeline::StableDiffusion::load(&dir_out, DType::F32, &dev()).unwrap();
     assert!(m.flux().is_some());
 }
+
+/// Sampling equals sd-scripts' `denoise` (shifted Euler schedule, embedded guidance, true CFG
+/// with the negative conditions first) on the tiny dev transformer.
+#[test]
+fn sampling_matches_sd_scripts_denoise() {
+    use loft_worker::sample::{flux_denoise, FluxCond};
+    let r = reference();
+    let model = diffusers_model("dev");
+    let txt = &r["sample.txt"];
+    let pooled = &r["sample.pooled"];
+    let pos = FluxCond { txt: &txt.narrow(0, 1, 1).unwrap(), pooled: &pooled.narrow(0, 1, 1).unwrap(), mask: None, grid: (2, 3), dtype: DType::F32 };
+    let plain = flux_denoise(&model, r["sample.noise"].clone(), &pos, 4, 3.5, 1.0).unwrap();
+    check("denoise", &plain, &r["sample.plain"]);
+    let both = FluxCond { txt, pooled, mask: None, grid: (2, 3), dtype: DType::F32 };
+    let cfg = flux_denoise(&model, r["sample.noise"].clone(), &both, 4, 3.5, 2.5).unwrap();
+    check("denoise with true CFG", &cfg, &r["sample.cfg"]);
+}
