@@ -301,7 +301,9 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         // files; Loft reads them from the model's diffusers folder (Flux's `vae` is `ae`).
         let model = text("pretrained_model_name_or_path");
         for (key, path) in flux_parts(&model) {
-            let path = if key == "ae" && !text("vae").is_empty() { text("vae") } else { path };
+            // The fields, where set, name the files themselves (`vae` is Flux's `ae`).
+            let own = if key == "ae" { text("vae") } else { text(key) };
+            let path = if own.is_empty() { path } else { own };
             put("model", key, Toml::String(path));
         }
     }
@@ -325,8 +327,8 @@ pub fn export(registry: &Registry, config: &Config, prompts_file: &str) -> Resul
         if dataset_file.is_some() && matches!(key, "train_data_dir" | "reg_data_dir") {
             continue;
         }
-        // Flux: the VAE is exported as `ae` (above).
-        if flux && key == "vae" {
+        // Flux: the VAE is exported as `ae`, and clip_l / t5xxl, with the parts (above).
+        if flux && matches!(key, "vae" | "clip_l" | "t5xxl") {
             continue;
         }
         // kohya's networks.lora_flux options; LyCORIS has no equivalent.
@@ -662,12 +664,8 @@ pub fn import(registry: &Registry, text: &str, sample_prompts: Option<&str>, fam
                 if derived.iter().any(|(name, path)| name == k && path == given) {
                     continue;
                 }
-                if k == "ae" {
-                    // A separate autoencoder: Loft's VAE option.
-                    config.insert("vae".into(), given.into());
-                } else {
-                    ignored.push((k.clone(), "Loft reads CLIP-L and T5-XXL from the model's diffusers folder (text_encoder/, text_encoder_2/), not from separate files".into()));
-                }
+                // Separate files: Loft's clip_l / t5xxl fields, and the autoencoder its VAE option.
+                config.insert(if k == "ae" { "vae".into() } else { k.clone() }, given.into());
                 continue;
             }
             "sdpa" | "xformers" | "mem_eff_attn" => {
@@ -948,8 +946,13 @@ mod tests {
         let got = import(&registry, text, None, None).unwrap();
         assert_eq!((got.config["model_family"].clone(), got.config["network_algo"].clone()), (json!("flux_dev"), json!("lora")));
         assert!(!got.config.contains_key("vae"), "the folder's own vae/ is no separate VAE");
-        let ignored: Vec<&str> = got.ignored.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(ignored.contains(&"clip_l") && ignored.contains(&"t5xxl"), "{ignored:?}");
+        // Separate text encoder files become Loft's clip_l / t5xxl fields.
+        assert_eq!((got.config["clip_l"].clone(), got.config["t5xxl"].clone()), (json!("/te/clip_l.safetensors"), json!("/te/t5xxl_fp16.safetensors")));
+        // And export names them again.
+        let mut config = got.config.clone();
+        config.insert("train_data_dir".into(), json!("/d"));
+        let back = export(&registry, &config, "p.txt").unwrap();
+        assert!(back.toml.contains("clip_l = \"/te/clip_l.safetensors\""), "{}", back.toml);
     }
 
     #[test]

@@ -370,3 +370,81 @@ fn flux_full_size_lora_step() {
         gib(peak.saturating_sub(before))
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// sd-scripts' layout of a Flux model — BFL transformer, `clip_l`, `t5xxl` (its tokenizer.json
+/// beside it) and `ae` as separate files — loads the same model as the diffusers folder, and
+/// trains.
+#[test]
+fn separate_clip_l_t5xxl_and_ae_files() {
+    use loft_worker::models::pipeline::FluxFiles;
+    use loft_worker::models::single_file::{bare_vae_stored, Stored};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let folder = fixture("tiny-flux-dev");
+    std::fs::copy(fixture("tiny-flux-dev.safetensors"), root.join("flux1-dev.safetensors")).unwrap();
+    // The tiny model's sizes are not Flux.1's: a folder beside the file gives only the configs
+    // and the CLIP tokenizer.
+    copy_dir(&folder.join("transformer"), &root.join("flux1-dev/transformer"));
+    std::fs::remove_file(root.join("flux1-dev/transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    copy_dir(&folder.join("tokenizer"), &root.join("flux1-dev/tokenizer"));
+    for part in ["text_encoder", "text_encoder_2", "vae"] {
+        std::fs::create_dir_all(root.join("flux1-dev").join(part)).unwrap();
+        std::fs::copy(folder.join(part).join("config.json"), root.join("flux1-dev").join(part).join("config.json")).unwrap();
+    }
+    std::fs::create_dir_all(root.join("te")).unwrap();
+    std::fs::copy(folder.join("text_encoder/model.safetensors"), root.join("te/clip_l.safetensors")).unwrap();
+    std::fs::copy(folder.join("text_encoder_2/model.safetensors"), root.join("te/t5xxl_fp16.safetensors")).unwrap();
+    std::fs::copy(folder.join("tokenizer_2/tokenizer.json"), root.join("te/tokenizer.json")).unwrap();
+    // BFL's ae.safetensors: the LDM VAE keys without a prefix.
+    let vae = candle_core::safetensors::load(folder.join("vae/diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let mut ae = std::collections::HashMap::new();
+    for (name, t) in vae {
+        let t = match bare_vae_stored(&name, 4).unwrap_or_else(|| panic!("{name}")) {
+            Stored::Conv1x1(k) => (k, t.reshape((t.dim(0).unwrap(), t.dim(1).unwrap(), 1, 1)).unwrap()),
+            other => (other.key().to_string(), t),
+        };
+        ae.insert(t.0, t.1);
+    }
+    candle_core::safetensors::save(&ae, root.join("ae.safetensors")).unwrap();
+
+    let files = FluxFiles { clip_l: Some(root.join("te/clip_l.safetensors")), t5xxl: Some(root.join("te/t5xxl_fp16.safetensors")), ae: Some(root.join("ae.safetensors")) };
+    let parts = StableDiffusion::load_flux_aware(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).unwrap();
+    let whole = StableDiffusion::load(&folder, DType::F32, &device()).unwrap();
+    let prompts = vec!["a photo of a cat".to_string()];
+    let (a, b) = (parts.encode_prompts(&prompts, 1, 75).unwrap(), whole.encode_prompts(&prompts, 1, 75).unwrap());
+    let diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&a.hidden, &b.hidden) < 1e-6 && diff(a.pooled.as_ref().unwrap(), b.pooled.as_ref().unwrap()) < 1e-6);
+    let z = randn(&mut rand::rngs::StdRng::seed_from_u64(2), &[1, 16, 2, 2], &device()).unwrap();
+    assert!(diff(&parts.vae.decode(&z).unwrap(), &whole.vae.decode(&z).unwrap()) < 1e-5);
+    assert_eq!((parts.vae.scaling_factor(), parts.vae.shift_factor()), (0.3611, 0.1159));
+
+    // Without the T5 tokenizer beside the file: a clear error.
+    std::fs::remove_file(root.join("te/tokenizer.json")).unwrap();
+    let err = StableDiffusion::load_flux_aware(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).err().unwrap();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    std::fs::copy(folder.join("tokenizer_2/tokenizer.json"), root.join("te/tokenizer.json")).unwrap();
+
+    // And a run from the registry's keys.
+    let mut cfg = config(root, "tiny-flux-dev", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.pretrained_model_name_or_path = root.join("flux1-dev.safetensors");
+    cfg.clip_l = root.join("te/clip_l.safetensors");
+    cfg.t5xxl = root.join("te/t5xxl_fp16.safetensors");
+    cfg.vae = root.join("ae.safetensors");
+    cfg.max_train_steps = 2;
+    cfg.sample_every_n_steps = 2;
+    let (file, events) = train(&cfg);
+    assert!(file.is_file());
+    assert_eq!(events.0.iter().filter(|e| matches!(e, TrainEvent::Sample { .. })).count(), 1);
+}

@@ -121,6 +121,33 @@ impl ClipTextModel {
     /// Loads a transformers `text_encoder/` folder (`config.json`, `model.safetensors`),
     /// memory-mapped and cast to `dtype`. The projection is loaded when the config's
     /// architecture is `CLIPTextModelWithProjection`.
+    /// A single transformers-layout file (`clip_l.safetensors`) with `config`, or with its sizes
+    /// read from the shapes (64-wide heads, quick-GELU: CLIP ViT-L/14's text model).
+    pub fn from_file(path: &Path, config: Option<ClipTextConfig>, dtype: DType, device: &Device) -> Result<Self> {
+        if let Some(config) = config {
+            // SAFETY: read-only mapping of a model file Loft never writes.
+            let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? };
+            return Self::new(&config, vb, false);
+        }
+        let file = super::safetensors_io::MappedFile::open(path)?;
+        let need = |k: &str| {
+            file.shape(k).map(|s| s.to_vec()).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a CLIP text encoder file (no {k})", path.display())))
+        };
+        let tok = need("text_model.embeddings.token_embedding.weight")?;
+        let pos = need("text_model.embeddings.position_embedding.weight")?;
+        let fc1 = need("text_model.encoder.layers.0.mlp.fc1.weight")?;
+        let layers = (0..).take_while(|i| file.contains(&format!("text_model.encoder.layers.{i}.mlp.fc1.weight"))).count();
+        let config: ClipTextConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": tok[0], "hidden_size": tok[1], "intermediate_size": fc1[0], "num_hidden_layers": layers,
+            "num_attention_heads": (tok[1] / 64).max(1), "max_position_embeddings": pos[0], "hidden_act": "quick_gelu",
+        }))
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        drop(file);
+        // SAFETY: read-only mapping of a model file Loft never writes.
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? };
+        Self::new(&config, vb, false)
+    }
+
     pub fn from_transformers_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
         let vb = var_builder(dir, "model", dtype, device)?;

@@ -189,6 +189,18 @@ pub struct FluxText {
     pub input_dims: [usize; 5],
     /// `split_qkv`: a kohya LoRA on a fused layer is one LoRA per piece.
     pub split_qkv: bool,
+    /// The separate files the parts came from (for reloading the autoencoder).
+    pub files: FluxFiles,
+}
+
+/// Flux's parts as separate files, as sd-scripts takes them (`clip_l`, `t5xxl`, `ae`): each
+/// one given replaces the diffusers folder's part.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FluxFiles {
+    pub clip_l: Option<PathBuf>,
+    pub t5xxl: Option<PathBuf>,
+    /// BFL's `ae.safetensors` (or a diffusers `vae/` folder).
+    pub ae: Option<PathBuf>,
 }
 
 impl FluxText {
@@ -256,18 +268,17 @@ impl StableDiffusion {
     /// As [`Self::load`]; a Flux transformer's Linear weights are stored in
     /// `frozen_weight_dtype` (fp8_base) straight from the file.
     pub fn load_with(path: &Path, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
+        Self::load_flux_aware(path, &FluxFiles::default(), dtype, device, frozen_weight_dtype)
+    }
+
+    /// As [`Self::load_with`], with Flux's parts from separate files where `files` gives them.
+    pub fn load_flux_aware(path: &Path, files: &FluxFiles, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
         if path.is_dir() && is_flux_dir(path) {
-            Self::from_flux_dir(path, None, dtype, device, frozen_weight_dtype)
+            Self::from_flux_parts(Some(path), None, files, dtype, device, frozen_weight_dtype)
         } else if path.is_file() && FluxWeights::is_flux_file(path) {
+            // The other parts: from the files given, else a diffusers Flux folder named like the file.
             let parts = path.with_extension("");
-            if !parts.join("text_encoder_2").is_dir() {
-                bail!(
-                    "{}: a Flux transformer file; its text encoders, tokenizers and VAE are read from a diffusers Flux folder named like it ({}), which is missing",
-                    path.display(),
-                    parts.display()
-                );
-            }
-            Self::from_flux_dir(&parts, Some(path), dtype, device, frozen_weight_dtype)
+            Self::from_flux_parts(parts.is_dir().then_some(parts.as_path()), Some(path), files, dtype, device, frozen_weight_dtype)
         } else if path.is_dir() {
             Self::from_diffusers_dir(path, dtype, device)
         } else if path.is_file() {
@@ -316,32 +327,102 @@ impl StableDiffusion {
     /// `text_encoder_2/` T5, their tokenizers, `vae/`), or with `transformer_file` BFL's
     /// single-file transformer and the other parts from the folder.
     pub fn from_flux_dir(dir: &Path, transformer_file: Option<&Path>, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
-        let config_json = dir.join("transformer/config.json");
+        Self::from_flux_parts(Some(dir), transformer_file, &FluxFiles::default(), dtype, device, frozen_weight_dtype)
+    }
+
+    /// Flux from its parts: the transformer from `transformer_file` (BFL) or `dir/transformer`;
+    /// CLIP-L, T5 and the autoencoder from `files` where given (sd-scripts' `clip_l`, `t5xxl`,
+    /// `ae` single files), else from the diffusers folder `dir`.
+    pub fn from_flux_parts(
+        dir: Option<&Path>,
+        transformer_file: Option<&Path>,
+        files: &FluxFiles,
+        dtype: DType,
+        device: &Device,
+        frozen_weight_dtype: Option<DType>,
+    ) -> Result<Self> {
+        let sub = |name: &str| dir.map(|d| d.join(name)).filter(|p| p.exists());
+        let missing = |what: &str, key: &str| {
+            candle_core::Error::Msg(format!(
+                "Flux's {what}: set {key} (a single file) or give a diffusers Flux folder{}",
+                transformer_file.map(|f| format!(" named like the transformer file ({})", f.with_extension("").display())).unwrap_or_default()
+            ))
+        };
+        let config_json = sub("transformer/config.json");
         let (config, weights) = match transformer_file {
             Some(file) => {
                 let weights = FluxWeights::bfl_file(file)?;
-                let axes = if config_json.is_file() { Some(FluxConfig::from_diffusers_json(&config_json)?.axes_dim) } else { None };
+                let axes = match &config_json {
+                    Some(j) => Some(FluxConfig::from_diffusers_json(j)?.axes_dim),
+                    None => None,
+                };
                 (weights.config_from_shapes(axes)?, weights)
             }
-            None => (FluxConfig::from_diffusers_json(&config_json)?, FluxWeights::diffusers_dir(&dir.join("transformer"))?),
+            None => {
+                let Some(j) = config_json else { return Err(missing("transformer", "pretrained_model_name_or_path")) };
+                (FluxConfig::from_diffusers_json(&j)?, FluxWeights::diffusers_dir(j.parent().unwrap_or(Path::new(".")))?)
+            }
         };
         let family = if config.guidance_embed { ModelFamily::FluxDev } else { ModelFamily::FluxSchnell };
         let transformer = FluxTransformer::new(&config, weights.with_frozen_weight_dtype(frozen_weight_dtype).var_builder(dtype, device))?;
-        let clip = ClipTextModel::from_transformers_dir(&dir.join("text_encoder"), dtype, device)?;
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let t5 = T5EncoderModel::from_transformers_dir(&dir.join("text_encoder_2"), dtype, device)?;
-        let t5_tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;
-        let vae = AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, device)?;
+        let clip = match (&files.clip_l, sub("text_encoder")) {
+            // A folder's config.json (without weights) may describe the file's model.
+            (Some(f), d) => ClipTextModel::from_file(f, d.map(|d| read_json(&d.join("config.json"))).transpose()?, dtype, device)?,
+            (None, Some(d)) => ClipTextModel::from_transformers_dir(&d, dtype, device)?,
+            (None, None) => return Err(missing("CLIP-L text encoder", "clip_l")),
+        };
+        // A folder's own CLIP tokenizer, else the built-in CLIP-L one (as for single files).
+        let tokenizer = match sub("tokenizer") {
+            Some(d) => ClipTokenizer::from_dir(&d)?,
+            None => ClipTokenizer::embedded_clip(false)?,
+        };
+        let t5 = match (&files.t5xxl, sub("text_encoder_2")) {
+            (Some(f), d) => T5EncoderModel::from_file(f, d.map(|d| read_json(&d.join("config.json"))).transpose()?, dtype, device)?,
+            (None, Some(d)) => T5EncoderModel::from_transformers_dir(&d, dtype, device)?,
+            (None, None) => return Err(missing("T5-XXL text encoder", "t5xxl")),
+        };
+        let t5_tokenizer = match sub("tokenizer_2") {
+            Some(d) => T5Tokenizer::from_dir(&d)?,
+            None => {
+                // Beside the t5xxl file: its tokenizer.json, or a t5_tokenizer/ or tokenizer_2/ folder.
+                let near = files.t5xxl.as_ref().and_then(|f| f.parent()).map(Path::to_path_buf).unwrap_or_default();
+                let found = [near.clone(), near.join("t5_tokenizer"), near.join("tokenizer_2")].into_iter().find(|d| d.join("tokenizer.json").is_file());
+                match found {
+                    Some(d) => T5Tokenizer::from_dir(&d)?,
+                    None => bail!(
+                        "Flux's T5 tokenizer: no tokenizer.json beside {} (nor in t5_tokenizer/ or tokenizer_2/ there): copy google/t5-v1_1-xxl's tokenizer.json (ComfyUI ships it as comfy/text_encoders/t5_tokenizer/) next to the T5 file",
+                        near.display()
+                    ),
+                }
+            }
+        };
+        let vae = match (&files.ae, sub("vae")) {
+            (Some(f), d) if f.is_file() => super::single_file::load_flux_ae(f, d.map(|d| read_json(&d.join("config.json"))).transpose()?, dtype, device)?,
+            (Some(d), _) => AutoencoderKL::from_diffusers_dir(d, dtype, device)?,
+            (None, Some(d)) => AutoencoderKL::from_diffusers_dir(&d, dtype, device)?,
+            (None, None) => return Err(missing("autoencoder", "vae (ae.safetensors)")),
+        };
         let max_length = if family == ModelFamily::FluxDev { 512 } else { 256 };
+        let source = transformer_file.or(dir).unwrap_or(Path::new("")).to_path_buf();
         Ok(Self {
             family,
             denoiser: Denoiser::Flux(transformer),
             text_encoders: vec![clip],
             tokenizers: vec![tokenizer],
-            flux_text: Some(FluxText { t5, tokenizer: t5_tokenizer, max_length, apply_mask: false, trainable: false, train_blocks: "all".into(), input_dims: [0; 5], split_qkv: false }),
+            flux_text: Some(FluxText {
+                t5,
+                tokenizer: t5_tokenizer,
+                max_length,
+                apply_mask: false,
+                trainable: false,
+                train_blocks: "all".into(),
+                input_dims: [0; 5],
+                split_qkv: false,
+                files: files.clone(),
+            }),
             vae,
             scheduler: SchedulerConfig::default(),
-            source: transformer_file.unwrap_or(dir).to_path_buf(),
+            source,
             compute_dtype: None,
         })
     }
@@ -425,7 +506,12 @@ impl StableDiffusion {
     /// f16: sd-scripts' `--no_half_vae`, as SDXL's VAE overflows in fp16).
     pub fn reload_vae(&mut self, dtype: DType) -> Result<()> {
         let device = self.device().clone();
-        self.vae = if self.family.is_flux() {
+        let flux_ae = self.flux_text.as_ref().and_then(|t| t.files.ae.clone());
+        self.vae = if let Some(ae) = flux_ae.filter(|f| f.is_file()) {
+            let dir = if self.source.is_dir() { self.source.clone() } else { self.source.with_extension("") };
+            let config = dir.join("vae/config.json");
+            super::single_file::load_flux_ae(&ae, config.is_file().then(|| read_json(&config)).transpose()?, dtype, &device)?
+        } else if self.family.is_flux() {
             let dir = if self.source.is_dir() { self.source.clone() } else { self.source.with_extension("") };
             AutoencoderKL::from_diffusers_dir(&dir.join("vae"), dtype, &device)?
         } else if self.source.is_dir() {

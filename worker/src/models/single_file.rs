@@ -264,6 +264,70 @@ fn open_clip_stored(name: &str, prefix: &str) -> Option<Stored> {
 /// diffusers AutoencoderKL name → LDM name (without `first_stage_model.`). LDM numbers the
 /// decoder's up blocks from the lowest resolution's end (`up.{n-1-i}`), keeps each resnet's
 /// inner names but calls the shortcut `nin_shortcut`, and uses 1×1 convs in attention.
+/// Where an LDM-layout VAE file without a prefix (BFL's `ae.safetensors`) keeps diffusers VAE
+/// tensor `name` (for a VAE of `n_blocks` levels).
+pub fn bare_vae_stored(name: &str, n_blocks: usize) -> Option<Stored> {
+    vae_stored(name, n_blocks)
+}
+
+/// BFL's Flux autoencoder file (`ae.safetensors`: the LDM VAE layout without the
+/// `first_stage_model.` prefix, 16 latent channels, no quant convs), with Flux's scaling 0.3611
+/// and shift 0.1159; the sizes are read from its shapes unless `config` gives them (the group
+/// count is not in the shapes: Flux's is 32).
+pub fn load_flux_ae(path: &Path, config: Option<VaeConfig>, dtype: DType, device: &Device) -> Result<AutoencoderKL> {
+    let file = Arc::new(MappedFile::open(path)?);
+    let n = count(&file, |i| format!("encoder.down.{i}.block.0.conv1.weight"));
+    if n == 0 {
+        bail!("{}: not a Flux autoencoder file (no encoder.down.0.block.0.conv1.weight)", path.display());
+    }
+    let channels: Vec<usize> = (0..n).map(|i| shape(&file, &format!("encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0])).collect::<Result<_>>()?;
+    let inferred: VaeConfig = parse(serde_json::json!({
+        "in_channels": shape(&file, "encoder.conv_in.weight")?[1],
+        "out_channels": shape(&file, "decoder.conv_out.weight")?[0],
+        "down_block_types": vec!["DownEncoderBlock2D"; n],
+        "up_block_types": vec!["UpDecoderBlock2D"; n],
+        "block_out_channels": channels,
+        "layers_per_block": count(&file, |j| format!("encoder.down.0.block.{j}.conv1.weight")),
+        "latent_channels": shape(&file, "decoder.conv_in.weight")?[1],
+        "norm_num_groups": 32.min(channels[0]),
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": file.contains("quant_conv.weight"),
+        "use_post_quant_conv": file.contains("post_quant_conv.weight"),
+        "mid_block_add_attention": file.contains("encoder.mid.attn_1.q.weight"),
+    }))?;
+    let config = config.unwrap_or(inferred);
+    let backend = BareVaeBackend { file, n_blocks: n };
+    AutoencoderKL::new(&config, VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+}
+
+/// Serves diffusers VAE names from a prefix-less LDM VAE file.
+struct BareVaeBackend {
+    file: Arc<MappedFile>,
+    n_blocks: usize,
+}
+
+impl candle_nn::var_builder::SimpleBackend for BareVaeBackend {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            bail!("{}: {name} has shape {:?}, the VAE expects {:?}", self.file.path().display(), t.dims(), s.dims());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let Some(stored) = vae_stored(name, self.n_blocks).filter(|s| self.file.contains(s.key())) else {
+            bail!("{}: no tensor for VAE weight {name}", self.file.path().display());
+        };
+        stored.read(&self.file, Some(dtype))?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        vae_stored(name, self.n_blocks).is_some_and(|s| self.file.contains(s.key()))
+    }
+}
+
 fn vae_stored(name: &str, n_blocks: usize) -> Option<Stored> {
     let (module, param) = name.rsplit_once('.')?;
     let resnet = |r: &str| -> Option<String> {

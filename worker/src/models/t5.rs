@@ -145,6 +145,42 @@ impl T5EncoderModel {
         Self::new(&config, vb)
     }
 
+    /// A single transformers-layout file (`t5xxl_fp16.safetensors`, as ComfyUI and sd-scripts
+    /// take it) with `config`, or with its sizes read from the shapes (T5 v1.1's relative
+    /// attention distance, 128).
+    pub fn from_file(path: &Path, config: Option<T5Config>, dtype: DType, device: &Device) -> Result<Self> {
+        if let Some(config) = config {
+            // SAFETY: read-only mapping of a model file Loft never writes.
+            let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? };
+            return Self::new(&config, vb);
+        }
+        let file = super::safetensors_io::MappedFile::open(path)?;
+        let shape = |k: &str| file.shape(k).map(|s| s.to_vec());
+        let need = |k: &str| shape(k).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a T5 encoder file (no {k})", path.display())));
+        let embed = shape("shared.weight").or_else(|| shape("encoder.embed_tokens.weight")).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a T5 encoder file (no shared.weight)", path.display())))?;
+        let bias = need("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
+        let q = need("encoder.block.0.layer.0.SelfAttention.q.weight")?;
+        let gated = file.contains("encoder.block.0.layer.1.DenseReluDense.wi_0.weight");
+        let wi = need(if gated { "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" } else { "encoder.block.0.layer.1.DenseReluDense.wi.weight" })?;
+        let layers = (0..).take_while(|i| file.contains(&format!("encoder.block.{i}.layer.0.SelfAttention.q.weight"))).count();
+        let config = T5Config {
+            vocab_size: embed[0],
+            d_model: embed[1],
+            d_kv: q[0] / bias[1],
+            d_ff: wi[0],
+            num_layers: layers,
+            num_heads: bias[1],
+            relative_attention_num_buckets: bias[0],
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: if gated { "gated-gelu".into() } else { "relu".into() },
+        };
+        drop(file);
+        // SAFETY: read-only mapping of a model file Loft never writes.
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? };
+        Self::new(&config, vb)
+    }
+
     pub fn device(&self) -> &Device {
         self.embed.device()
     }

@@ -20,8 +20,14 @@ pub struct TrainConfig {
     // ---- model
     pub model_family: ModelFamily,
     pub pretrained_model_name_or_path: PathBuf,
-    /// A separate VAE (diffusers `vae/` folder); empty = the model's own.
+    /// A separate VAE (diffusers `vae/` folder; Flux: also BFL's `ae.safetensors`); empty = the
+    /// model's own.
     pub vae: PathBuf,
+    /// Flux: CLIP-L as a single file (`clip_l.safetensors`); empty = the Flux folder's.
+    pub clip_l: PathBuf,
+    /// Flux: T5-XXL as a single file (`t5xxl_fp16.safetensors`, its `tokenizer.json` beside it);
+    /// empty = the Flux folder's.
+    pub t5xxl: PathBuf,
     /// LoRA files merged into the frozen model before training, in order (none = nothing
     /// merged). The form holds one path per line; sd-scripts' files a list.
     #[serde(deserialize_with = "paths_from_lines_or_list")]
@@ -277,6 +283,8 @@ impl Default for TrainConfig {
             model_family: ModelFamily::Sd15,
             pretrained_model_name_or_path: PathBuf::new(),
             vae: PathBuf::new(),
+            clip_l: PathBuf::new(),
+            t5xxl: PathBuf::new(),
             base_weights: vec![],
             base_weights_multiplier: vec![1.0],
             network_weights: PathBuf::new(),

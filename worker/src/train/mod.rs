@@ -192,7 +192,14 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     // Flux's transformer is read straight into fp8 with fp8_base (a 12B model never exists in
     // 16 bits); the other parts are cast below, as for the UNet families.
     let frozen_dtype = (cfg.fp8_base && cfg.model_family.is_flux() && dtype != DType::F32).then_some(DType::F8E4M3);
-    let mut model = StableDiffusion::load_with(&cfg.pretrained_model_name_or_path, dtype, &device, frozen_dtype)
+    let some = |p: &Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+    // Flux's parts as sd-scripts' separate files (`vae` is its `ae`).
+    let flux_files = if cfg.model_family.is_flux() {
+        crate::models::pipeline::FluxFiles { clip_l: some(&cfg.clip_l), t5xxl: some(&cfg.t5xxl), ae: some(&cfg.vae) }
+    } else {
+        crate::models::pipeline::FluxFiles::default()
+    };
+    let mut model = StableDiffusion::load_flux_aware(&cfg.pretrained_model_name_or_path, &flux_files, dtype, &device, frozen_dtype)
         .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
     if model.family != cfg.model_family {
         bail!(
@@ -231,7 +238,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         log(sink, "info", format!("fp8_base: {n} frozen Linear/Conv2d weights of the {what} and text encoders stored as float8 e4m3"));
     }
     let vae_dtype = if cfg.no_half_vae { DType::F32 } else { dtype };
-    if !cfg.vae.as_os_str().is_empty() {
+    if !cfg.vae.as_os_str().is_empty() && !cfg.model_family.is_flux() {
         model.vae = AutoencoderKL::from_diffusers_dir(&cfg.vae, vae_dtype, &device).with_context(|| format!("vae {}", cfg.vae.display()))?;
     } else if vae_dtype != dtype {
         model.reload_vae(vae_dtype).context("no_half_vae: loading the VAE in f32")?;
