@@ -164,6 +164,28 @@ fn split_qkv_saves_block_diagonal_loras() {
     assert!(model.apply_networks(&[(&lora, 1.0)]).unwrap().is_empty());
 }
 
+/// cache_text_encoder_outputs: T5's states are cached up front and T5-XXL is freed; training,
+/// validation-free steps and samples run from the cache.
+#[test]
+fn cached_text_encoder_outputs_free_t5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "tiny-flux-dev", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.max_train_steps = 4;
+    cfg.sample_every_n_steps = 2;
+    cfg.sample_prompts = "a photo of a shape --w 32 --h 32 --s 2 --d 5 --l 2.0 --n blurry".into();
+    cfg.network_train_unet_only = true;
+    cfg.cache_text_encoder_outputs = true;
+    let (file, events) = train(&cfg);
+    assert!(file.is_file());
+    let logs: Vec<&String> = events.0.iter().filter_map(|e| if let TrainEvent::Log { message, .. } = e { Some(message) } else { None }).collect();
+    assert!(logs.iter().any(|m| m.contains("T5-XXL freed")), "{logs:?}");
+    assert_eq!(events.0.iter().filter(|e| matches!(e, TrainEvent::Sample { .. })).count(), 2);
+    // Varying captions cannot be cached.
+    cfg.shuffle_caption = true;
+    let err = run(&cfg, &RunOptions { device: Some(device()), ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
+    assert!(format!("{err:#}").contains("shuffle_caption"), "{err:#}");
+}
+
 /// Flux's DDPM-era settings are refused with the field named, before any work.
 #[test]
 fn flux_refuses_ddpm_only_settings_and_odd_sizes() {

@@ -174,7 +174,11 @@ impl Denoiser {
 
 /// Flux's T5 encoder and how prompts go through it.
 pub struct FluxText {
-    pub t5: T5EncoderModel,
+    /// T5-XXL; `None` once [`StableDiffusion::cache_t5_and_drop`] has cached every prompt's
+    /// states and freed it.
+    pub t5: Option<T5EncoderModel>,
+    /// T5's states (and mask) per prompt, kept when T5 is dropped.
+    pub t5_cache: HashMap<String, (Tensor, Tensor)>,
     pub tokenizer: T5Tokenizer,
     /// T5 tokens per prompt (`t5xxl_max_token_length`: 512 dev, 256 schnell).
     pub max_length: usize,
@@ -410,7 +414,8 @@ impl StableDiffusion {
             text_encoders: vec![clip],
             tokenizers: vec![tokenizer],
             flux_text: Some(FluxText {
-                t5,
+                t5: Some(t5),
+                t5_cache: HashMap::new(),
                 tokenizer: t5_tokenizer,
                 max_length,
                 apply_mask: false,
@@ -617,6 +622,20 @@ impl StableDiffusion {
             .map(|p| Ok(Tensor::new(self.tokenizers[0].encode_chunks(p, super::tokenizer::WINDOW_TOKENS)?.remove(0), device)?))
             .collect::<Result<Vec<_>>>()?;
         let pooled = self.text_encoders[0].forward(&Tensor::stack(&clip_rows, 0)?)?.pooled;
+        let Some(t5) = &text.t5 else {
+            // T5 was freed after caching: every prompt must be in the cache.
+            let mut hidden = vec![];
+            let mut masks = vec![];
+            for p in prompts {
+                let Some((h, m)) = text.t5_cache.get(p) else {
+                    bail!("T5-XXL was freed after caching the text encoder outputs, and prompt {p:?} was not among the cached ones");
+                };
+                hidden.push(h.clone());
+                masks.push(m.clone());
+            }
+            let mask = if text.apply_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
+            return Ok(PromptEmbeds { hidden: Tensor::cat(&hidden, 0)?, pooled: Some(pooled), mask });
+        };
         let mut ids = vec![];
         let mut mask = vec![];
         for p in prompts {
@@ -627,8 +646,29 @@ impl StableDiffusion {
         let ids = Tensor::from_vec(ids, (prompts.len(), text.max_length), device)?;
         let mask = Tensor::from_vec(mask, (prompts.len(), text.max_length), device)?;
         let mask = text.apply_mask.then_some(mask);
-        let hidden = text.t5.forward(&ids, mask.as_ref())?;
+        let hidden = t5.forward(&ids, mask.as_ref())?;
         Ok(PromptEmbeds { hidden, pooled: Some(pooled), mask })
+    }
+
+    /// Flux: encodes every one of `prompts` with T5 once, keeps the states, and frees T5-XXL
+    /// (sd-scripts' `cache_text_encoder_outputs`: ~9 GB in bf16 that training no longer holds).
+    /// Later prompt encodings read the cache; a prompt not in it is an error. Returns how many
+    /// prompts were cached.
+    pub fn cache_t5_and_drop(&mut self, prompts: &[String]) -> Result<usize> {
+        let Some(text) = self.flux_text.as_mut() else { bail!("only Flux has a T5 encoder to cache") };
+        let Some(t5) = text.t5.take() else { return Ok(text.t5_cache.len()) };
+        let device = t5.device().clone();
+        for p in prompts {
+            if text.t5_cache.contains_key(p) {
+                continue;
+            }
+            let (ids, mask) = text.tokenizer.encode(p, text.max_length)?;
+            let ids = Tensor::from_vec(ids, (1, text.max_length), &device)?;
+            let mask = Tensor::from_vec(mask, (1, text.max_length), &device)?;
+            let hidden = t5.forward(&ids, text.apply_mask.then_some(&mask))?.detach();
+            text.t5_cache.insert(p.clone(), (hidden, mask));
+        }
+        Ok(text.t5_cache.len())
     }
 
     /// Stores the frozen Linear/Conv2d weights of the U-Net and text encoders in `dtype`
@@ -638,7 +678,7 @@ impl StableDiffusion {
     pub fn store_frozen_weights_in(&self, dtype: DType) -> Result<usize> {
         use super::ModelLayers;
         let mut count = 0;
-        let t5 = self.flux_text.iter().flat_map(|t| t.t5.layers().iter());
+        let t5 = self.flux_text.iter().flat_map(|t| t.t5.iter()).flat_map(|t5| t5.layers().iter());
         let layers = self.denoiser.layers().iter().chain(self.text_encoders.iter().flat_map(|te| te.layers().iter())).chain(t5);
         for layer in layers {
             if !(layer.is_linear() || layer.is_conv()) {
@@ -716,7 +756,7 @@ impl StableDiffusion {
             out.push((vec![kohya_name("lora_te1", l.name())], Part::TextEncoder(0), l.clone()));
         }
         if let Some(text) = self.flux_text.as_ref().filter(|t| t.trainable) {
-            for l in text.t5.layers() {
+            for l in text.t5.iter().flat_map(|t5| t5.layers()) {
                 out.push((vec![kohya_name("lora_te3", l.name())], Part::TextEncoder(1), l.clone()));
             }
         }
@@ -815,7 +855,9 @@ impl StableDiffusion {
             te.clear_hooks();
         }
         if let Some(text) = &self.flux_text {
-            text.t5.clear_hooks();
+            if let Some(t5) = &text.t5 {
+                t5.clear_hooks();
+            }
         }
         self.vae.clear_hooks();
     }

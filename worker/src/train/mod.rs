@@ -428,6 +428,30 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         v_pred_like_loss: cfg.v_pred_like_loss,
         debiased_estimation_loss: cfg.debiased_estimation_loss,
     };
+    // Flux with cache_text_encoder_outputs: T5's states of every caption and sample prompt are
+    // computed once and T5-XXL is freed (sd-scripts' caching; ~9 GB of bf16 weights).
+    if cfg.model_family.is_flux() && cfg.cache_text_encoder_outputs {
+        if network.adapters.iter().any(|a| a.kohya_name.starts_with("lora_te3_")) {
+            bail!("cache_text_encoder_outputs frees T5-XXL, which train_t5xxl trains: turn one of them off");
+        }
+        let varying = [
+            ("shuffle_caption", cfg.shuffle_caption),
+            ("enable_wildcard", cfg.enable_wildcard),
+            ("caption_dropout_rate", cfg.caption_dropout_rate > 0.0),
+            ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0.0),
+            ("caption_dropout_every_n_epochs", cfg.caption_dropout_every_n_epochs > 0),
+        ];
+        if let Some((key, _)) = varying.iter().find(|(_, on)| *on) {
+            bail!("cache_text_encoder_outputs needs captions that never change, and {key} changes them: turn one of them off");
+        }
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut prompts: Vec<String> = set.images.iter().chain(&set.validation).map(|img| process_caption(&caption_opts, &img.entry.caption, 1, 0, &mut rng)).collect();
+        prompts.extend(sample_requests.iter().flat_map(|r| [r.prompt.clone(), r.negative.clone()]));
+        prompts.sort();
+        prompts.dedup();
+        let n = model.cache_t5_and_drop(&prompts)?;
+        log(sink, "info", format!("cache_text_encoder_outputs: T5-XXL states of {n} captions and sample prompts cached; T5-XXL freed"));
+    }
     let ctx = RunContext {
         cfg,
         model: &model,
