@@ -3,6 +3,9 @@
 //! diffusers folder and from BFL's single file), the gradient of every transformer weight, the
 //! T5 encoder with and without its mask, the 16-channel VAE, latent packing and RoPE ids.
 
+mod common;
+use common::parity::{check, dev, rel_err, tol};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -13,42 +16,12 @@ use loft_worker::models::flux_weights::FluxWeights;
 use loft_worker::models::t5::{T5EncoderModel, T5Tokenizer};
 use loft_worker::models::{AutoencoderKL, ModelLayers};
 
-const TOL: f64 = 1e-5;
-
-fn dev() -> Device {
-    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
-    DEVICE.get_or_init(loft_worker::device::test_device).clone()
-}
-
-fn tol() -> f64 {
-    if dev().is_cpu() {
-        TOL
-    } else {
-        TOL * 100.0
-    }
-}
-
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
 }
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("tiny-flux-ref.safetensors"), &dev()).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-6);
-    diff / scale
-}
-
-fn check(name: &str, got: &Tensor, want: &Tensor) {
-    let e = rel_err(got, want);
-    println!("{name}: relative error {e:.3e}");
-    assert!(e <= tol(), "{name}: relative error {e:.3e} > {:e}", tol());
 }
 
 fn floats(t: &Tensor) -> Vec<f32> {

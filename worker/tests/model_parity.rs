@@ -2,6 +2,9 @@
 //! `tests/parity/make_model_fixtures.py`, and the checks that make them trainable: every
 //! parameter gets a gradient, every layer is reachable by its module path and hookable.
 
+mod common;
+use common::parity::{check, dev, rel_err};
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,25 +17,6 @@ use loft_worker::models::{
 };
 use loft_worker::networks::BaseLayer;
 
-/// DESIGN.md asks 1e-5 in f32 (issue 4 allows 1e-4); the models reach ~1e-6.
-const TOL: f64 = 1e-5;
-
-/// The device the models run on (`device::test_device()`: CUDA when the binary has it and a
-/// device answers, else the CPU); the reference values are compared on the CPU.
-fn dev() -> Device {
-    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
-    DEVICE.get_or_init(loft_worker::device::test_device).clone()
-}
-
-/// The tolerance: f32 rounding on the CPU; a GPU's libraries sum in other orders.
-fn tol() -> f64 {
-    if dev().is_cpu() {
-        TOL
-    } else {
-        TOL * 100.0
-    }
-}
-
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
 }
@@ -43,22 +27,6 @@ fn sd15() -> PathBuf {
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("tiny-sd15-ref.safetensors"), &dev()).unwrap()
-}
-
-/// max|a − b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-6);
-    diff / scale
-}
-
-fn check(name: &str, got: &Tensor, want: &Tensor) {
-    let e = rel_err(got, want);
-    println!("{name}: relative error {e:.3e}");
-    assert!(e <= tol(), "{name}: relative error {e:.3e} > {:e}", tol());
 }
 
 #[test]

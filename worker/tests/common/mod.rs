@@ -1,6 +1,7 @@
 //! Helpers shared by the worker's test binaries (each uses some of them).
 #![allow(dead_code)]
 
+pub mod parity;
 pub mod tiny_run;
 
 /// A `/proc/self/status` memory figure (`VmRSS:`, `VmHWM:`) in KiB.
