@@ -799,37 +799,40 @@ async fn dashboard_pages_render_a_job() {
     assert!(head.data.contains("100%"));
 }
 
-/// A Flux.1 dev LoRA from the queue, as the UI enqueues it: the real engine trains the tiny
-/// Flux fixture in-process, draws its samples and writes the final file.
+/// Flux.1 jobs from the queue, as the UI enqueues them: a LoKr on dev and a LoRA on schnell,
+/// trained by the real engine in-process, each drawing its samples and writing its final file.
 #[tokio::test]
-async fn a_flux_job_from_the_queue_trains_with_samples() {
+async fn flux_jobs_from_the_queue_train_with_samples() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let ds = dataset(tmp.path());
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-flux-dev");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let server = Server::start(&data, &[]).await;
-    let config = json!({
-        "model_family": "flux_dev",
-        "pretrained_model_name_or_path": model,
-        "train_data_dir": ds,
-        "output_name": "fluxq",
-        "resolution": 32,
-        "min_bucket_reso": 16,
-        "max_bucket_reso": 64,
-        "bucket_reso_steps": 16,
-        "network_algo": "lokr",
-        "factor": 4,
-        "max_train_epochs": 1,
-        "t5xxl_max_token_length": 16,
-        "sample_prompts": "a thing --w 32 --h 32 --s 2 --d 1",
-        "sample_every_n_epochs": 1,
-        "device": "cpu",
-    });
-    let id = enqueue(&server, config, "fluxq").await;
-    let job = wait_job(&server, id, 300, "a finished Flux job", |j| j["state"] == "succeeded" || j["state"] == "failed").await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let artifacts = job["artifacts"].as_array().unwrap();
-    assert!(artifacts.iter().any(|a| a["kind"] == "final"), "{job}");
-    let events = db_events(&data, id);
-    assert!(events.iter().any(|e| e.1 == "sample"), "a sample event");
+    for (family, model, algo) in [("flux_dev", "tiny-flux-dev", "lokr"), ("flux_schnell", "tiny-flux-schnell", "lora")] {
+        let name = format!("{family}-{algo}");
+        let config = json!({
+            "model_family": family,
+            "pretrained_model_name_or_path": models.join(model),
+            "train_data_dir": ds,
+            "output_name": name,
+            "resolution": 32,
+            "min_bucket_reso": 16,
+            "max_bucket_reso": 64,
+            "bucket_reso_steps": 16,
+            "network_algo": algo,
+            "factor": 4,
+            "max_train_epochs": 1,
+            "t5xxl_max_token_length": 16,
+            "sample_prompts": "a thing --w 32 --h 32 --s 2 --d 1",
+            "sample_every_n_epochs": 1,
+            "device": "cpu",
+        });
+        let id = enqueue(&server, config, &name).await;
+        let job = wait_job(&server, id, 300, "a finished Flux job", |j| j["state"] == "succeeded" || j["state"] == "failed").await;
+        assert_eq!(job["state"], "succeeded", "{name}: {job}");
+        let artifacts = job["artifacts"].as_array().unwrap();
+        assert!(artifacts.iter().any(|a| a["kind"] == "final"), "{name}: {job}");
+        let events = db_events(&data, id);
+        assert!(events.iter().any(|e| e.1 == "sample"), "{name}: a sample event");
+    }
 }
