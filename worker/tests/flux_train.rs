@@ -186,6 +186,28 @@ fn cached_text_encoder_outputs_free_t5() {
     assert!(format!("{err:#}").contains("shuffle_caption"), "{err:#}");
 }
 
+/// fp8_base on Flux: the transformer's Linear weights are read from the file straight into
+/// float8 e4m3 (fp16 compute), the text encoders' cast after loading, and the run trains.
+#[test]
+fn fp8_base_flux_trains_with_fp8_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "tiny-flux-dev.safetensors", ModelFamily::FluxDev, NetworkAlgo::Lora);
+    cfg.max_train_steps = 2;
+    cfg.sample_every_n_steps = 0;
+    cfg.mixed_precision = "fp16".into();
+    cfg.fp8_base = true;
+    let (file, events) = train(&cfg);
+    assert!(file.is_file());
+    let logs: Vec<&String> = events.0.iter().filter_map(|e| if let TrainEvent::Log { message, .. } = e { Some(message) } else { None }).collect();
+    assert!(logs.iter().any(|m| m.contains("fp8_base") && m.contains("transformer")), "{logs:?}");
+    let losses: Vec<f64> = events.0.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    // Loaded with a frozen dtype, every transformer Linear weight is fp8 from the start.
+    let model = StableDiffusion::load_with(&fixture("tiny-flux-dev.safetensors"), DType::F16, &Device::Cpu, Some(DType::F8E4M3)).unwrap();
+    use loft_worker::models::ModelLayers;
+    assert!(model.flux().unwrap().layers().iter().all(|l| l.base().weight.dtype() == DType::F8E4M3));
+}
+
 /// Flux's DDPM-era settings are refused with the field named, before any work.
 #[test]
 fn flux_refuses_ddpm_only_settings_and_odd_sizes() {
