@@ -208,6 +208,37 @@ fn fp8_base_flux_trains_with_fp8_weights() {
     assert!(model.flux().unwrap().layers().iter().all(|l| l.base().weight.dtype() == DType::F8E4M3));
 }
 
+/// Every algorithm that adapts Linear layers trains on Flux (two steps) and its file applies
+/// to a fresh model.
+#[test]
+fn every_linear_algorithm_trains_on_flux() {
+    let model = StableDiffusion::load(&fixture("tiny-flux-dev"), DType::F32, &device()).unwrap();
+    let mut report = vec![];
+    for algo in NetworkAlgo::ALL {
+        if algo == NetworkAlgo::Locon {
+            continue; // kohya LoCon is LoRA plus convolutions, which Flux has none of
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), "tiny-flux-dev", ModelFamily::FluxDev, algo);
+        cfg.max_train_steps = 2;
+        cfg.sample_every_n_steps = 0;
+        cfg.network_train_unet_only = true;
+        match algo {
+            NetworkAlgo::Lokr => cfg.factor = 4,
+            NetworkAlgo::Dylora => cfg.block_size = 2,
+            _ => {}
+        }
+        let (file, _) = train(&cfg);
+        let lora = LoraFile::load(&file).unwrap();
+        model.clear_hooks();
+        let unmatched = model.apply_networks(&[(&lora, 1.0)]).unwrap_or_else(|e| panic!("{}: {e:#}", algo.name()));
+        assert!(unmatched.is_empty(), "{}: {unmatched:?}", algo.name());
+        report.push(format!("{}: {} modules", algo.name(), lora.modules.len()));
+    }
+    model.clear_hooks();
+    eprintln!("{}", report.join("\n"));
+}
+
 /// Flux's DDPM-era settings are refused with the field named, before any work.
 #[test]
 fn flux_refuses_ddpm_only_settings_and_odd_sizes() {

@@ -32,13 +32,11 @@ enum Block {
 }
 
 fn classify(part: Part, path: &str) -> Block {
-    // Flux (BFL paths): sd-scripts' lora_flux targets every Linear of the double and single
-    // blocks; the input embedders are LyCORIS's named targets; T5's blocks are text modules.
+    // Flux (BFL paths): sd-scripts' lora_flux and LyCORIS (its DoubleStreamBlock /
+    // SingleStreamBlock targets) adapt every Linear of the double and single blocks; the input
+    // embedders only through `in_dims`; T5's blocks are text modules.
     if path.starts_with("double_blocks.") || path.starts_with("single_blocks.") {
         return Block::Transformer { attention: path.contains("_attn.") || path.ends_with("linear1") };
-    }
-    if ["img_in", "txt_in"].contains(&path) || ["time_in.", "vector_in.", "guidance_in."].iter().any(|p| path.starts_with(p)) {
-        return Block::Named;
     }
     if path.contains(".SelfAttention.") {
         return Block::TeAttention;
