@@ -23,6 +23,7 @@ Writes
       flux.latents (2,16,4,6) -> flux.packed (2,6,64) (FluxPipeline._pack_latents), flux.img_ids (6,3)
       flux.txt (2,7,32), flux.pooled (2,32), flux.timestep (2,), flux.guidance (2,)
       dev.out / schnell.out (2,6,64); dev.loss_weights (2,6,64): loss = sum(out * weights)
+      flux.txt_masked / flux.txt_masked_gap (2,7) -> dev.out_masked / dev.out_masked_gap
       dev.grad.<BFL name>: d loss / d every transformer weight (BFL names, qkv concatenated)
       t5.input_ids (2,16) i64, t5.mask (2,16) -> t5.out (no mask), t5.out_masked (mask passed)
       vae.image (1,3,16,24) -> vae.mean ; vae.latents (1,16,2,3) -> vae.decode
@@ -156,7 +157,9 @@ def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def t5_tokenizer(folder: Path) -> T5TokenizerFast:
     """A tiny SentencePiece-Unigram tokenizer with T5's pipeline (Metaspace, `</s>` appended,
-    `<pad>` = 0, `</s>` = 1, `<unk>` = 2), saved as the tokenizer.json real T5 folders hold."""
+    `<pad>` = 0, `</s>` = 1, `<unk>` = 2), saved as the tokenizer.json real T5 folders hold.
+    (The trainer's vocabulary can differ between runs; the reference ids are taken from the
+    tokenizer saved in the same run.)"""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.Unigram())
@@ -377,6 +380,16 @@ def main() -> None:
                     "flux.pooled": pooled, "flux.timestep": timestep, "flux.guidance": guidance_t})
         ref[f"{variant}.out"] = out.detach()
         if guidance:
+            # apply_t5_attn_mask: padded text keys hidden from every attention (sd-scripts passes
+            # the bool key mask to SDPA); a prefix mask (T5's padding) and one with a gap.
+            for name, keep in (("masked", [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]), ("masked_gap", [[1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])):
+                txt_mask = torch.tensor(keep, dtype=torch.float64)
+                full = torch.cat([txt_mask, torch.ones((2, 6), dtype=torch.float64)], dim=1).bool()[:, None, None, :]
+                with torch.no_grad():
+                    o = m(hidden_states=packed, encoder_hidden_states=txt, pooled_projections=pooled, timestep=timestep, img_ids=img_ids,
+                          txt_ids=txt_ids, guidance=guidance_t, joint_attention_kwargs={"attention_mask": full}, return_dict=False)[0]
+                ref[f"flux.txt_{name}"] = txt_mask
+                ref[f"dev.out_{name}"] = o
             ref["dev.loss_weights"] = weights
             sampling(ref, repo, m)
             (out * weights).sum().backward()

@@ -69,6 +69,22 @@ fn transformer_matches_diffusers_dev_and_schnell() {
     check("dev, plain attention", &run(&dev_model, &r, true), &r["dev.out"]);
 }
 
+/// apply_t5_attn_mask: padded text keys are hidden from every attention, as diffusers (and
+/// sd-scripts' SDPA) with the key mask: T5's trailing padding (kept memory-efficient, per
+/// sample) and a mask with a gap (plain attention).
+#[test]
+fn text_mask_matches_diffusers() {
+    let r = reference();
+    let model = diffusers_model("dev");
+    let ts = floats(&r["flux.timestep"]);
+    let g = floats(&r["flux.guidance"]);
+    for name in ["masked", "masked_gap"] {
+        let mask = &r[&format!("flux.txt_{name}")];
+        let inputs = FluxInputs { txt: &r["flux.txt"], pooled: &r["flux.pooled"], timesteps: &ts, guidance: Some(&g), grid: (2, 3), txt_mask: Some(mask) };
+        check(&format!("dev, {name}"), &model.forward(&r["flux.packed"], &inputs).unwrap(), &r[&format!("dev.out_{name}")]);
+    }
+}
+
 #[test]
 fn bfl_single_file_loads_the_same_model() {
     let r = reference();

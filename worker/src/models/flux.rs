@@ -257,14 +257,24 @@ fn chunk(x: &Tensor, n: usize, i: usize) -> Result<Tensor> {
     x.narrow(D::Minus1, i * size, size)
 }
 
+/// Which text keys attention may see (`apply_t5_attn_mask`).
+#[derive(Clone)]
+enum TextKeys {
+    All,
+    /// Each sample's first `n` text tokens (T5 pads at the end): the padded keys are left out of
+    /// that sample's attention, which then stays memory-efficient.
+    Prefix { valid: Vec<usize>, n_txt: usize },
+    /// Any other mask: additive `(B, 1, 1, N)`, with plain attention.
+    Additive(Tensor),
+}
+
 /// What every block's attention shares in one forward: RoPE tables `(N, d/2)` for the joined
-/// (text, image) sequence, the text key mask (additive, `(B, 1, 1, N)`) if any, and the choice
-/// of attention.
+/// (text, image) sequence, which text keys are visible, and the choice of attention.
 #[derive(Clone)]
 struct AttnContext {
     cos: Tensor,
     sin: Tensor,
-    mask: Option<Tensor>,
+    keys: TextKeys,
     heads: usize,
     choice: AttentionChoice,
 }
@@ -291,9 +301,20 @@ impl AttnContext {
         let q = self.rope(q)?.reshape((b, n, h * d))?;
         let k = self.rope(k)?.reshape((b, n, h * d))?;
         let v = v.reshape((b, n, h * d))?;
-        match &self.mask {
-            Some(m) => plain_attention(&q, &k, &v, self.heads, Some(m)),
-            None => attention(&q, &k, &v, self.heads, None, &self.choice),
+        match &self.keys {
+            TextKeys::All => attention(&q, &k, &v, self.heads, None, &self.choice),
+            TextKeys::Additive(m) => plain_attention(&q, &k, &v, self.heads, Some(m)),
+            TextKeys::Prefix { valid, n_txt } => {
+                // Per sample: keys (and values) without its padded text tokens.
+                let visible = |t: &Tensor, i: usize| -> Result<Tensor> {
+                    let t = t.narrow(0, i, 1)?;
+                    Tensor::cat(&[t.narrow(1, 0, valid[i])?, t.narrow(1, *n_txt, n - n_txt)?], 1)
+                };
+                let rows = (0..b)
+                    .map(|i| attention(&q.narrow(0, i, 1)?, &visible(&k, i)?, &visible(&v, i)?, self.heads, None, &self.choice))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)
+            }
         }
     }
 }
@@ -373,7 +394,9 @@ impl DoubleBlock {
     }
 }
 
-/// f16 activations are clipped to its range after each block (diffusers does the same).
+/// f16 activations are clipped to its range after each block (diffusers clips the text
+/// stream of double blocks and the joined stream of single blocks; clipping the image stream
+/// too changes nothing but infinities).
 fn clamp_f16(x: Tensor) -> Result<Tensor> {
     if x.dtype() == DType::F16 {
         x.clamp(-65504f32, 65504f32)
@@ -550,15 +573,22 @@ impl FluxTransformer {
         let txt = self.txt_in.forward(&inputs.txt.to_dtype(dtype)?)?;
         let n_txt = txt.dim(1)?;
         let (cos, sin) = self.rope_tables(n_txt, inputs.grid)?;
-        let mask = match inputs.txt_mask {
+        let keys = match inputs.txt_mask {
+            None => TextKeys::All,
             Some(m) => {
-                // Padded text keys get −∞ (a large negative): image keys are always kept.
-                let keep = Tensor::cat(&[m.to_dtype(DType::F32)?, Tensor::ones((batch, n_img), DType::F32, &self.device)?], 1)?;
-                Some(((keep - 1.0)? * 1e9)?.reshape((batch, 1, 1, n_txt + n_img))?)
+                let rows: Vec<Vec<f32>> = m.to_dtype(DType::F32)?.to_vec2()?;
+                let valid: Vec<usize> = rows.iter().map(|r| r.iter().take_while(|&&v| v > 0.5).count()).collect();
+                let is_prefix = rows.iter().zip(&valid).all(|(r, &n)| r[n..].iter().all(|&v| v <= 0.5));
+                if is_prefix {
+                    TextKeys::Prefix { valid, n_txt }
+                } else {
+                    // Masked text keys get a large negative score; image keys are always kept.
+                    let keep = Tensor::cat(&[m.to_dtype(DType::F32)?, Tensor::ones((batch, n_img), DType::F32, &self.device)?], 1)?;
+                    TextKeys::Additive(((keep - 1.0)? * 1e9)?.reshape((batch, 1, 1, n_txt + n_img))?)
+                }
             }
-            None => None,
         };
-        let ctx = AttnContext { cos, sin, mask, heads: self.config.num_heads, choice: self.attention.clone() };
+        let ctx = AttnContext { cos, sin, keys, heads: self.config.num_heads, choice: self.attention.clone() };
 
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for block in &self.double_blocks {

@@ -294,6 +294,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
 /// Attention as candle composes it (every score map kept for candle's backward). Scores and
 /// softmax run in f32 for f16/bf16 inputs (diffusers' `upcast_softmax`).
 pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let d = q.dim(2)? / heads;
+    plain_attention_scaled(q, k, v, heads, mask, 1.0 / (d as f64).sqrt())
+}
+
+/// [`plain_attention`] with the scores scaled by `scale` instead of 1/√d (T5 uses 1). The
+/// scale is applied to q·kᵀ in the input dtype, as PyTorch does.
+pub fn plain_attention_scaled(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
     let d = inner / heads;
@@ -302,8 +309,10 @@ pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: O
     let k = split(k, nk)?;
     let v = split(v, nk)?;
     let dtype = q.dtype();
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if scale != 1.0 {
+        scores = (scores * scale)?;
+    }
     if dtype == DType::F16 || dtype == DType::BF16 {
         scores = scores.to_dtype(DType::F32)?;
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 use serde::Deserialize;
 
-use super::layers::{plain_attention, Builder, Layer};
+use super::layers::{plain_attention_scaled, Builder, Layer};
 use super::ModelLayers;
 
 /// transformers' `T5Config` (the keys the encoder uses).
@@ -44,8 +44,9 @@ fn d_distance() -> usize {
 fn d_eps() -> f64 {
     1e-6
 }
+/// transformers' default (T5 v1.0); v1.1 and T5-XXL configs say `gated-gelu`.
 fn d_proj() -> String {
-    "gated-gelu".into()
+    "relu".into()
 }
 
 /// T5's RMS norm: `w · x / √(mean(x²) + eps)`, statistics in f32.
@@ -221,12 +222,10 @@ impl T5EncoderModel {
             let additive = ((m.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((batch, 1, 1, len))?;
             bias = bias.broadcast_add(&additive)?;
         }
-        // Attention without 1/√d: pre-scale q by √d so plain_attention's scaling cancels.
-        let root_d = (self.config.d_kv as f64).sqrt();
         for blk in &self.blocks {
             let h = blk.attn_norm.forward(&x)?;
-            let q = (blk.q.forward(&h)? * root_d)?;
-            let attn = plain_attention(&q, &blk.k.forward(&h)?, &blk.v.forward(&h)?, self.config.num_heads, Some(&bias))?;
+            // T5's scores are not scaled by 1/√d.
+            let attn = plain_attention_scaled(&blk.q.forward(&h)?, &blk.k.forward(&h)?, &blk.v.forward(&h)?, self.config.num_heads, Some(&bias), 1.0)?;
             x = clamp_f16((x + blk.o.forward(&attn)?)?)?;
             let h = blk.ff_norm.forward(&x)?;
             let act = super::layers::activation(self.act, &blk.wi_0.forward(&h)?)?;
@@ -240,13 +239,15 @@ impl T5EncoderModel {
     }
 }
 
-/// f16 states are kept inside its range (transformers clamps T5's f16 activations too).
+/// f16 states are clamped as transformers clamps T5's: to ±65504 (f16's largest), or to
+/// ±64504 when an infinity appeared (so the next layer does not overflow at once).
 fn clamp_f16(x: Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F16 {
-        x.clamp(-64504f32, 64504f32)
-    } else {
-        Ok(x)
+    if x.dtype() != DType::F16 {
+        return Ok(x);
     }
+    let has_inf = x.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_infinite();
+    let limit = if has_inf { 64504f32 } else { 65504f32 };
+    x.clamp(-limit, limit)
 }
 
 impl ModelLayers for T5EncoderModel {
