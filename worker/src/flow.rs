@@ -97,7 +97,7 @@ impl FlowOptions {
             bail!("timestep_sampling {:?}: expected sigma, uniform, sigmoid, shift or flux_shift", self.timestep_sampling);
         }
         if !["uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap", "none"].contains(&self.weighting_scheme.as_str()) {
-            bail!("weighting_scheme {:?}: expected uniform, logit_normal, mode, sigma_sqrt or cosmap", self.weighting_scheme);
+            bail!("weighting_scheme {:?}: expected uniform (or none), logit_normal, mode, sigma_sqrt or cosmap", self.weighting_scheme);
         }
         if !["raw", "additive", "sigma_scaled"].contains(&self.model_prediction_type.as_str()) {
             bail!("model_prediction_type {:?}: expected raw, additive or sigma_scaled", self.model_prediction_type);

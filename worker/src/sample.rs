@@ -103,7 +103,11 @@ fn leading_timesteps(num_train: usize, steps: usize, offset: usize) -> Vec<usize
 /// Renders one image; returns it as `(3, H, W)` f32 in [0, 1].
 pub fn sample_image(model: &StableDiffusion, schedule: &NoiseSchedule, sampler: Sampler, req: &SampleRequest, clip_skip: usize) -> Result<Tensor> {
     let factor = 2usize.pow(model.vae.config.block_out_channels.len().saturating_sub(1) as u32);
-    let (h, w) = (req.height as usize / factor, req.width as usize / factor);
+    // Flux packs 2×2 latent patches: its sizes are rounded down to a multiple of 2·factor (16
+    // pixels), as sd-scripts rounds them.
+    let step = if model.family.is_flux() { 2 * factor } else { factor };
+    let fit = |v: u32| ((v as usize / step).max(1) * step) / factor;
+    let (h, w) = (fit(req.height), fit(req.width));
     let channels = model.denoiser.latent_channels();
     let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
     let noise = randn(&mut rng, &[1, channels, h, w], model.device())?;

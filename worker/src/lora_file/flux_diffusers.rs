@@ -148,7 +148,16 @@ pub fn to_kohya(tensors: Vec<(String, Tensor)>) -> Result<BTreeMap<String, BTree
         let mut rows = vec![];
         let mut col = 0;
         for (piece, unit) in pieces.iter().zip(units) {
-            let height = if units.len() == 1 { piece.as_ref().map_or(0, |p| p.up.dim(0).unwrap_or(0)) } else { unit * hidden };
+            let height = match piece {
+                Some(p) => {
+                    let h = p.up.dim(0)?;
+                    if units.len() > 1 && h != unit * hidden {
+                        bail!("{name}: a piece's lora_B has {h} rows where Flux's {}-wide layer has {}", hidden, unit * hidden);
+                    }
+                    h
+                }
+                None => unit * hidden,
+            };
             match piece {
                 Some(p) => {
                     let r = p.down.dim(0)?;

@@ -130,8 +130,10 @@ impl ClipTextModel {
             return Self::new(&config, vb, false);
         }
         let file = super::safetensors_io::MappedFile::open(path)?;
-        let need = |k: &str| {
-            file.shape(k).map(|s| s.to_vec()).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a CLIP text encoder file (no {k})", path.display())))
+        let need = |k: &str| match file.shape(k) {
+            Some(s) if s.len() == 2 => Ok(s.to_vec()),
+            Some(s) => bail!("{}: not a CLIP text encoder file ({k} has shape {s:?})", path.display()),
+            None => bail!("{}: not a CLIP text encoder file (no {k})", path.display()),
         };
         let tok = need("text_model.embeddings.token_embedding.weight")?;
         let pos = need("text_model.embeddings.position_embedding.weight")?;

@@ -161,9 +161,14 @@ impl FluxConfig {
     /// tensor, `None` when absent). RoPE's axes are not in the shapes: Flux.1's (16, 56, 56) for
     /// 128-wide heads, else `axes_dim` must be given (a diffusers config beside the file).
     pub fn from_bfl_shapes(shape: &dyn Fn(&str) -> Option<Vec<usize>>, axes_dim: Option<Vec<usize>>) -> Result<Self> {
-        let need = |name: &str| shape(name).ok_or_else(|| candle_core::Error::Msg(format!("not a Flux transformer checkpoint: no {name}")));
-        let img_in = need("img_in.weight")?;
-        let head_dim = need("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+        // A tensor's dims, which must be `rank` of them.
+        let need = |name: &str, rank: usize| match shape(name) {
+            Some(s) if s.len() == rank => Ok(s),
+            Some(s) => bail!("not a Flux transformer checkpoint: {name} has shape {s:?}"),
+            None => bail!("not a Flux transformer checkpoint: no {name}"),
+        };
+        let img_in = need("img_in.weight", 2)?;
+        let head_dim = need("double_blocks.0.img_attn.norm.query_norm.scale", 1)?[0];
         let hidden = img_in[0];
         let count = |f: &dyn Fn(usize) -> String| (0..).take_while(|&i| shape(&f(i)).is_some()).count();
         let axes_dim = match axes_dim {
@@ -171,16 +176,19 @@ impl FluxConfig {
             None if head_dim == 128 => vec![16, 56, 56],
             None => bail!("Flux checkpoint with {head_dim}-wide heads: its RoPE axes are unknown (put the diffusers folder with transformer/config.json beside the file)"),
         };
+        if head_dim == 0 || hidden % head_dim != 0 {
+            bail!("not a Flux transformer checkpoint: {head_dim}-wide heads in a {hidden}-wide model");
+        }
         let cfg = FluxConfig {
             in_channels: img_in[1],
-            out_channels: need("final_layer.linear.weight")?[0],
+            out_channels: need("final_layer.linear.weight", 2)?[0],
             hidden_size: hidden,
             num_heads: hidden / head_dim,
             depth: count(&|i| format!("double_blocks.{i}.img_attn.qkv.weight")),
             depth_single: count(&|i| format!("single_blocks.{i}.linear1.weight")),
-            context_in_dim: need("txt_in.weight")?[1],
-            vec_in_dim: need("vector_in.in_layer.weight")?[1],
-            mlp_hidden: need("double_blocks.0.img_mlp.0.weight")?[0],
+            context_in_dim: need("txt_in.weight", 2)?[1],
+            vec_in_dim: need("vector_in.in_layer.weight", 2)?[1],
+            mlp_hidden: need("double_blocks.0.img_mlp.0.weight", 2)?[0],
             guidance_embed: shape("guidance_in.in_layer.weight").is_some(),
             axes_dim,
             theta: 10_000.0,
@@ -562,11 +570,14 @@ impl FluxTransformer {
             bail!("flux: {} timesteps for a batch of {batch}", inputs.timesteps.len());
         }
         let img = self.img_in.forward(img)?;
-        let scaled: Vec<f32> = inputs.timesteps.iter().map(|t| t * 1000.0).collect();
+        // diffusers and sd-scripts cast t (and the guidance) to the model's dtype and scale by
+        // 1000 in it: in bf16 near t = 1 that is a grid of 4 timesteps.
+        let scale = |v: f32| round_to(dtype, round_to(dtype, v) * 1000.0);
+        let scaled: Vec<f32> = inputs.timesteps.iter().map(|&t| scale(t)).collect();
         let mut vec = self.time_in.forward(&timestep_embedding(&scaled, 256, true, 0.0, &self.device)?.to_dtype(dtype)?)?;
         if let Some(g_in) = &self.guidance_in {
             let Some(g) = inputs.guidance else { bail!("flux: this model has a guidance embedding (dev): give a guidance scale") };
-            let g: Vec<f32> = g.iter().map(|g| g * 1000.0).collect();
+            let g: Vec<f32> = g.iter().map(|&g| scale(g)).collect();
             vec = (vec + g_in.forward(&timestep_embedding(&g, 256, true, 0.0, &self.device)?.to_dtype(dtype)?)?)?;
         }
         let vec = (vec + self.vector_in.forward(&inputs.pooled.to_dtype(dtype)?)?)?;
@@ -608,6 +619,15 @@ impl FluxTransformer {
 impl ModelLayers for FluxTransformer {
     fn layers(&self) -> &[Arc<Layer>] {
         &self.layers
+    }
+}
+
+/// `v` rounded to `dtype` (f16/bf16) and back; as is for f32/f64.
+fn round_to(dtype: DType, v: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
     }
 }
 

@@ -51,6 +51,7 @@ impl FluxWeights {
             .into_iter()
             .find(|p| files.get(&format!("{p}img_in.weight")).is_ok())
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: not a Flux transformer checkpoint (no img_in.weight)", path.display())))?;
+        refuse_scaled_fp8(&files, path)?;
         Ok(Self { files, layout: Layout::Bfl { prefix }, frozen_weight_dtype: None, source: path.to_path_buf() })
     }
 
@@ -59,6 +60,7 @@ impl FluxWeights {
         let paths = super::weight_files(dir, "diffusion_pytorch_model")?;
         // SAFETY: as above.
         let files = unsafe { MmapedSafetensors::multi(&paths)? };
+        refuse_scaled_fp8(&files, dir)?;
         Ok(Self { files, layout: Layout::Diffusers, frozen_weight_dtype: None, source: dir.to_path_buf() })
     }
 
@@ -76,7 +78,7 @@ impl FluxWeights {
     /// The sizes read off a BFL file's shapes (`axes_dim` from a config when not Flux.1's).
     pub fn config_from_shapes(&self, axes_dim: Option<Vec<usize>>) -> Result<FluxConfig> {
         let shape = |name: &str| self.shape_of(name);
-        FluxConfig::from_bfl_shapes(&shape, axes_dim)
+        FluxConfig::from_bfl_shapes(&shape, axes_dim).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.source.display())))
     }
 
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
@@ -114,8 +116,7 @@ impl FluxWeights {
         match self.source_of(name).ok_or_else(missing)? {
             Source::One(n) => load(&n),
             Source::Cat(parts) => {
-                // Concatenate in the file's dtype, then cast (fp8 cannot be concatenated on every
-                // backend).
+                // Concatenated as stored, then cast to the target dtype.
                 let ts = parts.iter().map(|p| self.files.load(p, dev).map_err(|_| missing())).collect::<Result<Vec<_>>>()?;
                 crate::ops::cast(&Tensor::cat(&ts, 0)?, dtype)
             }
@@ -219,4 +220,14 @@ pub fn diffusers_pieces(module: &str, suffix: &str) -> Option<(Vec<String>, bool
         Source::Cat(ks) => Some((ks, false)),
         Source::SwapHalves(k) => Some((vec![k], true)),
     }
+}
+
+/// ComfyUI's "scaled fp8" files store fp8 weights with a per-tensor scale (`scaled_fp8`,
+/// `*.scale_weight`) that plain fp8 loading would ignore: refused rather than read wrongly.
+fn refuse_scaled_fp8(files: &MmapedSafetensors, source: &Path) -> Result<()> {
+    let scaled = files.tensors().iter().any(|(name, _)| name.ends_with("scaled_fp8") || name.ends_with(".scale_weight"));
+    if scaled {
+        bail!("{}: a ComfyUI \"scaled fp8\" checkpoint (per-tensor weight scales): Loft reads plain fp8, f16, bf16 or f32 Flux files", source.display());
+    }
+    Ok(())
 }

@@ -172,7 +172,8 @@ impl Denoiser {
     }
 }
 
-/// Flux's T5 encoder and how prompts go through it.
+/// Flux's T5 encoder, how prompts go through it, and the Flux-only choices of which layers a
+/// network is offered (they live here because every Flux-specific setting of a model does).
 pub struct FluxText {
     /// T5-XXL; `None` once [`StableDiffusion::cache_t5_and_drop`] has cached every prompt's
     /// states and freed it.
@@ -512,7 +513,9 @@ impl StableDiffusion {
     pub fn reload_vae(&mut self, dtype: DType) -> Result<()> {
         let device = self.device().clone();
         let flux_ae = self.flux_text.as_ref().and_then(|t| t.files.ae.clone());
-        self.vae = if let Some(ae) = flux_ae.filter(|f| f.is_file()) {
+        self.vae = if let Some(dir) = flux_ae.as_ref().filter(|f| f.is_dir()) {
+            AutoencoderKL::from_diffusers_dir(dir, dtype, &device)?
+        } else if let Some(ae) = flux_ae.filter(|f| f.is_file()) {
             let dir = if self.source.is_dir() { self.source.clone() } else { self.source.with_extension("") };
             let config = dir.join("vae/config.json");
             super::single_file::load_flux_ae(&ae, config.is_file().then(|| read_json(&config)).transpose()?, dtype, &device)?
@@ -630,8 +633,8 @@ impl StableDiffusion {
                 let Some((h, m)) = text.t5_cache.get(p) else {
                     bail!("T5-XXL was freed after caching the text encoder outputs, and prompt {p:?} was not among the cached ones");
                 };
-                hidden.push(h.clone());
-                masks.push(m.clone());
+                hidden.push(h.to_device(device)?);
+                masks.push(m.to_device(device)?);
             }
             let mask = if text.apply_mask { Some(Tensor::cat(&masks, 0)?) } else { None };
             return Ok(PromptEmbeds { hidden: Tensor::cat(&hidden, 0)?, pooled: Some(pooled), mask });
@@ -665,8 +668,9 @@ impl StableDiffusion {
             let (ids, mask) = text.tokenizer.encode(p, text.max_length)?;
             let ids = Tensor::from_vec(ids, (1, text.max_length), &device)?;
             let mask = Tensor::from_vec(mask, (1, text.max_length), &device)?;
-            let hidden = t5.forward(&ids, text.apply_mask.then_some(&mask))?.detach();
-            text.t5_cache.insert(p.clone(), (hidden, mask));
+            // Kept in host memory: at 512 tokens a caption's states are 4 MB in bf16.
+            let hidden = t5.forward(&ids, text.apply_mask.then_some(&mask))?.detach().to_device(&Device::Cpu)?;
+            text.t5_cache.insert(p.clone(), (hidden, mask.to_device(&Device::Cpu)?));
         }
         Ok(text.t5_cache.len())
     }
@@ -870,5 +874,11 @@ pub fn is_flux_dir(dir: &Path) -> bool {
         .ok()
         .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string))
         .unwrap_or_default();
-    class.starts_with("Flux") || dir.join("transformer/config.json").is_file() && !dir.join("unet").is_dir()
+    if !class.is_empty() {
+        return class.starts_with("Flux");
+    }
+    // No model_index.json: a transformer/ whose config is Flux's.
+    read_json::<serde_json::Value>(&dir.join("transformer/config.json"))
+        .ok()
+        .is_some_and(|c| c.get("_class_name").and_then(|n| n.as_str()) == Some("FluxTransformer2DModel") || c.get("axes_dims_rope").is_some() && c.get("guidance_embeds").is_some())
 }

@@ -157,8 +157,12 @@ impl T5EncoderModel {
         }
         let file = super::safetensors_io::MappedFile::open(path)?;
         let shape = |k: &str| file.shape(k).map(|s| s.to_vec());
-        let need = |k: &str| shape(k).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a T5 encoder file (no {k})", path.display())));
-        let embed = shape("shared.weight").or_else(|| shape("encoder.embed_tokens.weight")).ok_or_else(|| candle_core::Error::Msg(format!("{}: not a T5 encoder file (no shared.weight)", path.display())))?;
+        let need = |k: &str| match shape(k) {
+            Some(s) if s.len() == 2 && s.iter().all(|&d| d > 0) => Ok(s),
+            Some(s) => bail!("{}: not a T5 encoder file ({k} has shape {s:?})", path.display()),
+            None => bail!("{}: not a T5 encoder file (no {k})", path.display()),
+        };
+        let embed = need(if file.contains("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" })?;
         let bias = need("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")?;
         let q = need("encoder.block.0.layer.0.SelfAttention.q.weight")?;
         let gated = file.contains("encoder.block.0.layer.1.DenseReluDense.wi_0.weight");

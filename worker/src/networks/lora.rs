@@ -70,6 +70,11 @@ pub(crate) fn from_tensors(
     tensors: &HashMap<String, Tensor>,
     layer: &str,
 ) -> Result<Box<dyn Adapter>> {
+    Ok(Box::new(kohya_from_tensors(opts, base, tensors, layer)?))
+}
+
+/// A [`KohyaLora`] from saved tensors (the concrete type, for adapters built from several).
+pub(crate) fn kohya_from_tensors(opts: &NetworkOptions, base: &BaseLayer, tensors: &HashMap<String, Tensor>, layer: &str) -> Result<KohyaLora> {
     let ctx = Ctx::new(opts, base, layer)?;
     let down = required(tensors, "lora_down.weight", layer, "LoRA")?;
     let up = required(tensors, "lora_up.weight", layer, "LoRA")?;
@@ -84,7 +89,7 @@ pub(crate) fn from_tensors(
     };
     expect_shape(&up, &up_shape, "lora_up.weight", layer)?;
     let RankScale { scale, saved_alpha } = RankScale::from_saved(rank, alpha_from(tensors)?);
-    Ok(Box::new(KohyaLora { down: ctx.var_copy(down)?, up: ctx.var_copy(&up)?, ctx, rank, alpha: saved_alpha, scale }))
+    Ok(KohyaLora { down: ctx.var_copy(down)?, up: ctx.var_copy(&up)?, ctx, rank, alpha: saved_alpha, scale })
 }
 
 impl KohyaLora {

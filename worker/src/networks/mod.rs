@@ -309,6 +309,11 @@ pub fn build_split_lora(opts: &NetworkOptions, base: &BaseLayer, layer_name: &st
     Ok(Box::new(split_lora::build(opts, base, layer_name, rows)?))
 }
 
+/// [`build_split_lora`] continuing from saved tensors (refused unless they were saved by one).
+pub fn split_lora_from_tensors(opts: &NetworkOptions, base: &BaseLayer, tensors: &HashMap<String, Tensor>, layer_name: &str, rows: &[usize]) -> Result<Box<dyn Adapter>> {
+    Ok(Box::new(split_lora::from_tensors(opts, base, tensors, layer_name, rows)?))
+}
+
 /// Builds a freshly initialised adapter of `algo` for `base`.
 ///
 /// `layer_name` names the layer in error messages and seeds the initial values (with

@@ -8,13 +8,18 @@
 //! Saved as one kohya module (what every loader reads): `lora_down` the pieces' downs stacked
 //! `(n·r, in)`, `lora_up` block-diagonal `(Σ out_i, n·r)`, and `alpha = n·alpha`, so a loader's
 //! `alpha/rank` is the pieces' `alpha/r`. (sd-scripts saves the pieces' alpha unchanged, which
-//! makes its own files apply at 1/n strength; `convert_flux_lora.py` writes n·r·alpha/r as here.)
-//! Loaded back it is a plain LoRA of rank n·r: the same ΔW.
+//! makes its own files apply at 1/n strength in loaders that do not re-split;
+//! `convert_flux_lora.py` writes n·r·alpha/r as here.)
+//! Loaded back by a client it is a plain LoRA of rank n·r: the same ΔW. Continuing from it
+//! (`network_weights` with split_qkv) splits it again (alpha ÷ n). sd-scripts' own
+//! `load_state_dict` re-splits keeping alpha as saved, so a Loft file continued in sd-scripts
+//! with split_qkv trains at n× the strength (and sd-scripts' own files, which keep the pieces'
+//! alpha, apply at 1/n strength in clients that do not re-split).
 
 use candle_core::{bail, Result, Tensor, Var};
 
 use super::common::alpha_tensor;
-use super::lora::{build_kohya, KohyaLora};
+use super::lora::{build_kohya, kohya_from_tensors, KohyaLora};
 use super::{Adapter, BaseLayer, NetworkOptions};
 
 pub(crate) struct SplitLora {
@@ -38,6 +43,43 @@ pub(crate) fn build(opts: &NetworkOptions, base: &BaseLayer, layer: &str, rows: 
         // Each piece has its own initial values (seeded by its name).
         pieces.push(build_kohya(opts, &part, &format!("{layer}.split{i}"), opts.dim, opts.alpha)?);
         start += n;
+    }
+    Ok(SplitLora { pieces, rows: rows.to_vec(), multiplier: opts.multiplier })
+}
+
+/// A split LoRA from a saved one (`network_weights`): the stacked downs chunked, the up's
+/// diagonal blocks taken, alpha divided by the piece count. A file whose up is not
+/// block-diagonal over `rows` was not trained with split_qkv and is refused.
+pub(crate) fn from_tensors(opts: &NetworkOptions, base: &BaseLayer, tensors: &std::collections::HashMap<String, Tensor>, layer: &str, rows: &[usize]) -> Result<SplitLora> {
+    let (Some(down), Some(up)) = (tensors.get("lora_down.weight"), tensors.get("lora_up.weight")) else {
+        bail!("layer {layer}: split_qkv needs lora_down.weight and lora_up.weight");
+    };
+    let n = rows.len();
+    let total_rank = down.dim(0)?;
+    if total_rank % n != 0 {
+        bail!("layer {layer}: rank {total_rank} does not split into {n} pieces: the file was not trained with split_qkv (turn it off to continue from it)");
+    }
+    let r = total_rank / n;
+    let alpha = match tensors.get("alpha") {
+        Some(a) => a.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0] / n as f64,
+        None => r as f64,
+    };
+    let mut pieces = vec![];
+    let mut start = 0;
+    for (i, &height) in rows.iter().enumerate() {
+        let block_rows = up.narrow(0, start, height)?;
+        for j in 0..n {
+            if j != i && block_rows.narrow(1, j * r, r)?.abs()?.max_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? != 0.0 {
+                bail!("layer {layer}: its lora_up is not block-diagonal over q/k/v: the file was not trained with split_qkv (turn it off to continue from it)");
+            }
+        }
+        let part = BaseLayer::linear(base.weight.narrow(0, start, height)?, base.bias.as_ref().map(|b| b.narrow(0, start, height)).transpose()?)?;
+        let mut piece_tensors = std::collections::HashMap::new();
+        piece_tensors.insert("lora_down.weight".to_string(), down.narrow(0, i * r, r)?);
+        piece_tensors.insert("lora_up.weight".to_string(), block_rows.narrow(1, i * r, r)?.contiguous()?);
+        piece_tensors.insert("alpha".to_string(), Tensor::new(alpha as f32, down.device())?);
+        pieces.push(kohya_from_tensors(opts, &part, &piece_tensors, &format!("{layer}.split{i}"))?);
+        start += height;
     }
     Ok(SplitLora { pieces, rows: rows.to_vec(), multiplier: opts.multiplier })
 }
@@ -146,6 +188,13 @@ mod tests {
         let rows = full.narrow(0, 3, 3)?;
         assert!((rows - d1)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         assert_eq!(split.trainable().len(), 8);
+        // Continuing from the file splits it again into the same pieces.
+        let again = from_tensors(&opts, &base, &state, "l", &[3, 3, 3, 3])?;
+        let diff = (again.delta_weight()? - split.delta_weight()?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "re-split ΔW differs by {diff}");
+        // A plain LoRA file of another rank is refused.
+        let plain_state: HashMap<String, Tensor> = build_kohya(&NetworkOptions { dim: 3, ..opts.clone() }, &base, "p", 3, 1.0)?.state_tensors()?.into_iter().collect();
+        assert!(from_tensors(&opts, &base, &plain_state, "l", &[3, 3, 3, 3]).is_err());
         let _ = DType::F32;
         Ok(())
     }

@@ -317,6 +317,12 @@ impl Network {
                     None => continue,
                 },
             };
+            // split_qkv (kohya LoRA on Flux's fused layers): one LoRA per piece of these rows.
+            let split_rows = |layer: &crate::models::Layer| -> Option<Vec<usize>> {
+                let base = layer.base();
+                let (out, hidden) = (base.weight.dim(0).ok()?, base.weight.dim(1).ok()?);
+                (algo == NetworkAlgo::Lora && in_dim.is_none()).then(|| model.flux_text.as_ref().and_then(|t| t.split_rows(layer.name(), out, hidden))).flatten()
+            };
             let mut opts = options.clone();
             if let Some(d) = in_dim {
                 opts.dim = d;
@@ -327,16 +333,14 @@ impl Network {
             let built = match state.and_then(|s| s.get(&kohya_name)) {
                 // Given tensors that do not fit are an error, not a layer to leave out: the
                 // user asked for these weights.
-                Some(tensors) => Ok(adapter_from_tensors_named(algo, &opts, &layer.base(), tensors, &kohya_name)?),
-                None => {
-                    let base = layer.base();
-                    let (out, hidden) = (base.weight.dim(0)?, base.weight.dim(1)?);
-                    let split = (algo == NetworkAlgo::Lora && in_dim.is_none()).then(|| model.flux_text.as_ref().and_then(|t| t.split_rows(layer.name(), out, hidden))).flatten();
-                    match split {
-                        Some(rows) => crate::networks::build_split_lora(&opts, &base, &kohya_name, &rows),
-                        None => build_adapter(algo, &opts, &base, &kohya_name),
-                    }
-                }
+                Some(tensors) => match split_rows(&layer) {
+                    Some(rows) => Ok(crate::networks::split_lora_from_tensors(&opts, &layer.base(), tensors, &kohya_name, &rows)?),
+                    None => Ok(adapter_from_tensors_named(algo, &opts, &layer.base(), tensors, &kohya_name)?),
+                },
+                None => match split_rows(&layer) {
+                    Some(rows) => crate::networks::build_split_lora(&opts, &layer.base(), &kohya_name, &rows),
+                    None => build_adapter(algo, &opts, &layer.base(), &kohya_name),
+                },
             };
             // A layer the algorithm cannot adapt with these options (a 4-channel conv_out for
             // OFT's blocks, …) is left out and reported, as LyCORIS leaves out what it cannot wrap.
