@@ -152,6 +152,15 @@ pub struct SampleArgs {
     /// Flux dev's embedded guidance scale (sd-scripts' `--g`).
     #[arg(long, default_value_t = 3.5)]
     pub guidance: f64,
+    /// Flux: CLIP-L as one file (instead of the Flux folder's text_encoder/).
+    #[arg(long)]
+    pub clip_l: Option<PathBuf>,
+    /// Flux: T5-XXL as one file, its tokenizer.json beside it.
+    #[arg(long)]
+    pub t5xxl: Option<PathBuf>,
+    /// Flux: the autoencoder as one file (BFL's ae.safetensors) or a diffusers vae/ folder.
+    #[arg(long)]
+    pub ae: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Defaults to the family's resolution (512, 768 for SD 2.x, 1024 for SDXL).
@@ -182,7 +191,11 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let storage = if args.half_weights { DType::F16 } else { DType::F32 };
     let (device, line) = loft_worker::device::select(&args.device).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     eprintln!("{line}");
-    let mut model = StableDiffusion::load(&args.model, storage, &device).with_context(|| format!("--model {}", args.model.display()))?;
+    let files = loft_worker::models::pipeline::FluxFiles { clip_l: args.clip_l.clone(), t5xxl: args.t5xxl.clone(), ae: args.ae.clone() };
+    let mut model = StableDiffusion::load_flux_aware(&args.model, &files, storage, &device, None).with_context(|| format!("--model {}", args.model.display()))?;
+    if !model.family.is_flux() && files != Default::default() {
+        bail!("--clip-l, --t5xxl and --ae are Flux's parts; {} is an {} model", args.model.display(), model.family.name());
+    }
     model.set_compute_dtype(DType::F32);
     let mut files = vec![];
     for arg in &args.loras {
