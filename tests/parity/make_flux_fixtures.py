@@ -3,12 +3,13 @@
 
     .venv-parity/bin/pip install -r tests/parity/requirements.txt -r tests/parity/requirements-models.txt
     .venv-parity/bin/pip install sentencepiece
-    .venv-parity/bin/python tests/parity/make_flux_fixtures.py [path/to/sd-scripts]
+    .venv-parity/bin/python tests/parity/make_flux_fixtures.py PATH/TO/sd-scripts
 
-The objective's functions are taken from sd-scripts itself (`library/flux_train_utils.py`, read
-from the checkout given as the argument, default `/work/.mirror/kohya-ss+sd-scripts/repo`, a bare
-git mirror read with `git show`): their source is extracted with `ast` and executed here with
-the random draws replaced by fixed inputs, so the fixture holds sd-scripts' numbers, not a copy.
+The objective's and the sampler's functions are taken from sd-scripts itself
+(`library/flux_train_utils.py`, read from the checkout given as the argument: a working tree, or
+a bare git mirror read with `git show`): their source is extracted with `ast` and executed here
+with the random draws replaced by fixed inputs, so the fixture holds sd-scripts' numbers, not a
+copy.
 
 Writes
   tests/fixtures/models/tiny-flux-dev/         a diffusers FluxPipeline folder (transformer with
@@ -338,7 +339,9 @@ def sampling(ref: dict, repo: Path, transformer) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def main() -> None:
-    repo = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/work/.mirror/kohya-ss+sd-scripts/repo")
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: make_flux_fixtures.py PATH/TO/sd-scripts (a checkout or a bare git mirror of kohya-ss/sd-scripts)")
+    repo = Path(sys.argv[1])
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     ref: dict[str, torch.Tensor] = {}
