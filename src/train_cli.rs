@@ -192,7 +192,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let (device, line) = loft_worker::device::select(&args.device).map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
     eprintln!("{line}");
     let files = loft_worker::models::pipeline::FluxFiles { clip_l: args.clip_l.clone(), t5xxl: args.t5xxl.clone(), ae: args.ae.clone() };
-    let mut model = StableDiffusion::load_flux_aware(&args.model, &files, storage, &device, None).with_context(|| format!("--model {}", args.model.display()))?;
+    let mut model = StableDiffusion::load_with(&args.model, &files, storage, &device, None).with_context(|| format!("--model {}", args.model.display()))?;
     if !model.family.is_flux() && files != Default::default() {
         bail!("--clip-l, --t5xxl and --ae are Flux's parts; {} is an {} model", args.model.display(), model.family.name());
     }

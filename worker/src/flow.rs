@@ -179,6 +179,12 @@ pub fn scheduler_sigma(i: usize, shift: f64) -> f64 {
     (num / den) as f32 as f64
 }
 
+/// The 1000-step timestep index of each σ (⌊1000σ⌋, at most 999), for what is keyed by
+/// timestep (the loss's Huber schedule, validation's fixed points).
+pub fn timestep_indices(sigmas: &[f64]) -> Vec<usize> {
+    sigmas.iter().map(|s| ((s * 1000.0) as usize).min(999)).collect()
+}
+
 /// `(1 − σ)·latents + σ·noise`, σ `(B, 1, 1, 1)`.
 pub fn noisy_input(latents: &Tensor, noise: &Tensor, sigmas: &Tensor) -> candle_core::Result<Tensor> {
     let keep = (sigmas.neg()? + 1.0)?;

@@ -180,6 +180,17 @@ fn cached_text_encoder_outputs_free_t5() {
     let logs: Vec<&String> = events.0.iter().filter_map(|e| if let TrainEvent::Log { message, .. } = e { Some(message) } else { None }).collect();
     assert!(logs.iter().any(|m| m.contains("T5-XXL freed")), "{logs:?}");
     assert_eq!(events.0.iter().filter(|e| matches!(e, TrainEvent::Sample { .. })).count(), 2);
+    // The model: T5 gone, cached prompts encode exactly as before, others are a clear error.
+    let mut model = StableDiffusion::load(&fixture("tiny-flux-dev"), DType::F32, &device()).unwrap();
+    let prompt = vec!["a photo of a shape".to_string()];
+    let before = model.encode_prompts(&prompt, 1, 75).unwrap();
+    assert_eq!(model.cache_t5_and_drop(&prompt).unwrap(), 1);
+    assert!(model.flux_text.as_ref().unwrap().t5.is_none(), "T5-XXL freed");
+    let after = model.encode_prompts(&prompt, 1, 75).unwrap();
+    let diff = (before.hidden - after.hidden).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    let err = model.encode_prompts(&["another prompt".to_string()], 1, 75).unwrap_err();
+    assert!(err.to_string().contains("another prompt"), "{err}");
     // Varying captions cannot be cached.
     cfg.shuffle_caption = true;
     let err = run(&cfg, &RunOptions { device: Some(device()), ..RunOptions::default() }, &mut EventLog::default(), &CancelToken::new()).unwrap_err();
@@ -203,7 +214,7 @@ fn fp8_base_flux_trains_with_fp8_weights() {
     let losses: Vec<f64> = events.0.iter().filter_map(|e| if let TrainEvent::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     // Loaded with a frozen dtype, every transformer Linear weight is fp8 from the start.
-    let model = StableDiffusion::load_with(&fixture("tiny-flux-dev.safetensors"), DType::F16, &Device::Cpu, Some(DType::F8E4M3)).unwrap();
+    let model = StableDiffusion::load_with(&fixture("tiny-flux-dev.safetensors"), &Default::default(), DType::F16, &Device::Cpu, Some(DType::F8E4M3)).unwrap();
     use loft_worker::models::ModelLayers;
     assert!(model.flux().unwrap().layers().iter().all(|l| l.base().weight.dtype() == DType::F8E4M3));
 }
@@ -495,7 +506,7 @@ fn separate_clip_l_t5xxl_and_ae_files() {
     candle_core::safetensors::save(&ae, root.join("ae.safetensors")).unwrap();
 
     let files = FluxFiles { clip_l: Some(root.join("te/clip_l.safetensors")), t5xxl: Some(root.join("te/t5xxl_fp16.safetensors")), ae: Some(root.join("ae.safetensors")) };
-    let parts = StableDiffusion::load_flux_aware(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).unwrap();
+    let parts = StableDiffusion::load_with(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).unwrap();
     let whole = StableDiffusion::load(&folder, DType::F32, &device()).unwrap();
     let prompts = vec!["a photo of a cat".to_string()];
     let (a, b) = (parts.encode_prompts(&prompts, 1, 75).unwrap(), whole.encode_prompts(&prompts, 1, 75).unwrap());
@@ -507,7 +518,7 @@ fn separate_clip_l_t5xxl_and_ae_files() {
 
     // Without the T5 tokenizer beside the file: a clear error.
     std::fs::remove_file(root.join("te/tokenizer.json")).unwrap();
-    let err = StableDiffusion::load_flux_aware(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).err().unwrap();
+    let err = StableDiffusion::load_with(&root.join("flux1-dev.safetensors"), &files, DType::F32, &device(), None).err().unwrap();
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
     std::fs::copy(folder.join("tokenizer_2/tokenizer.json"), root.join("te/tokenizer.json")).unwrap();
 

@@ -267,17 +267,13 @@ impl StableDiffusion {
     /// Loads a model from a diffusers folder or a single-file checkpoint, its weights
     /// memory-mapped and cast to `dtype`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_with(path, dtype, device, None)
+        Self::load_with(path, &FluxFiles::default(), dtype, device, None)
     }
 
-    /// As [`Self::load`]; a Flux transformer's Linear weights are stored in
-    /// `frozen_weight_dtype` (fp8_base) straight from the file.
-    pub fn load_with(path: &Path, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
-        Self::load_flux_aware(path, &FluxFiles::default(), dtype, device, frozen_weight_dtype)
-    }
-
-    /// As [`Self::load_with`], with Flux's parts from separate files where `files` gives them.
-    pub fn load_flux_aware(path: &Path, files: &FluxFiles, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
+    /// As [`Self::load`]; Flux's parts come from separate files where `files` gives them, and a
+    /// Flux transformer's Linear weights are stored in `frozen_weight_dtype` (fp8_base) straight
+    /// from the file.
+    pub fn load_with(path: &Path, files: &FluxFiles, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
         if path.is_dir() && is_flux_dir(path) {
             Self::from_flux_parts(Some(path), None, files, dtype, device, frozen_weight_dtype)
         } else if path.is_file() && FluxWeights::is_flux_file(path) {
@@ -326,13 +322,6 @@ impl StableDiffusion {
         let sched_path = dir.join("scheduler/scheduler_config.json");
         let scheduler = if sched_path.is_file() { read_json(&sched_path)? } else { SchedulerConfig::default() };
         Ok(Self { family, denoiser: Denoiser::Unet(unet), text_encoders, tokenizers, flux_text: None, vae, scheduler, source: dir.to_path_buf(), compute_dtype: None })
-    }
-
-    /// A diffusers `FluxPipeline` folder (`transformer/`, `text_encoder/` CLIP-L,
-    /// `text_encoder_2/` T5, their tokenizers, `vae/`), or with `transformer_file` BFL's
-    /// single-file transformer and the other parts from the folder.
-    pub fn from_flux_dir(dir: &Path, transformer_file: Option<&Path>, dtype: DType, device: &Device, frozen_weight_dtype: Option<DType>) -> Result<Self> {
-        Self::from_flux_parts(Some(dir), transformer_file, &FluxFiles::default(), dtype, device, frozen_weight_dtype)
     }
 
     /// Flux from its parts: the transformer from `transformer_file` (BFL) or `dir/transformer`;

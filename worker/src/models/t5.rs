@@ -249,7 +249,7 @@ fn clamp_f16(x: Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F16 {
         return Ok(x);
     }
-    let has_inf = x.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_infinite();
+    let has_inf = x.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_infinite();
     let limit = if has_inf { 64504f32 } else { 65504f32 };
     x.clamp(-limit, limit)
 }
@@ -274,7 +274,12 @@ impl T5Tokenizer {
         if !file.is_file() {
             bail!("{}: no tokenizer.json (the T5 tokenizer is read from its fast-tokenizer file; convert spiece.model with transformers' T5TokenizerFast once)", dir.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
+        let mut inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
+        // Cutting and padding are done in `encode`; a file that asks for its own would do them twice.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", file.display())))?;
         let pad = inner.token_to_id("<pad>").unwrap_or(0);
         let Some(eos) = inner.token_to_id("</s>") else { bail!("{}: no </s> token: not a T5 tokenizer", file.display()) };
         Ok(Self { inner, pad, eos })

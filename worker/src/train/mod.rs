@@ -199,7 +199,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
     } else {
         crate::models::pipeline::FluxFiles::default()
     };
-    let mut model = StableDiffusion::load_flux_aware(&cfg.pretrained_model_name_or_path, &flux_files, dtype, &device, frozen_dtype)
+    let mut model = StableDiffusion::load_with(&cfg.pretrained_model_name_or_path, &flux_files, dtype, &device, frozen_dtype)
         .with_context(|| format!("pretrained_model_name_or_path {}", cfg.pretrained_model_name_or_path.display()))?;
     if model.family != cfg.model_family {
         bail!(
@@ -434,14 +434,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         if network.adapters.iter().any(|a| a.kohya_name.starts_with("lora_te3_")) {
             bail!("cache_text_encoder_outputs frees T5-XXL, which train_t5xxl trains: turn one of them off");
         }
-        let varying = [
-            ("shuffle_caption", cfg.shuffle_caption),
-            ("enable_wildcard", cfg.enable_wildcard),
-            ("caption_dropout_rate", cfg.caption_dropout_rate > 0.0),
-            ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0.0),
-            ("caption_dropout_every_n_epochs", cfg.caption_dropout_every_n_epochs > 0),
-        ];
-        if let Some((key, _)) = varying.iter().find(|(_, on)| *on) {
+        if let Some(key) = caption_variation(cfg) {
             bail!("cache_text_encoder_outputs needs captions that never change, and {key} changes them: turn one of them off");
         }
         let mut rng = StdRng::seed_from_u64(0);
@@ -483,11 +476,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
         ip_noise_gamma_random_strength: cfg.ip_noise_gamma_random_strength,
     };
     // Text states of fixed captions, when the text encoder is frozen and captions never vary.
-    let captions_vary = cfg.shuffle_caption
-        || cfg.enable_wildcard
-        || cfg.caption_dropout_rate > 0.0
-        || cfg.caption_tag_dropout_rate > 0.0
-        || cfg.caption_dropout_every_n_epochs > 0;
+    let captions_vary = caption_variation(cfg).is_some();
     let cache_text = !train_te && !captions_vary;
     let mut text_cache: HashMap<String, PromptEmbeds> = HashMap::new();
     let trained_vars: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
@@ -542,7 +531,7 @@ fn run_inner(config: &TrainConfig, options: &RunOptions, sink: &mut dyn EventSin
                 Some(flow) => {
                     let (_, _, h, w) = latents.dims4()?;
                     let sigmas = flow.sigmas(&crate::flow::Draws::sample(&mut rng, batch.len()), h, w);
-                    (sigmas.iter().map(|s| ((s * 1000.0) as usize).min(999)).collect(), Some(sigmas))
+                    (crate::flow::timestep_indices(&sigmas), Some(sigmas))
                 }
                 None => (sample_timesteps(&mut rng, batch.len(), cfg.min_timestep, cfg.max_timestep), None),
             };
@@ -707,6 +696,20 @@ fn optimizer_args(cfg: &TrainConfig) -> Result<std::collections::BTreeMap<String
         _ => {}
     }
     Ok(args)
+}
+
+/// The first option that makes a caption differ between uses (shuffling, wildcards, dropout),
+/// if any: the text states of such captions cannot be cached.
+fn caption_variation(cfg: &TrainConfig) -> Option<&'static str> {
+    [
+        ("shuffle_caption", cfg.shuffle_caption),
+        ("enable_wildcard", cfg.enable_wildcard),
+        ("caption_dropout_rate", cfg.caption_dropout_rate > 0.0),
+        ("caption_tag_dropout_rate", cfg.caption_tag_dropout_rate > 0.0),
+        ("caption_dropout_every_n_epochs", cfg.caption_dropout_every_n_epochs > 0),
+    ]
+    .into_iter()
+    .find_map(|(key, on)| on.then_some(key))
 }
 
 fn unix_now() -> f64 {
@@ -1101,7 +1104,7 @@ pub fn flow_loss(
     let pred = flow.apply_prediction_type(&pred.to_dtype(DType::F32)?, &noisy, &sigma_t)?;
     // σ's weighting is one number per sample, so it joins the prior-loss weight.
     let weights: Vec<f64> = sigmas.iter().zip(sample_weights).map(|(&s, &sw)| flow.weighting(s) * sw).collect();
-    let timesteps: Vec<usize> = sigmas.iter().map(|s| ((s * 1000.0) as usize).min(999)).collect();
+    let timesteps = crate::flow::timestep_indices(sigmas);
     let plain = LossOptions { min_snr_gamma: 0.0, scale_v_pred_loss_like_noise_pred: false, v_pred_like_loss: 0.0, debiased_estimation_loss: false, ..loss_opts.clone() };
     Ok(diffusion_loss(&plain, schedule, &pred, &target, &timesteps, &weights, masks)?)
 }
